@@ -1,0 +1,112 @@
+"""`bnonly train|bench|model-info|data ...`: the command-line front door."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bnonly_dist.checkpoint import CheckpointError
+from bnonly_dist.config import ConfigError, load
+from bnonly_dist.data.layout import DataError
+
+
+def _train(args) -> None:
+    from bnonly_dist import train
+    train.run(load(args.config, args.overrides), args.run_dir)
+
+
+def _bench(args) -> None:
+    from bnonly_dist import bench
+    report = bench.run(load(args.config, args.overrides), steps=args.steps, warmup=args.warmup)
+    print(bench.format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"JSON report: {args.json}")
+
+
+def _model_info(args) -> None:
+    from bnonly_dist.models import info
+    try:
+        print(json.dumps(info(args.arch, args.num_classes)))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _data(args) -> None:
+    from bnonly_dist.data import fake, layout
+    if args.data_command == "fake-cifar10":
+        out = fake.write_cifar10(args.dir, args.train_size, args.test_size, args.seed)
+    elif args.data_command == "fake-imagenet":
+        out = fake.write_imagenet(args.dir, args.classes, args.train_per_class, args.val_per_class, args.seed)
+    else:
+        print(json.dumps(layout.check(args.dir, decode=args.decode)))
+        return
+    print(f"wrote {out}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bnonly", description="BatchNorm-only training of random-feature ResNets")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one run (resumes if its run directory has a checkpoint)")
+    t.add_argument("config", help="YAML config, e.g. configs/cifar10_resnet56.yaml")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.2 mode=bn")
+    t.add_argument("--run-dir", type=Path, help="run directory (default: runs/<derived from the config>)")
+    t.set_defaults(func=_train)
+
+    b = sub.add_parser("bench", help="time training steps, mode=all vs mode=bn, on synthetic data")
+    b.add_argument("config")
+    b.add_argument("overrides", nargs="*")
+    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--json", help="also write the report as JSON here")
+    b.set_defaults(func=_bench)
+
+    m = sub.add_parser("model-info", help="parameter counts of an architecture as JSON")
+    m.add_argument("arch", help="e.g. cifar_resnet_110, cifar_resnet_14_64, imagenet_resnet_200")
+    m.add_argument("--num-classes", type=int)
+    m.set_defaults(func=_model_info)
+
+    d = sub.add_parser("data", help="write small data sets in the real formats, or check one")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    c = dsub.add_parser("fake-cifar10", help="write DIR/cifar-10-batches-py")
+    c.add_argument("dir")
+    c.add_argument("--train-size", type=int, default=2560)
+    c.add_argument("--test-size", type=int, default=1000)
+    c.add_argument("--seed", type=int, default=0)
+    i = dsub.add_parser("fake-imagenet", help="write DIR/{train,val}/<class>/*.JPEG")
+    i.add_argument("dir")
+    i.add_argument("--classes", type=int, default=10)
+    i.add_argument("--train-per-class", type=int, default=32)
+    i.add_argument("--val-per-class", type=int, default=10)
+    i.add_argument("--seed", type=int, default=0)
+    k = dsub.add_parser("check", help="validate a CIFAR-10 or ImageNet layout")
+    k.add_argument("dir")
+    k.add_argument("--decode", action="store_true", help="decode every image to find corrupt ones")
+    for q in (d, c, i, k):
+        q.set_defaults(func=_data)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ConfigError as err:
+        print(f"bnonly: config error: {err}", file=sys.stderr)
+        return 2
+    except (DataError, CheckpointError) as err:
+        print(f"bnonly: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if err.errno == 28:  # ENOSPC
+            print(f"bnonly: error: disk full writing {err.filename or 'output'}; free space and run again "
+                  "(a run resumes from its last complete checkpoint)", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Finding and validating data sets on disk: CIFAR-10 pickles and ImageNet class folders."""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+
+
+class DataError(ValueError):
+    """A missing or malformed data set: the message names the problem and the fix."""
+
+
+def cifar10_dir(root: str | Path) -> Path:
+    root = Path(root)
+    for candidate in (root / "cifar-10-batches-py", root):
+        if (candidate / "test_batch").is_file():
+            return candidate
+    raise DataError(f"no CIFAR-10 at {root}: expected cifar-10-batches-py/ with data_batch_1..5 and "
+                    f"test_batch (get the python version of CIFAR-10, or `bnonly data fake-cifar10 {root}`)")
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"{path} is missing; the CIFAR-10 directory must hold {', '.join(CIFAR_TRAIN)} and test_batch")
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="bytes")
+        data = np.asarray(entry[b"data"], dtype=np.uint8)
+        labels = np.asarray(entry[b"labels"], dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
+        raise DataError(f"{path} is not a CIFAR-10 python batch ({type(err).__name__}); "
+                        "re-download or regenerate it") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise DataError(f"{path}: expected data of shape (N, 3072) and N labels, got {data.shape} and {len(labels)}")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{path}: labels must lie in 0..9, found {labels.min()}..{labels.max()}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar10(root: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{'train': (images uint8 N x 3 x 32 x 32, labels), 'test': (...)} from the official pickles."""
+    folder = cifar10_dir(root)
+    parts = [_read_cifar_batch(folder / name) for name in CIFAR_TRAIN]
+    train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    return {"train": train, "test": _read_cifar_batch(folder / "test_batch")}
+
+
+def _list_split(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
+    items = []
+    for label, name in enumerate(classes):
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            raise DataError(f"{class_dir} is missing: train/ and val/ must hold the same class folders")
+        files = sorted(e.path for e in os.scandir(class_dir)
+                       if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise DataError(f"{class_dir} holds no images (.JPEG/.jpg/.png); remove the folder or add its images")
+        items.extend((path, label) for path in files)
+    return items
+
+
+def imagenet_index(root: str | Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
+    """(class names, [(train file, label)], [(val file, label)]) from root/{train,val}/<class>/."""
+    root = Path(root)
+    train_dir, val_dir = root / "train", root / "val"
+    if not train_dir.is_dir() or not val_dir.is_dir():
+        raise DataError(f"no ImageNet at {root}: expected train/<class>/*.JPEG and val/<class>/*.JPEG "
+                        "(sort val into class folders, or try `bnonly data fake-imagenet DIR`)")
+    classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
+    if not classes:
+        raise DataError(f"{train_dir} has no class folders; expected train/<class>/*.JPEG")
+    extra = sorted({e.name for e in os.scandir(val_dir) if e.is_dir()} - set(classes))
+    if extra:
+        raise DataError(f"{val_dir} has class folders not in train/ ({extra[0]}, ...); both must hold the same classes")
+    return classes, _list_split(train_dir, classes), _list_split(val_dir, classes)
+
+
+def find_corrupt(paths: list[str]) -> list[str]:
+    """The files among paths that do not decode completely."""
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception:  # noqa: BLE001 - any decoder failure means the file is unusable
+            bad.append(path)
+    return bad
+
+
+def check(root: str | Path, decode: bool = False) -> dict:
+    """Validate a data set; returns a summary or raises DataError naming the first problem."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root} does not exist; pass the directory that holds the data set")
+    if (root / "train").is_dir():
+        classes, train, val = imagenet_index(root)
+        report = {"format": "imagenet", "root": str(root), "classes": len(classes),
+                  "train_images": len(train), "val_images": len(val)}
+        if decode:
+            bad = find_corrupt([p for p, _ in train + val])
+            if bad:
+                raise DataError(f"{len(bad)} corrupt image(s), first {bad[0]}; delete or replace them")
+            report["decoded"] = True
+        return report
+    splits = load_cifar10(root)
+    return {"format": "cifar10", "root": str(cifar10_dir(root)), "classes": 10,
+            "train_images": len(splits["train"][1]), "val_images": len(splits["test"][1])}

@@ -1,0 +1,34 @@
+"""Exact top-1/top-5 over a sharded validation set: sums of correct and total, all-reduced."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from bnonly_dist import dist
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches, device: torch.device, autocast=contextlib.nullcontext,
+             memory_format=torch.contiguous_format) -> dict:
+    """Labels of -1 mark padding and are not counted. Returns top1, top5 (%), loss, count."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss, count
+    for images, labels in batches:
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        labels = labels.to(device, non_blocking=True)
+        with autocast():
+            logits = model(images).float()
+        valid = labels >= 0
+        logits, labels = logits[valid], labels[valid]
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == labels[:, None]
+        sums += torch.stack([hits[:, :1].sum(), hits.sum(),
+                             F.cross_entropy(logits, labels, reduction="sum"), labels.new_tensor(len(labels))]).double()
+    model.train(was_training)
+    top1, top5, loss, count = dist.all_reduce_sum(sums).tolist()
+    count = int(count)
+    return {"top1": 100 * top1 / max(1, count), "top5": 100 * top5 / max(1, count),
+            "loss": loss / max(1, count), "count": count}

@@ -1,0 +1,94 @@
+"""Metrics out: metrics.jsonl and TensorBoard on rank 0, console/progress, gamma statistics."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bnonly_dist.models import parameter_roles
+
+log = logging.getLogger("bnonly")
+
+
+def bn_stage(name: str) -> str:
+    """'layer2.3.bn1.weight' -> 'layer2'; the stem's BN -> 'stem'."""
+    head = name.split(".", 1)[0]
+    return head if head.startswith("layer") else "stem"
+
+
+def bn_affine(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """{stage: {'gamma': all gammas of the stage, 'beta': ...}} as flat float32 CPU tensors."""
+    roles = parameter_roles(model)
+    stages: dict[str, dict[str, list]] = {}
+    for name, param in model.named_parameters():
+        if roles.get(name) == "bn":
+            kind = "gamma" if name.endswith("weight") else "beta"
+            stages.setdefault(bn_stage(name), {"gamma": [], "beta": []})[kind].append(param.detach().float().cpu().view(-1))
+    return {stage: {k: torch.cat(v) for k, v in parts.items()} for stage, parts in stages.items()}
+
+
+def gamma_stats(model: nn.Module, threshold: float) -> dict[str, float]:
+    """Fraction of channels with |gamma| < threshold, overall and per stage, and mean |gamma|."""
+    affine = bn_affine(model)
+    stats = {}
+    for stage, parts in affine.items():
+        stats[f"gamma_small_frac/{stage}"] = (parts["gamma"].abs() < threshold).float().mean().item()
+    gammas = torch.cat([parts["gamma"] for parts in affine.values()])
+    stats["gamma_small_frac"] = (gammas.abs() < threshold).float().mean().item()
+    stats["gamma_abs_mean"] = gammas.abs().mean().item()
+    return stats
+
+
+class Metrics:
+    """Rank 0 writes metrics.jsonl and TensorBoard events; every rank logs text."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run_dir / "tb"))
+            self.jsonl = open(run_dir / "metrics.jsonl", "a")
+
+    def log(self, kind: str, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        self.jsonl.flush()
+        for key, value in values.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def histograms(self, step: int, model: nn.Module) -> None:
+        if not self.enabled:
+            return
+        for stage, parts in bn_affine(model).items():
+            for kind, values in parts.items():
+                self.writer.add_histogram(f"{kind}/{stage}", values, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.jsonl.close()
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    """Console on rank 0, and a text log per rank in RUN/logs/."""
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = [logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")]
+    if rank == 0:
+        handlers.append(logging.StreamHandler(sys.stdout))
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)

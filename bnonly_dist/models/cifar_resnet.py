@@ -1,0 +1,59 @@
+"""CIFAR ResNet-N (N = 6D + 2) of He et al. 2016 in OpenLTH's layout; width W = base channels.
+
+Stem 3x3 conv (3 -> W) + BN, three stages of D basic blocks with W, 2W, 4W channels
+(stride 2 at the first block of stages 2 and 3), 1x1 conv + BN shortcut where the shape
+changes, global average pool, linear output.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, f_in: int, f_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(f_in, f_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(f_out)
+        self.conv2 = nn.Conv2d(f_out, f_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(f_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = None
+        if stride != 1 or f_in != f_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(f_in, f_out, 1, stride, bias=False), nn.BatchNorm2d(f_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = out + (x if self.shortcut is None else self.shortcut(x))
+        return self.relu(out)
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth: int, width: int = 16, num_classes: int = 10):
+        super().__init__()
+        if (depth - 2) % 6 or depth < 8:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
+        blocks = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        f_in = width
+        for stage, f_out in enumerate((width, 2 * width, 4 * width)):
+            layers = []
+            for i in range(blocks):
+                stride = 2 if stage > 0 and i == 0 else 1
+                layers.append(BasicBlock(f_in, f_out, stride))
+                f_in = f_out
+            self.add_module(f"layer{stage + 1}", nn.Sequential(*layers))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(f_in, num_classes)
+
+    def stages(self) -> list[nn.Sequential]:
+        return [m for name, m in self.named_children() if name.startswith("layer")]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        for stage in self.stages():
+            x = stage(x)
+        return self.fc(torch.flatten(self.pool(x), 1))
