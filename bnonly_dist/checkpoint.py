@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +26,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from bnonly_dist import dist
 
 log = logging.getLogger(__name__)
+# A single-process run saves without a process group, as intended: DCP's warning is noise.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
@@ -110,7 +113,7 @@ def load(path: Path, model, optimizer, rank: int, frozen_sha: str) -> tuple[dict
     state = _state(model, optimizer, rank, {}, {}, "")
     try:
         dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
-    except Exception as err:  # noqa: BLE001 - DCP raises many types for damaged files
+    except (Exception, dcp.api.CheckpointException) as err:  # noqa: BLE001 - damaged files raise many types
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''}); move it aside to resume "
                               "from the one before") from None

@@ -9,6 +9,7 @@ for an exact resume at the same world size.
 """
 from __future__ import annotations
 
+import base64
 import logging
 from typing import Iterator
 
@@ -87,19 +88,31 @@ class DaliImageNetSource:
         self._position = None  # (epoch, step) of the next batch
         self._resume = None  # a saved state to restore at the next train_epoch
 
-    def _guarded(self, iterator, files: list[str], local_batch: int, count: int):
+    @staticmethod
+    def _decode_failure(err: RuntimeError, files: list[str]) -> DataError:
+        bad = find_corrupt(files)
+        where = f"corrupt image {bad[0]}" if bad else f"DALI failed ({str(err).splitlines()[0]})"
+        return DataError(f"{where}; delete or replace it (`bnonly data check DIR --decode` lists all)")
+
+    def _batches(self, pipe, files: list[str], local_batch: int, count: int, train: bool):
         """Yield count batches; a decode failure becomes a DataError naming the bad file."""
+        _, iterator_cls, last_batch = _dali()
+        try:  # the iterator decodes its first batches as it is built
+            pipe.build()
+            iterator = iterator_cls([pipe], ["images", "labels"], reader_name="Reader", auto_reset=False,
+                                    last_batch_policy=last_batch.DROP if train else last_batch.PARTIAL)
+        except RuntimeError as err:
+            raise self._decode_failure(err, files[:3 * local_batch]) from None
+        if train:
+            self._iterator = iterator  # state() reads its DALI checkpoint
         for i in range(count):
             try:
                 out = next(iterator)[0]
             except StopIteration:
                 return
-            except RuntimeError as err:
-                window = files[i * local_batch:(i + 4) * local_batch]  # DALI reads a few batches ahead
-                bad = find_corrupt(window)
-                where = f"corrupt image {bad[0]}" if bad else f"DALI failed ({str(err).splitlines()[0]})"
-                raise DataError(f"{where}; delete or replace it (`bnonly data check DIR --decode` lists all)") from None
-            yield out
+            except RuntimeError as err:  # DALI decodes a few batches ahead
+                raise self._decode_failure(err, files[i * local_batch:(i + 4) * local_batch]) from None
+            yield out["images"], out["labels"].view(-1).long()
 
     def _take_resume(self, epoch: int, start_step: int) -> dict | None:
         saved, self._resume = self._resume, None
@@ -110,7 +123,6 @@ class DaliImageNetSource:
         return saved
 
     def train_epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        _, iterator_cls, _ = _dali()
         restore = self._take_resume(epoch, start_step)
         # A restored DALI checkpoint holds its own position in the whole epoch's list;
         # a fresh pipeline starts its list at start_step.
@@ -122,35 +134,29 @@ class DaliImageNetSource:
         pipe = _train_pipeline(files, labels, self.image_size, self.min_area, self.decode,
                                batch_size=self.local_batch,
                                seed=name_seed(self.seed, f"dali/{epoch}/{self.rank}") % 2**31,
-                               checkpoint=restore["dali"] if restore else None, **self.common)
-        pipe.build()
-        self._iterator = iterator_cls([pipe], ["images", "labels"], reader_name="Reader", auto_reset=False)
+                               checkpoint=base64.b64decode(restore["dali"]) if restore else None, **self.common)
         ahead = files[(start_step - first) * self.local_batch:]
-        batches = self._guarded(self._iterator, ahead, self.local_batch, self.steps_per_epoch - start_step)
-        for step, out in enumerate(batches, start_step):
+        batches = self._batches(pipe, ahead, self.local_batch, self.steps_per_epoch - start_step, train=True)
+        for step, batch in enumerate(batches, start_step):
             self._position = [epoch, step + 1]
-            yield out["images"], out["labels"].view(-1).long()
+            yield batch
         self._iterator = None
 
     def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        _, iterator_cls, last_batch = _dali()
         indices, valid = sharding.rank_eval_indices(self.eval_size, self.rank, self.world)
         files = [self.val_items[i][0] for i in indices]
         labels = [self.val_items[i][1] if ok else -1 for i, ok in zip(indices, valid)]
         pipe = _eval_pipeline(files, labels, self.image_size, self.resize_size, self.decode,
                               batch_size=self.eval_local_batch, seed=0, **self.common)
-        pipe.build()
-        iterator = iterator_cls([pipe], ["images", "labels"], reader_name="Reader",
-                                last_batch_policy=last_batch.PARTIAL, auto_reset=False)
         count = -(-len(files) // self.eval_local_batch)
-        for out in self._guarded(iterator, files, self.eval_local_batch, count):
-            yield out["images"], out["labels"].view(-1).long()
+        yield from self._batches(pipe, files, self.eval_local_batch, count, train=False)
 
     def state(self) -> dict:
         """The DALI checkpoint after the last batch handed out (per rank)."""
         if self._iterator is None or self._position is None:
             return {}
-        return {"position": self._position, "world": self.world, "dali": self._iterator.checkpoints()[0]}
+        dali_state = base64.b64encode(self._iterator.checkpoints()[0]).decode()  # JSON-safe
+        return {"position": self._position, "world": self.world, "dali": dali_state}
 
     def load_state(self, state: dict) -> None:
         if state and state.get("world") == self.world:

@@ -1,0 +1,29 @@
+import pytest
+
+from bnonly_dist import config
+from bnonly_dist.data import fake
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    fake.write_cifar10(root, train_size=320, test_size=103)
+    return root
+
+
+@pytest.fixture(scope="session")
+def imagenet_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet")
+    fake.write_imagenet(root, num_classes=4, train_per_class=8, val_per_class=5)
+    return root
+
+
+@pytest.fixture
+def tiny_cfg(cifar_root):
+    """A BN-only CIFAR run of a few steps (config overrides may be added)."""
+    def make(*overrides):
+        return config.load("configs/cifar10_resnet14.yaml", [
+            f"data.root={cifar_root}", "data.batch_size=32", "data.eval_batch_size=50", "optim.epochs=2",
+            "optim.milestones=[1]", "train.device=cpu", "train.deterministic=true", "train.log_every=2",
+            "train.checkpoint_every=4", "train.progress=lines", *overrides])
+    return make

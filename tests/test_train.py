@@ -1,0 +1,121 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from bnonly_dist import checkpoint, config, models, modes, train
+from bnonly_dist.checkpoint import CheckpointError
+from bnonly_dist.config import ConfigError
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_everything_a_researcher_reads(tiny_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    summary = train.run(tiny_cfg(), run_dir)
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "logs" / "rank0.log").is_file()
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    rows = read_metrics(run_dir)
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    eval_rows = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in train_rows] == list(range(2, 21, 2))
+    for key in ("loss", "top1", "lr", "images_per_s", "data_wait_frac"):
+        assert key in train_rows[0]
+    assert [r["step"] for r in eval_rows] == [10, 20]  # every epoch
+    assert all(r["count"] == 103 for r in eval_rows)  # every validation image, once
+    assert 0 <= eval_rows[-1]["gamma_small_frac"] <= 1 and "gamma_small_frac/layer3" in eval_rows[-1]
+    assert train_rows[0]["lr"] == 0.1 and train_rows[-1]["lr"] == pytest.approx(0.01)  # milestone at epoch 1
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    assert saved["final"] == {k: v for k, v in eval_rows[-1].items() if k not in ("kind", "step")}
+    assert saved["trainable_params"] == models.info("cifar_resnet_14")["bn"]
+    assert len(saved["fingerprint"]) == 64 and saved["finished"]
+    assert [p.name for p in checkpoint.complete_checkpoints(run_dir)] == ["step_00000016", "step_00000020"]
+
+
+def test_tensorboard_has_scalars_and_gamma_histograms(tiny_cfg, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run_dir = tmp_path / "run"
+    train.run(tiny_cfg("train.max_steps=10"), run_dir)
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"histograms": 0}).Reload()
+    tags = events.Tags()
+    for tag in ("train/loss", "train/lr", "train/images_per_s", "train/data_wait_frac", "eval/top1", "eval/top5",
+                "eval/gamma_small_frac", "eval/gamma_small_frac/layer2"):
+        assert tag in tags["scalars"], tag
+    assert {"gamma/stem", "gamma/layer1", "beta/layer3"} <= set(tags["histograms"])
+
+
+def test_training_learns_and_changes_only_bn(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("optim.epochs=6", "optim.milestones=[5]")
+    summary = train.run(cfg, tmp_path / "run")
+    assert summary["final"]["top1"] > 30  # the generated classes are learnable; chance is 10 %
+    model = models.build(cfg.model.arch, 10, cfg.seed, cfg.model.bn_init)
+    modes.apply(model, cfg.mode, cfg.seed)
+    path = checkpoint.latest(tmp_path / "run")
+    trained = models.build(cfg.model.arch, 10, cfg.seed, cfg.model.bn_init)
+    modes.apply(trained, cfg.mode, cfg.seed)
+    checkpoint.load(path, trained, None, 0, checkpoint.frozen_digest(trained))
+    for (name, a), (_, b) in zip(model.named_parameters(), trained.named_parameters()):
+        assert torch.equal(a, b) != (models.parameter_roles(model)[name] == "bn"), name
+
+
+def test_resume_is_bit_exact(tiny_cfg, tmp_path):
+    whole = train.run(tiny_cfg(), tmp_path / "whole")
+    part = tmp_path / "part"
+    first = train.run(tiny_cfg("train.max_steps=13"), part)  # stops mid-epoch 1
+    assert first["step"] == 13 and not first["finished"]
+    resumed = train.run(tiny_cfg(), part)
+    assert resumed["fingerprint"] == whole["fingerprint"]
+    assert resumed["final"]["top1"] == whole["final"]["top1"]
+
+
+def test_resume_skips_a_damaged_checkpoint_and_unfinished_saves(tiny_cfg, tmp_path):
+    whole = train.run(tiny_cfg(), tmp_path / "whole")
+    part = tmp_path / "part"
+    train.run(tiny_cfg("train.max_steps=13"), part)
+    ckpts = checkpoint.complete_checkpoints(part)
+    assert [p.name for p in ckpts] == ["step_00000012", "step_00000013"]
+    shard = next(ckpts[-1].glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated after it was committed
+    (part / "checkpoints" / ".tmp-step_00000014").mkdir()  # a save killed before its commit
+    resumed = train.run(tiny_cfg(), part)
+    assert resumed["fingerprint"] == whole["fingerprint"]
+    assert "trying the one before" in (part / "logs" / "rank0.log").read_text()
+
+
+def test_frozen_weight_mismatch_is_an_error(tiny_cfg, tmp_path):
+    train.run(tiny_cfg("train.max_steps=4"), tmp_path / "run")
+    model = models.build("cifar_resnet_14", 10, seed=99)
+    modes.apply(model, "bn", 99)
+    with pytest.raises(CheckpointError, match="frozen weights"):
+        checkpoint.load(checkpoint.latest(tmp_path / "run"), model, None, 0, checkpoint.frozen_digest(model))
+
+
+def test_run_dir_refuses_a_different_config(tiny_cfg, tmp_path):
+    train.run(tiny_cfg("train.max_steps=2"), tmp_path / "run")
+    with pytest.raises(ConfigError, match="optim.lr=0.1, not 0.2"):
+        train.run(tiny_cfg("train.max_steps=2", "optim.lr=0.2"), tmp_path / "run")
+
+
+@pytest.mark.parametrize("mode", ["none", "random_per_channel", "all"])
+def test_other_modes_run(tiny_cfg, tmp_path, mode):
+    summary = train.run(tiny_cfg(f"mode={mode}", "train.max_steps=3"), tmp_path / "run")
+    assert summary["step"] == 3 and summary["final"]["count"] == 103
+
+
+def test_imagenet_with_dali_end_to_end(imagenet_root, tmp_path):
+    cfg = config.load("configs/imagenet_resnet18.yaml", [
+        f"data.root={imagenet_root}", "model.arch=imagenet_resnet_18_8", "data.batch_size=8", "data.eval_batch_size=6",
+        "data.image_size=32", "data.resize_size=40", "data.num_threads=1", "optim.epochs=2", "optim.warmup_epochs=1",
+        "train.device=cpu", "train.log_every=1", "train.checkpoint_every=3", "train.progress=lines"])
+    part = train.run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 6})}), tmp_path / "r")
+    assert part["step"] == 6
+    summary = train.run(cfg, tmp_path / "r")  # resumes mid-epoch 1 with the saved DALI state
+    rows = read_metrics(tmp_path / "r")
+    assert summary["step"] == 8 and summary["final"]["count"] == 20 and summary["trainable_params"] > 0
+    assert summary["fingerprint"] == train.run(cfg, tmp_path / "whole")["fingerprint"]
+    lrs = [r["lr"] for r in rows if r["kind"] == "train"]
+    assert lrs[:4] == pytest.approx([0.1, 0.2, 0.3, 0.4])  # linear warm-up over the first epoch
