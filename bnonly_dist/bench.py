@@ -35,9 +35,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_mode(cfg: Config, mode: str, images, labels, device, autocast, memory_format, steps: int, warmup: int) -> dict:
-    num_classes = int(labels.max()) + 1 if cfg.model.num_classes is None else cfg.model.num_classes
-    model = models.build(cfg.model.arch, max(num_classes, 2), cfg.seed, cfg.model.bn_init)
+def bench_mode(cfg: Config, mode: str, num_classes: int, images, labels, device, autocast, memory_format,
+               steps: int, warmup: int) -> dict:
+    model = models.build(cfg.model.arch, num_classes, cfg.seed, cfg.model.bn_init)
     masks = modes.apply(model, mode, cfg.seed)
     model.to(device, memory_format=memory_format)
     masks = {n: m.to(device) for n, m in masks.items()}
@@ -85,7 +85,7 @@ def run(cfg: Config, steps: int = 10, warmup: int = 3, modes_to_run=("all", "bn"
     batch = cfg.data.batch_size
     images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, classes, (batch,), device=device)
-    results = [bench_mode(cfg, mode, images, labels, device, autocast, memory_format, steps, warmup)
+    results = [bench_mode(cfg, mode, classes, images, labels, device, autocast, memory_format, steps, warmup)
                for mode in modes_to_run]
     by_mode = {r["mode"]: r for r in results}
     report = {"arch": cfg.model.arch, "batch": batch, "image_size": size, "device": str(device),

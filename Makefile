@@ -1,0 +1,31 @@
+# Set-up, the built-in demo run, and the tests. `make demo` and `make test` work on a fresh
+# machine: each creates .venv and installs the project into it first.
+PYTHON ?= python3
+# Install the torch build you want before the project (CPU here; a CUDA build on a cluster).
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dali,dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/bnonly data fake-cifar10 runs/data/fake-cifar10
+	$(BIN)/bnonly train configs/demo.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/bnonly bench configs/cifar10_resnet110.yaml train.device=cpu --steps 5 --warmup 2
+
+clean:
+	rm -rf runs/demo_cifar10_resnet20_bn runs/data/fake-cifar10
