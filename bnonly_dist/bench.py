@@ -9,8 +9,8 @@ import torch
 
 from bnonly_dist import models, modes
 from bnonly_dist.config import Config
-from bnonly_dist.dist import _choose_device
-from bnonly_dist.train import make_optimizer, train_step
+from bnonly_dist.dist import choose_device
+from bnonly_dist.train import make_optimizer, numerics, train_step
 
 
 def saved_activation_bytes(model: torch.nn.Module, images, labels, autocast) -> int:
@@ -72,16 +72,13 @@ def bench_mode(cfg: Config, mode: str, num_classes: int, images, labels, device,
 
 
 def run(cfg: Config, steps: int = 10, warmup: int = 3, modes_to_run=("all", "bn")) -> dict:
-    device = _choose_device(cfg.train.device, 0)
+    device = choose_device(cfg.train.device, 0)
     torch.manual_seed(cfg.seed)
     arch = models.parse_arch(cfg.model.arch)
     size = 32 if arch.family == "cifar" else cfg.data.image_size
     classes = cfg.model.num_classes or (10 if arch.family == "cifar" else 1000)
     on_gpu = device.type == "cuda"
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu)
-    autocast = functools.partial(torch.autocast, device.type, torch.bfloat16) if bf16 else contextlib.nullcontext
-    channels_last = cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and on_gpu)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    autocast, memory_format = numerics(cfg, device)
     batch = cfg.data.batch_size
     images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, classes, (batch,), device=device)
@@ -90,8 +87,9 @@ def run(cfg: Config, steps: int = 10, warmup: int = 3, modes_to_run=("all", "bn"
     by_mode = {r["mode"]: r for r in results}
     report = {"arch": cfg.model.arch, "batch": batch, "image_size": size, "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if on_gpu else "cpu",
-              "threads": torch.get_num_threads(), "precision": "bf16" if bf16 else "fp32",
-              "channels_last": channels_last, "steps": steps, "results": results}
+              "threads": torch.get_num_threads(),
+              "precision": "fp32" if autocast is contextlib.nullcontext else "bf16",
+              "channels_last": memory_format == torch.channels_last, "steps": steps, "results": results}
     if "all" in by_mode and "bn" in by_mode:
         report["bn_over_all"] = {
             "step_time": by_mode["bn"]["step_time_s"] / by_mode["all"]["step_time_s"],

@@ -20,7 +20,7 @@ class Context:
         return self.rank == 0
 
 
-def _choose_device(preference: str, local_rank: int) -> torch.device:
+def choose_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
     if preference == "cpu" or not torch.cuda.is_available():
@@ -34,7 +34,7 @@ def init(device_preference: str = "auto") -> Context:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _choose_device(device_preference, local_rank)
+    device = choose_device(device_preference, local_rank)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     return Context(rank, world, local_rank, device)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from bnonly_dist import checkpoint, data, dist, models, modes
 from bnonly_dist.config import Config, ConfigError, from_dict, save
 from bnonly_dist.evaluate import evaluate
-from bnonly_dist.metrics import Metrics, gamma_stats, setup_logging
+from bnonly_dist.metrics import Metrics, StepMeter, gamma_stats, setup_logging
 from bnonly_dist.schedule import lr_at
 
 log = logging.getLogger("bnonly")
@@ -50,6 +50,15 @@ def make_optimizer(model: torch.nn.Module, masks: dict, optim) -> torch.optim.Op
     return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov)
 
 
+def numerics(cfg: Config, device: torch.device):
+    """(autocast context factory, memory format): bf16 and channels_last on GPU unless configured off."""
+    on_gpu = device.type == "cuda"
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu)
+    autocast = functools.partial(torch.autocast, device.type, torch.bfloat16) if bf16 else contextlib.nullcontext
+    channels_last = cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and on_gpu)
+    return autocast, torch.channels_last if channels_last else torch.contiguous_format
+
+
 def train_step(net, model, optimizer, masks, images, labels, weight_decay, autocast):
     with autocast(), torch.set_grad_enabled(optimizer is not None):
         logits = net(images)
@@ -59,120 +68,125 @@ def train_step(net, model, optimizer, masks, images, labels, weight_decay, autoc
         loss.backward()
         modes.mask_gradients(model, masks, weight_decay)
         optimizer.step()
-    return loss.detach(), (logits.argmax(1) == labels).float().mean().detach()
+    return loss.detach(), (logits.argmax(1) == labels).float().mean()
+
+
+class Run:
+    """One training run: the pieces built from the config, the loop, checkpoints, summary."""
+
+    def __init__(self, cfg: Config, run_dir: Path | None = None):
+        self.cfg, self.ctx = cfg, dist.init(cfg.train.device)
+        self.run_dir = Path(run_dir) if run_dir else Path(cfg.runs_root) / cfg.run_name()
+        prepare_run_dir(cfg, self.run_dir, self.ctx.is_main)
+        dist.barrier()
+        setup_logging(self.run_dir, self.ctx.rank)
+        torch.use_deterministic_algorithms(cfg.train.deterministic)
+        torch.backends.cudnn.benchmark = not cfg.train.deterministic
+        self.autocast, self.memory_format = numerics(cfg, self.ctx.device)
+
+        self.source = data.build(cfg, self.ctx.rank, self.ctx.world, self.ctx.device)
+        num_classes = cfg.model.num_classes or self.source.num_classes
+        self.model = models.build(cfg.model.arch, num_classes, cfg.seed, cfg.model.bn_init)
+        masks = modes.apply(self.model, cfg.mode, cfg.seed)
+        self.frozen_sha = checkpoint.frozen_digest(self.model)
+        self.model.to(self.ctx.device, memory_format=self.memory_format)
+        self.masks = {n: m.to(self.ctx.device) for n, m in masks.items()}
+        self.optimizer = make_optimizer(self.model, self.masks, cfg.optim)
+        self.net = self.model
+        if self.ctx.world > 1 and self.optimizer is not None:
+            device_ids = [self.ctx.local_rank] if self.ctx.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        if cfg.train.compile:
+            self.net = torch.compile(self.net)
+
+        self.step = 0
+        self.steps_per_epoch = self.source.steps_per_epoch
+        self.total = cfg.optim.epochs * self.steps_per_epoch
+        self.end = min(self.total, cfg.train.max_steps or self.total)
+        self.metrics = Metrics(self.run_dir, self.ctx.is_main)
+        self.bar_enabled = cfg.train.progress == "bar" or (cfg.train.progress == "auto" and sys.stdout.isatty())
+
+    def resume(self) -> None:
+        restored = checkpoint.resume(self.run_dir, self.model, self.optimizer, self.ctx.rank, self.frozen_sha)
+        if restored:
+            path, progress, data_state = restored
+            self.step = progress["step"]
+            self.source.load_state(data_state)
+            log.info("resumed from %s at step %d", path, self.step)
+
+    def save_checkpoint(self) -> Path:
+        progress = {"step": self.step, "epoch": self.step // self.steps_per_epoch}
+        return checkpoint.save(self.run_dir, self.step, self.model, self.optimizer, self.ctx.rank, progress,
+                               self.source.state(), self.frozen_sha, self.cfg.train.keep_checkpoints)
+
+    def evaluate(self) -> dict:
+        result = evaluate(self.net, self.source.eval_batches(), self.ctx.device, self.autocast, self.memory_format)
+        result.update(epoch=self.step / self.steps_per_epoch,
+                      **gamma_stats(self.model, self.cfg.train.gamma_threshold))
+        self.metrics.log("eval", self.step, result)
+        self.metrics.histograms(self.step, self.model)
+        log.info("eval step %d epoch %.2f: top1 %.2f%% top5 %.2f%% loss %.4f (%d images)", self.step,
+                 result["epoch"], result["top1"], result["top5"], result["loss"], result["count"])
+        return result
+
+    def log_train(self, values: dict) -> None:
+        values.update(lr=lr_at(self.step - 1, self.steps_per_epoch, self.cfg.optim),
+                      epoch=self.step / self.steps_per_epoch)
+        self.metrics.log("train", self.step, values)
+        self.bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.3g}")
+        if not self.bar_enabled:
+            log.info("step %d/%d epoch %.2f loss %.4f top1 %.1f%% lr %.4g %.0f img/s data-wait %.0f%%", self.step,
+                     self.end, values["epoch"], values["loss"], values["top1"], values["lr"],
+                     values["images_per_s"], 100 * values["data_wait_frac"])
+
+    def train(self) -> dict:
+        cfg, spe = self.cfg, self.steps_per_epoch
+        self.resume()
+        log.info("run %s: %s mode=%s, %d trainable of %d parameters, %d steps/epoch, steps %d -> %d on %s x%d",
+                 self.run_dir, cfg.model.arch, cfg.mode, modes.trainable_count(self.model, self.masks),
+                 sum(p.numel() for p in self.model.parameters()), spe, self.step, self.end, self.ctx.device,
+                 self.ctx.world)
+        self.bar = tqdm(total=self.end, initial=self.step, dynamic_ncols=True,
+                        disable=not (self.bar_enabled and self.ctx.is_main))
+        started, meter, last_eval = time.perf_counter(), StepMeter(self.ctx.device, cfg.data.batch_size), None
+        while self.step < self.end:
+            batches = iter(self.source.train_epoch(self.step // spe, self.step % spe))
+            while self.step < self.end and (batch := meter.next_batch(batches)) is not None:
+                images = batch[0].to(self.ctx.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+                labels = batch[1].to(self.ctx.device, non_blocking=True)
+                for group in self.optimizer.param_groups if self.optimizer else []:
+                    group["lr"] = lr_at(self.step, spe, cfg.optim)
+                loss, top1 = train_step(self.net, self.model, self.optimizer, self.masks, images, labels,
+                                        cfg.optim.weight_decay, self.autocast)
+                self.step += 1
+                meter.add(loss, top1)
+                self.bar.update(1)
+                if self.step % cfg.train.log_every == 0 or self.step == self.end:
+                    self.log_train(meter.report())
+                if self.step % cfg.train.checkpoint_every == 0:
+                    self.save_checkpoint()
+            if self.step % spe == 0 and (self.step // spe) % cfg.train.eval_every == 0:
+                last_eval = (self.step, self.evaluate())
+        self.bar.close()
+        self.save_checkpoint()
+        final = last_eval[1] if last_eval and last_eval[0] == self.step else self.evaluate()
+        return self.finish(final, time.perf_counter() - started)
+
+    def finish(self, final: dict, wall_time_s: float) -> dict:
+        summary = {"run_dir": str(self.run_dir), "arch": self.cfg.model.arch, "mode": self.cfg.mode,
+                   "seed": self.cfg.seed, "dataset": self.cfg.data.name, "step": self.step,
+                   "epoch": self.step / self.steps_per_epoch, "finished": self.step >= self.total,
+                   "trainable_params": modes.trainable_count(self.model, self.masks), "final": final,
+                   "fingerprint": checkpoint.fingerprint(self.model), "wall_time_s": wall_time_s}
+        if self.ctx.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            log.info("done: top1 %.2f%% top5 %.2f%%; summary %s; TensorBoard: tensorboard --logdir %s",
+                     final["top1"], final["top5"], self.run_dir / "summary.json", self.run_dir / "tb")
+        self.metrics.close()
+        dist.barrier()
+        return summary
 
 
 def run(cfg: Config, run_dir: Path | None = None) -> dict:
-    ctx = dist.init(cfg.train.device)
-    run_dir = Path(run_dir) if run_dir else Path(cfg.runs_root) / cfg.run_name()
-    prepare_run_dir(cfg, run_dir, ctx.is_main)
-    dist.barrier()
-    setup_logging(run_dir, ctx.rank)
-    torch.use_deterministic_algorithms(cfg.train.deterministic)
-    torch.backends.cudnn.benchmark = not cfg.train.deterministic
-    on_gpu = ctx.device.type == "cuda"
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu)
-    autocast = functools.partial(torch.autocast, ctx.device.type, torch.bfloat16) if bf16 else contextlib.nullcontext
-    channels_last = cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and on_gpu)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    source = data.build(cfg, ctx.rank, ctx.world, ctx.device)
-    model = models.build(cfg.model.arch, cfg.model.num_classes or source.num_classes, cfg.seed, cfg.model.bn_init)
-    masks = modes.apply(model, cfg.mode, cfg.seed)
-    frozen_sha = checkpoint.frozen_digest(model)
-    model.to(ctx.device, memory_format=memory_format)
-    masks = {n: m.to(ctx.device) for n, m in masks.items()}
-    optimizer = make_optimizer(model, masks, cfg.optim)
-    net = model
-    if ctx.world > 1 and optimizer is not None:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if on_gpu else None)
-    if cfg.train.compile:
-        net = torch.compile(net)
-
-    step = 0
-    restored = checkpoint.resume(run_dir, model, optimizer, ctx.rank, frozen_sha)
-    if restored:
-        path, progress, data_state = restored
-        step = progress["step"]
-        source.load_state(data_state)
-        log.info("resumed from %s at step %d", path, step)
-    spe = source.steps_per_epoch
-    total = cfg.optim.epochs * spe
-    end = min(total, cfg.train.max_steps or total)
-    metrics = Metrics(run_dir, ctx.is_main)
-    log.info("run %s: %s mode=%s, %d trainable of %d parameters, %d steps/epoch, steps %d -> %d on %s x%d",
-             run_dir, cfg.model.arch, cfg.mode, modes.trainable_count(model, masks),
-             sum(p.numel() for p in model.parameters()), spe, step, end, ctx.device, ctx.world)
-    bar_enabled = cfg.train.progress == "bar" or (cfg.train.progress == "auto" and sys.stdout.isatty())
-    bar = tqdm(total=end, initial=step, disable=not (bar_enabled and ctx.is_main), dynamic_ncols=True)
-
-    def save_checkpoint():
-        progress = {"step": step, "epoch": step // spe}
-        return checkpoint.save(run_dir, step, model, optimizer, ctx.rank, progress, source.state(),
-                               frozen_sha, cfg.train.keep_checkpoints)
-
-    def run_eval():
-        result = evaluate(net, source.eval_batches(), ctx.device, autocast, memory_format)
-        result.update(epoch=step / spe, **gamma_stats(model, cfg.train.gamma_threshold))
-        metrics.log("eval", step, result)
-        metrics.histograms(step, model)
-        log.info("eval step %d epoch %.2f: top1 %.2f%% top5 %.2f%% loss %.4f (%d images)",
-                 step, step / spe, result["top1"], result["top5"], result["loss"], result["count"])
-        return result
-
-    started = time.perf_counter()
-    window = {"loss": torch.zeros((), device=ctx.device), "acc": torch.zeros((), device=ctx.device),
-              "n": 0, "wait": 0.0, "t": time.perf_counter()}
-    last_eval = None
-    while step < end:
-        epoch = step // spe
-        batches = iter(source.train_epoch(epoch, step % spe))
-        while step < end:
-            tick = time.perf_counter()
-            try:
-                images, labels = next(batches)
-            except StopIteration:
-                break
-            window["wait"] += time.perf_counter() - tick
-            images = images.to(ctx.device, non_blocking=True).contiguous(memory_format=memory_format)
-            labels = labels.to(ctx.device, non_blocking=True)
-            for group in optimizer.param_groups if optimizer else []:
-                group["lr"] = lr_at(step, spe, cfg.optim)
-            loss, acc = train_step(net, model, optimizer, masks, images, labels, cfg.optim.weight_decay, autocast)
-            step += 1
-            bar.update(1)
-            window["loss"] += loss
-            window["acc"] += acc
-            window["n"] += 1
-            if step % cfg.train.log_every == 0 or step == end:
-                elapsed = time.perf_counter() - window["t"]
-                values = {"loss": window["loss"].item() / window["n"], "top1": 100 * window["acc"].item() / window["n"],
-                          "lr": lr_at(step - 1, spe, cfg.optim), "epoch": step / spe,
-                          "images_per_s": window["n"] * cfg.data.batch_size / elapsed,
-                          "data_wait_frac": window["wait"] / elapsed}
-                metrics.log("train", step, values)
-                bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.3g}")
-                if not bar_enabled:
-                    log.info("step %d/%d epoch %.2f loss %.4f top1 %.1f%% lr %.4g %.0f img/s data-wait %.0f%%", step,
-                             end, values["epoch"], values["loss"], values["top1"], values["lr"],
-                             values["images_per_s"], 100 * values["data_wait_frac"])
-                window.update(loss=torch.zeros_like(window["loss"]), acc=torch.zeros_like(window["acc"]), n=0,
-                              wait=0.0, t=time.perf_counter())
-            if step % cfg.train.checkpoint_every == 0:
-                save_checkpoint()
-        if step % spe == 0 and (step // spe) % cfg.train.eval_every == 0:
-            last_eval = (step, run_eval())
-    bar.close()
-    save_checkpoint()
-    final = last_eval[1] if last_eval and last_eval[0] == step else run_eval()
-    summary = {"run_dir": str(run_dir), "arch": cfg.model.arch, "mode": cfg.mode, "seed": cfg.seed,
-               "dataset": cfg.data.name, "step": step, "epoch": step / spe, "finished": step >= total,
-               "trainable_params": modes.trainable_count(model, masks), "final": final,
-               "fingerprint": checkpoint.fingerprint(model), "wall_time_s": time.perf_counter() - started}
-    if ctx.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        log.info("done: top1 %.2f%% top5 %.2f%%; summary %s; TensorBoard: tensorboard --logdir %s",
-                 final["top1"], final["top5"], run_dir / "summary.json", run_dir / "tb")
-    metrics.close()
-    dist.barrier()
-    return summary
+    """Train (or resume) one run to its end; returns the summary also written to summary.json."""
+    return Run(cfg, run_dir).train()
