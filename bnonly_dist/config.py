@@ -89,7 +89,7 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(default=None, gt=0)  # cap on optimizer steps (smoke runs)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU
-    channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for GPU
+    channels_last: bool | Literal["auto"] = "auto"  # auto: true on GPU
     compile: bool = False
     deterministic: bool = False
     log_every: int = Field(default=50, gt=0)  # steps between metric lines

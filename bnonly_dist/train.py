@@ -55,7 +55,7 @@ def numerics(cfg: Config, device: torch.device):
     on_gpu = device.type == "cuda"
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu)
     autocast = functools.partial(torch.autocast, device.type, torch.bfloat16) if bf16 else contextlib.nullcontext
-    channels_last = cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and on_gpu)
+    channels_last = cfg.train.channels_last is True or (cfg.train.channels_last == "auto" and on_gpu)
     return autocast, torch.channels_last if channels_last else torch.contiguous_format
 
 

@@ -119,3 +119,22 @@ def test_imagenet_with_dali_end_to_end(imagenet_root, tmp_path):
     assert summary["fingerprint"] == train.run(cfg, tmp_path / "whole")["fingerprint"]
     lrs = [r["lr"] for r in rows if r["kind"] == "train"]
     assert lrs[:4] == pytest.approx([0.1, 0.2, 0.3, 0.4])  # linear warm-up over the first epoch
+
+
+def test_bf16_and_channels_last_path_runs(tiny_cfg, tmp_path):
+    summary = train.run(tiny_cfg("train.precision=bf16", "train.channels_last=true", "train.max_steps=3"), tmp_path / "r")
+    assert summary["step"] == 3 and summary["final"]["count"] == 103
+
+
+def test_full_disk_keeps_the_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    train.run(tiny_cfg("train.max_steps=4"), run_dir)
+    good = checkpoint.latest(run_dir)
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.dcp, "save", no_space)
+    with pytest.raises(CheckpointError, match="free disk space.*resumes from .*step_00000004"):
+        train.run(tiny_cfg("train.max_steps=8"), run_dir)
+    assert checkpoint.latest(run_dir) == good and (good / ".metadata").is_file()
