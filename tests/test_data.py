@@ -60,12 +60,17 @@ def test_malformed_data_sets_are_named(tmp_path, cifar_root):
     (broken / "data_batch_3").write_bytes(b"truncated")
     with pytest.raises(DataError, match="data_batch_3 is not a CIFAR-10 python batch"):
         layout.load_cifar10(tmp_path / "c")
+    (broken / "data_batch_3").write_bytes((cifar_root / "cifar-10-batches-py" / "data_batch_3").read_bytes())
     (broken / "data_batch_4").unlink()
-    (imagenet := tmp_path / "in" / "train" / "n01").mkdir(parents=True)
+    with pytest.raises(DataError, match="data_batch_4 is missing"):
+        layout.load_cifar10(tmp_path / "c")
+    (tmp_path / "in" / "train" / "n01").mkdir(parents=True)
     (tmp_path / "in" / "val" / "n01").mkdir(parents=True)
     with pytest.raises(DataError, match="holds no images"):
         layout.imagenet_index(tmp_path / "in")
-    assert imagenet.is_dir()
+    (tmp_path / "in" / "val" / "n02").mkdir()
+    with pytest.raises(DataError, match="not in train/"):
+        layout.imagenet_index(tmp_path / "in")
 
 
 def test_corrupt_jpeg_is_named(tmp_path, imagenet_root):

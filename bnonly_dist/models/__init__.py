@@ -66,8 +66,7 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
         elif isinstance(module, nn.Linear):
             role = "output"
         elif isinstance(module, nn.Conv2d):
-            is_shortcut = ".shortcut." in f".{module_name}." or ".downsample." in f".{module_name}."
-            role = "shortcut" if is_shortcut else "conv"
+            role = "shortcut" if ".downsample." in f".{module_name}." else "conv"
         else:
             continue
         for param_name, _ in module.named_parameters(recurse=False):

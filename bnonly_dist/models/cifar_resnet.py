@@ -1,32 +1,16 @@
 """CIFAR ResNet-N (N = 6D + 2) of He et al. 2016 in OpenLTH's layout; width W = base channels.
 
 Stem 3x3 conv (3 -> W) + BN, three stages of D basic blocks with W, 2W, 4W channels
-(stride 2 at the first block of stages 2 and 3), 1x1 conv + BN shortcut where the shape
-changes, global average pool, linear output.
+(stride 2 at the first block of stages 2 and 3), 1x1 conv + BN shortcut
+(`downsample`, as torchvision names it) where the shape changes, global average pool,
+linear output.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-
-class BasicBlock(nn.Module):
-    def __init__(self, f_in: int, f_out: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(f_in, f_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(f_out)
-        self.conv2 = nn.Conv2d(f_out, f_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(f_out)
-        self.relu = nn.ReLU(inplace=True)
-        self.shortcut = None
-        if stride != 1 or f_in != f_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(f_in, f_out, 1, stride, bias=False), nn.BatchNorm2d(f_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out = out + (x if self.shortcut is None else self.shortcut(x))
-        return self.relu(out)
+from bnonly_dist.models.blocks import BasicBlock
 
 
 class CifarResNet(nn.Module):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bnonly_dist.models.blocks import BasicBlock, downsample
+
 STAGE_BLOCKS = {
     18: ("basic", (2, 2, 2, 2)),
     34: ("basic", (3, 4, 6, 3)),
@@ -16,31 +18,6 @@ STAGE_BLOCKS = {
     152: ("bottleneck", (3, 8, 36, 3)),
     200: ("bottleneck", (3, 24, 36, 3)),
 }
-
-
-def _downsample(f_in: int, f_out: int, stride: int) -> nn.Module | None:
-    if stride == 1 and f_in == f_out:
-        return None
-    return nn.Sequential(nn.Conv2d(f_in, f_out, 1, stride, bias=False), nn.BatchNorm2d(f_out))
-
-
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, f_in: int, planes: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(f_in, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = _downsample(f_in, planes, stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out = out + (x if self.downsample is None else self.downsample(x))
-        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -56,7 +33,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(planes, f_out, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(f_out)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = _downsample(f_in, f_out, stride)
+        self.downsample = downsample(f_in, f_out, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
