@@ -14,10 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-MODES = (
-    "all", "bn", "bn_output", "bn_shortcut_output", "shortcut_output", "output", "none",
-    "random_per_channel", "bn_fixed",
-)
+from bnonly_dist.modes import MODES
+
 
 
 # Keys that change how a run is watched or paced, not what it computes: a run directory
@@ -101,7 +99,7 @@ class TrainConfig(_Section):
 
 
 class Config(_Section):
-    mode: Literal[MODES] = "bn"  # type: ignore[valid-type]
+    mode: Literal[tuple(MODES)] = "bn"  # type: ignore[valid-type]  # see modes.py
     seed: int = 0
     runs_root: str = "runs"
     name: str | None = None  # run name; None derives one from the hyperparameters
