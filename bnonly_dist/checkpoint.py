@@ -35,6 +35,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: the message names it and the fix."""
 
 
+class FrozenWeightsMismatch(CheckpointError):
+    """The regenerated frozen weights are not the ones the checkpoint was trained with."""
+
+
 def tensor_digest(named_tensors) -> str:
     """sha256 over (name, dtype, shape, bytes) of tensors in name order."""
     digest = hashlib.sha256()
@@ -118,7 +122,7 @@ def load(path: Path, model, optimizer, rank: int, frozen_sha: str) -> tuple[dict
                               f"{str(err).splitlines()[0] if str(err) else ''}); move it aside to resume "
                               "from the one before") from None
     if state["meta"]["frozen_sha256"] != frozen_sha:
-        raise CheckpointError(f"{path}: the frozen weights regenerated from the seed differ from the ones this "
+        raise FrozenWeightsMismatch(f"{path}: the frozen weights regenerated from the seed differ from the ones this "
                               "checkpoint was trained with (changed seed, model code or torch version?); "
                               "resume with the original setup or start a new run directory")
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
@@ -141,9 +145,9 @@ def resume(run_dir: Path, model, optimizer, rank: int, frozen_sha: str):
     for path in reversed(complete_checkpoints(run_dir)):
         try:
             progress, data_state = load(path, model, optimizer, rank, frozen_sha)
+        except FrozenWeightsMismatch:
+            raise
         except CheckpointError as err:
-            if "frozen weights" in str(err):
-                raise
             log.error("%s; trying the one before", err)
             continue
         return path, progress, data_state

@@ -16,8 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bnonly_dist.modes import MODES
 
-
-
 # Keys that change how a run is watched or paced, not what it computes: a run directory
 # may be resumed with other values for them, and they do not enter its derived name.
 NON_IDENTITY_KEYS = frozenset({

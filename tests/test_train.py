@@ -90,7 +90,7 @@ def test_frozen_weight_mismatch_is_an_error(tiny_cfg, tmp_path):
     train.run(tiny_cfg("train.max_steps=4"), tmp_path / "run")
     model = models.build("cifar_resnet_14", 10, seed=99)
     modes.apply(model, "bn", 99)
-    with pytest.raises(CheckpointError, match="frozen weights"):
+    with pytest.raises(checkpoint.FrozenWeightsMismatch, match="frozen weights"):
         checkpoint.load(checkpoint.latest(tmp_path / "run"), model, None, 0, checkpoint.frozen_digest(model))
 
 
