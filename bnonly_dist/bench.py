@@ -10,7 +10,9 @@ import torch
 from bnonly_dist import models, modes
 from bnonly_dist.config import Config
 from bnonly_dist.dist import choose_device
-from bnonly_dist.train import make_optimizer, numerics, train_step
+from bnonly_dist.engines.base import Engine
+from bnonly_dist.optim import make_optimizer
+from bnonly_dist.train import numerics
 
 
 def saved_activation_bytes(model: torch.nn.Module, images, labels, autocast) -> int:
@@ -42,8 +44,10 @@ def bench_mode(cfg: Config, mode: str, num_classes: int, images, labels, device,
     model.to(device, memory_format=memory_format)
     masks = {n: m.to(device) for n, m in masks.items()}
     optimizer = make_optimizer(model, masks, cfg.optim)
-    net = torch.compile(model) if cfg.train.compile else model
-    step = functools.partial(train_step, net, model, optimizer, masks, images, labels, cfg.optim.weight_decay, autocast)
+    engine = Engine(model, optimizer, masks, cfg.optim.weight_decay)
+    if cfg.train.compile:
+        engine.compile()
+    step = functools.partial(engine.train_step, images, labels, autocast)
     for _ in range(warmup):
         step()
     _sync(device)

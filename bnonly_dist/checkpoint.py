@@ -1,10 +1,13 @@
-"""Sharded checkpoints with torch.distributed.checkpoint (DCP), atomic and self-verifying.
+"""Sharded checkpoints: atomic, self-verifying, resumed from the newest complete one.
 
-Layout: RUN/checkpoints/step_00001000/ (DCP shards + .metadata). A save goes to
-.tmp-step_.../ and is renamed once every rank has written and DCP has written
-.metadata last, so a directory named step_* is always complete; resume takes the newest
-one holding .metadata. Frozen weights are not saved: they are regenerated from the seed
-and checked against the sha256 stored with the checkpoint.
+    RUN/checkpoints/step_00001000/
+        state/        the engine's model + optimizer state (DCP shards, or DeepSpeed's files)
+        rank{r}.pt    each rank's RNG states and data-loader state
+        commit.json   the commit marker: written by rank 0 after every rank has written
+A save goes to .tmp-step_.../ and is renamed after commit.json is on disk, so a directory
+named step_* with a commit.json is complete. Frozen weights are left out unless
+dist.save_frozen: they are regenerated from the seed and checked against the sha256 in
+commit.json. Older checkpoints are deleted only after a newer one is committed.
 """
 from __future__ import annotations
 
@@ -18,10 +21,7 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.api import CheckpointException
 
 from bnonly_dist import dist
 
@@ -29,13 +29,18 @@ log = logging.getLogger(__name__)
 # A single-process run saves without a process group, as intended: DCP's warning is noise.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
+COMMIT = "commit.json"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: the message names it and the fix."""
 
 
-class FrozenWeightsMismatch(CheckpointError):
+class CheckpointIncompatible(CheckpointError):
+    """Readable, but not for this run as configured; older checkpoints share the problem."""
+
+
+class FrozenWeightsMismatch(CheckpointIncompatible):
     """The regenerated frozen weights are not the ones the checkpoint was trained with."""
 
 
@@ -49,24 +54,20 @@ def tensor_digest(named_tensors) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of the whole model state (parameters and buffers): equal iff bit-identical."""
-    return tensor_digest(model.state_dict().items())
+def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 of a whole model state (parameters and buffers): equal iff bit-identical."""
+    return tensor_digest(state_dict.items())
 
 
 def frozen_digest(model: torch.nn.Module) -> str:
     return tensor_digest((n, p) for n, p in model.named_parameters() if not p.requires_grad)
 
 
-def _frozen_names(model: torch.nn.Module) -> set[str]:
-    return {n for n, p in model.named_parameters() if not p.requires_grad}
-
-
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if _STEP_DIR.match(p.name) and (p / ".metadata").is_file()]
+    found = [p for p in folder.iterdir() if _STEP_DIR.match(p.name) and (p / COMMIT).is_file()]
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
@@ -75,80 +76,120 @@ def latest(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _state(model, optimizer, rank: int, progress: dict, data_state: dict, frozen_sha: str) -> dict:
-    frozen = _frozen_names(model)
-    model_state = {k: v for k, v in get_model_state_dict(model).items() if k not in frozen}
-    state = {"model": model_state, "meta": {"progress": json.dumps(progress), "frozen_sha256": frozen_sha},
-             f"rank{rank}": {"rng_cpu": torch.get_rng_state(), "data": json.dumps(data_state)}}
+def _rank_state(data_state: dict) -> dict:
+    state = {"rng_cpu": torch.get_rng_state(), "data": data_state}
     if torch.cuda.is_available():
-        state[f"rank{rank}"]["rng_cuda"] = torch.cuda.get_rng_state()
-    if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
+        state["rng_cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def save(run_dir: Path, step: int, model, optimizer, rank: int, progress: dict, data_state: dict,
-         frozen_sha: str, keep: int) -> Path:
+def _write_commit(folder: Path, meta: dict) -> None:
+    with open(folder / COMMIT, "w") as f:
+        json.dump(meta, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(run_dir: Path, engine, rank: int, meta: dict, data_state: dict, keep: int, include_frozen: bool) -> Path:
+    """Write a checkpoint of step meta['step'] (collective). meta goes into commit.json."""
     folder = Path(run_dir) / "checkpoints"
-    final = folder / f"step_{step:08d}"
-    if (final / ".metadata").is_file():
-        return final  # already saved at this step (e.g. epoch end and periodic save coincide)
-    tmp = folder / f".tmp-step_{step:08d}"
+    final = folder / f"step_{meta['step']:08d}"
+    if (final / COMMIT).is_file():
+        return final  # already saved at this step (e.g. a stop signal right after a periodic save)
+    tmp = folder / f".tmp-{final.name}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
+    error = None
     try:
-        dcp.save(_state(model, optimizer, rank, progress, data_state, frozen_sha), checkpoint_id=tmp)
-    except OSError as err:
-        raise CheckpointError(f"saving checkpoint {final} failed ({err.strerror or err}); free disk space "
-                              f"in {folder} and start again: it resumes from {latest(run_dir) or 'scratch'}") from None
-    dist.barrier()
+        engine.save(tmp / "state", include_frozen)
+        torch.save(_rank_state(data_state), tmp / f"rank{rank}.pt")
+    except (OSError, CheckpointException) as err:
+        error = err
+    if dist.any_rank(error is not None):
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0]}" if error else "another rank failed"
+        raise CheckpointError(f"saving checkpoint {final} failed ({reason}); check free disk space and permissions "
+                              f"in {folder} and start again: it resumes from {latest(run_dir) or 'scratch'}")
     if rank == 0:
+        _write_commit(tmp, {**meta, "frozen_included": include_frozen, "torch": torch.__version__})
         os.replace(tmp, final)
+        _fsync_dir(folder)
         for old in complete_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+        for stale in folder.glob(".tmp-step_*"):  # saves killed before their commit
+            shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
     return final
 
 
-def load(path: Path, model, optimizer, rank: int, frozen_sha: str) -> tuple[dict, dict]:
-    """Restore model/optimizer/RNG in place; return (progress, this rank's data state)."""
-    state = _state(model, optimizer, rank, {}, {}, "")
+def read_commit(path: Path) -> dict:
     try:
-        dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
-    except (Exception, dcp.api.CheckpointException) as err:  # noqa: BLE001 - damaged files raise many types
+        return json.loads((path / COMMIT).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} has an unreadable {COMMIT} ({err}); move it aside to "
+                              "resume from the one before") from None
+
+
+def load(path: Path, engine, rank: int, world: int, frozen_sha: str) -> tuple[dict, dict]:
+    """Restore engine state and this rank's RNG in place: (commit meta, this rank's data state)."""
+    meta = read_commit(path)
+    if meta["world"] != world and not engine.reshardable:
+        raise CheckpointIncompatible(f"{path} was written by {meta['world']} ranks and dist.engine={engine.name} "
+                                     f"resumes only at the same world size; run it with {meta['world']} ranks, "
+                                     "or use ddp/fsdp, which reshard")
+    if meta["frozen_sha256"] != frozen_sha:
+        if not meta["frozen_included"]:
+            raise FrozenWeightsMismatch(
+                f"{path}: the frozen weights regenerated from the seed differ from the ones this checkpoint was "
+                "trained with (changed seed, model code or torch version?); resume with the original setup, or "
+                "start a new run directory (dist.save_frozen=true stores them)")
+        log.warning("%s: regenerated frozen weights differ; using the ones stored in the checkpoint", path)
+    try:
+        engine.load(path / "state", include_frozen=meta["frozen_included"])
+        mine = path / f"rank{rank}.pt"
+        rank_state = torch.load(mine, weights_only=True) if mine.is_file() else None
+    except (Exception, CheckpointException) as err:  # damaged files raise many types; DCP's is a BaseException
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''}); move it aside to resume "
                               "from the one before") from None
-    if state["meta"]["frozen_sha256"] != frozen_sha:
-        raise FrozenWeightsMismatch(f"{path}: the frozen weights regenerated from the seed differ from the ones this "
-                              "checkpoint was trained with (changed seed, model code or torch version?); "
-                              "resume with the original setup or start a new run directory")
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
-    if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
-    mine = state.get(f"rank{rank}", {})
-    # A rank the checkpoint did not have (larger world) keeps its placeholders: its own RNG.
-    torch.set_rng_state(mine["rng_cpu"])
-    if "rng_cuda" in mine:
-        torch.cuda.set_rng_state(mine["rng_cuda"])
-    return json.loads(state["meta"]["progress"]), json.loads(mine["data"])
+    if rank_state is None:  # a rank the checkpoint did not have (larger world) keeps its own RNG
+        return meta, {}
+    torch.set_rng_state(rank_state["rng_cpu"])
+    if "rng_cuda" in rank_state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rank_state["rng_cuda"])
+    return meta, rank_state["data"]
 
 
-def resume(run_dir: Path, model, optimizer, rank: int, frozen_sha: str):
-    """Load the newest readable complete checkpoint: (path, progress, data state), or None.
+def resume(run_dir: Path, engine, rank: int, world: int, frozen_sha: str):
+    """Load the newest complete checkpoint every rank can read: (path, meta, data state), or None.
 
-    An unreadable one (damaged after it was committed) is skipped with a warning and left
-    on disk; a frozen-weight mismatch is an error, since older ones would share it.
+    A damaged one is skipped with an error in the log and left on disk; if none can be
+    read the run stops instead of silently starting again from step 0.
     """
-    for path in reversed(complete_checkpoints(run_dir)):
+    folder = Path(run_dir) / "checkpoints"
+    names = dist.broadcast_object([p.name for p in complete_checkpoints(run_dir)])  # one view for all ranks
+    for name in reversed(names):
+        error = None
         try:
-            progress, data_state = load(path, model, optimizer, rank, frozen_sha)
-        except FrozenWeightsMismatch:
+            meta, data_state = load(folder / name, engine, rank, world, frozen_sha)
+        except CheckpointIncompatible:
             raise
         except CheckpointError as err:
-            log.error("%s; trying the one before", err)
+            error = err
+        if dist.any_rank(error is not None):
+            log.error("%s; trying the one before", error or f"checkpoint {folder / name} failed on another rank")
             continue
-        return path, progress, data_state
+        return folder / name, meta, data_state
+    if names:
+        raise CheckpointError(f"none of the {len(names)} checkpoints in {folder} can be read (see logs/rank*.log); "
+                              "restore them, or move them aside to start this run from scratch")
     return None

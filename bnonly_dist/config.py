@@ -21,6 +21,7 @@ from bnonly_dist.modes import MODES
 NON_IDENTITY_KEYS = frozenset({
     "train.max_steps", "train.log_every", "train.progress", "train.checkpoint_every",
     "train.keep_checkpoints", "train.eval_every", "train.compile", "data.num_threads", "runs_root", "name",
+    "dist.timeout_s", "dist.save_frozen",
 })
 
 
@@ -96,6 +97,16 @@ class TrainConfig(_Section):
     progress: Literal["auto", "bar", "lines"] = "auto"  # auto: a bar on a terminal
 
 
+class DistConfig(_Section):
+    # ddp: replicate, all-reduce the (tiny) BN gradients. fsdp: FSDP2 fully_shard per
+    # fsdp_unit, frozen weights sharded too. deepspeed: ZeRO zero_stage (3 shards all weights).
+    engine: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    fsdp_unit: Literal["block", "stage"] = "block"  # residual block or whole stage per shard group
+    zero_stage: Literal[1, 2, 3] = 1
+    timeout_s: int = Field(default=600, gt=0)  # a collective waiting longer fails the run (dead/hung rank)
+    save_frozen: bool = False  # also store frozen weights (else regenerated from the seed and verified)
+
+
 class Config(_Section):
     mode: Literal[tuple(MODES)] = "bn"  # type: ignore[valid-type]  # see modes.py
     seed: int = 0
@@ -105,6 +116,7 @@ class Config(_Section):
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    dist: DistConfig = DistConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

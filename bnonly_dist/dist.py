@@ -1,11 +1,24 @@
-"""Process-group setup from the launcher's environment, device choice, collectives."""
+"""Process-group setup from the launcher's environment, device choice, collectives.
+
+A process learns its place from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT) or, under `srun`, from Slurm's (SLURM_PROCID, SLURM_NTASKS,
+SLURM_LOCALID; the master is the first host of SLURM_JOB_NODELIST and the port is derived
+from the job id, so a requeued job meets on the same port). One process per GPU.
+"""
 from __future__ import annotations
 
+import datetime
 import os
+import random
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+class DistributedError(RuntimeError):
+    """The ranks lost each other: one died, hung, or could not be reached."""
 
 
 @dataclass(frozen=True)
@@ -20,6 +33,37 @@ class Context:
         return self.rank == 0
 
 
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Slurm's compressed host list ("gpu[01-03,07],login1") as host names, in order."""
+    hosts = []
+    for prefix, ranges, single in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
+        if single:
+            hosts.append(single)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            hosts += [f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1)]
+    return hosts
+
+
+def master_port(job_id: str) -> int:
+    """A port in 20000-59999 that is a pure function of the job id (stable across requeues)."""
+    return random.Random(int(re.sub(r"\D", "", job_id) or 0)).randint(20_000, 59_999)
+
+
+def environment(env=os.environ) -> dict[str, str]:
+    """torchrun-style variables for this process, filled in from Slurm's when run by srun."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k in env}
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        job_id = env.get("SLURM_JOB_ID", "0")
+        return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+                "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+                "MASTER_ADDR": env.get("MASTER_ADDR") or expand_nodelist(env["SLURM_JOB_NODELIST"])[0],
+                "MASTER_PORT": env.get("MASTER_PORT") or str(master_port(job_id))}
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+
+
 def choose_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
@@ -29,14 +73,26 @@ def choose_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init(device_preference: str = "auto") -> Context:
-    """Join the process group that torchrun's variables describe (a single process if none)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+_control_group = None  # gloo group for host-side agreement (stop flags) without a GPU sync
+
+
+def init(device_preference: str = "auto", timeout_s: int = 600) -> Context:
+    """Join the process group the launcher describes (a single process if none).
+
+    Every collective, including the rendezvous, fails after timeout_s instead of hanging
+    when a rank has died or hung.
+    """
+    global _control_group
+    env = environment()
+    os.environ.update(env)  # init_process_group's env:// reads MASTER_ADDR/PORT from here
+    rank, world, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
     device = choose_device(device_preference, local_rank)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
+        _control_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
     return Context(rank, world, local_rank, device)
 
 
@@ -46,11 +102,31 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if flag is true on any (a host-side collective)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control_group)
+    return bool(value.item())
+
+
+def broadcast_object(obj):
+    """Rank 0's obj on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_control_group)
+    return box[0]
+
+
 def barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=_control_group)
 
 
 def teardown() -> None:
+    global _control_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _control_group = None

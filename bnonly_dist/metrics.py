@@ -21,20 +21,24 @@ def bn_stage(name: str) -> str:
     return head if head.startswith("layer") else "stem"
 
 
-def bn_affine(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-    """{stage: {'gamma': all gammas of the stage, 'beta': ...}} as flat float32 CPU tensors."""
+def bn_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The BN affine parameters of an unsharded model by name (see Engine.bn_parameters)."""
     roles = parameter_roles(model)
+    return {name: param for name, param in model.named_parameters() if roles[name] == "bn"}
+
+
+def bn_affine(bn_params: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{stage: {'gamma': all gammas of the stage, 'beta': ...}} as flat float32 CPU tensors."""
     stages: dict[str, dict[str, list]] = {}
-    for name, param in model.named_parameters():
-        if roles.get(name) == "bn":
-            kind = "gamma" if name.endswith("weight") else "beta"
-            stages.setdefault(bn_stage(name), {"gamma": [], "beta": []})[kind].append(param.detach().float().cpu().view(-1))
+    for name, param in bn_params.items():
+        kind = "gamma" if name.endswith("weight") else "beta"
+        stages.setdefault(bn_stage(name), {"gamma": [], "beta": []})[kind].append(param.detach().float().cpu().view(-1))
     return {stage: {k: torch.cat(v) for k, v in parts.items()} for stage, parts in stages.items()}
 
 
-def gamma_stats(model: nn.Module, threshold: float) -> dict[str, float]:
+def gamma_stats(bn_params: dict[str, torch.Tensor], threshold: float) -> dict[str, float]:
     """Fraction of channels with |gamma| < threshold, overall and per stage, and mean |gamma|."""
-    affine = bn_affine(model)
+    affine = bn_affine(bn_params)
     stats = {}
     for stage, parts in affine.items():
         stats[f"gamma_small_frac/{stage}"] = (parts["gamma"].abs() < threshold).float().mean().item()
@@ -97,10 +101,10 @@ class Metrics:
             if isinstance(value, (int, float)):
                 self.writer.add_scalar(f"{kind}/{key}", value, step)
 
-    def histograms(self, step: int, model: nn.Module) -> None:
+    def histograms(self, step: int, bn_params: dict[str, torch.Tensor]) -> None:
         if not self.enabled:
             return
-        for stage, parts in bn_affine(model).items():
+        for stage, parts in bn_affine(bn_params).items():
             for kind, values in parts.items():
                 self.writer.add_histogram(f"{kind}/{stage}", values, step)
         self.writer.flush()

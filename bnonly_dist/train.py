@@ -10,15 +10,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from bnonly_dist import checkpoint, data, dist, models, modes
+from bnonly_dist import checkpoint, data, dist, engines, models, modes
 from bnonly_dist.config import Config, ConfigError, from_dict, save
 from bnonly_dist.evaluate import evaluate
 from bnonly_dist.metrics import Metrics, StepMeter, gamma_stats, setup_logging
-from bnonly_dist.schedule import lr_at
+from bnonly_dist.optim import lr_at
+from bnonly_dist.stop import StopRequest
 
 log = logging.getLogger("bnonly")
 
@@ -39,17 +39,6 @@ def prepare_run_dir(cfg: Config, run_dir: Path, is_main: bool) -> None:
         save(cfg, saved)
 
 
-def make_optimizer(model: torch.nn.Module, masks: dict, optim) -> torch.optim.Optimizer | None:
-    """SGD over the trainable tensors; masked ones decay inside modes.mask_gradients."""
-    full = [p for n, p in model.named_parameters() if p.requires_grad and n not in masks]
-    partial = [p for n, p in model.named_parameters() if p.requires_grad and n in masks]
-    groups = [{"params": full, "weight_decay": optim.weight_decay}, {"params": partial, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    if not groups:
-        return None  # mode none: only BN running statistics move
-    return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov)
-
-
 def numerics(cfg: Config, device: torch.device):
     """(autocast context factory, memory format): bf16 and channels_last on GPU unless configured off."""
     on_gpu = device.type == "cuda"
@@ -59,23 +48,11 @@ def numerics(cfg: Config, device: torch.device):
     return autocast, torch.channels_last if channels_last else torch.contiguous_format
 
 
-def train_step(net, model, optimizer, masks, images, labels, weight_decay, autocast):
-    with autocast(), torch.set_grad_enabled(optimizer is not None):
-        logits = net(images)
-        loss = F.cross_entropy(logits.float(), labels)
-    if optimizer is not None:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        modes.mask_gradients(model, masks, weight_decay)
-        optimizer.step()
-    return loss.detach(), (logits.argmax(1) == labels).float().mean()
-
-
 class Run:
     """One training run: the pieces built from the config, the loop, checkpoints, summary."""
 
     def __init__(self, cfg: Config, run_dir: Path | None = None):
-        self.cfg, self.ctx = cfg, dist.init(cfg.train.device)
+        self.cfg, self.ctx = cfg, dist.init(cfg.train.device, cfg.dist.timeout_s)
         self.run_dir = Path(run_dir) if run_dir else Path(cfg.runs_root) / cfg.run_name()
         prepare_run_dir(cfg, self.run_dir, self.ctx.is_main)
         dist.barrier()
@@ -86,18 +63,17 @@ class Run:
 
         self.source = data.build(cfg, self.ctx.rank, self.ctx.world, self.ctx.device)
         num_classes = cfg.model.num_classes or self.source.num_classes
+        # Every rank builds the same frozen weights from the seed; engines may then shard them.
         self.model = models.build(cfg.model.arch, num_classes, cfg.seed, cfg.model.bn_init)
         masks = modes.apply(self.model, cfg.mode, cfg.seed)
         self.frozen_sha = checkpoint.frozen_digest(self.model)
+        self.trainable = modes.trainable_count(self.model, masks)
+        self.total_params = sum(p.numel() for p in self.model.parameters())
         self.model.to(self.ctx.device, memory_format=self.memory_format)
-        self.masks = {n: m.to(self.ctx.device) for n, m in masks.items()}
-        self.optimizer = make_optimizer(self.model, self.masks, cfg.optim)
-        self.net = self.model
-        if self.ctx.world > 1 and self.optimizer is not None:
-            device_ids = [self.ctx.local_rank] if self.ctx.device.type == "cuda" else None
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        masks = {n: m.to(self.ctx.device) for n, m in masks.items()}
+        self.engine = engines.wrap(cfg, self.model, masks, self.ctx)
         if cfg.train.compile:
-            self.net = torch.compile(self.net)
+            self.engine.compile()
 
         self.step = 0
         self.steps_per_epoch = self.source.steps_per_epoch
@@ -107,24 +83,38 @@ class Run:
         self.bar_enabled = cfg.train.progress == "bar" or (cfg.train.progress == "auto" and sys.stdout.isatty())
 
     def resume(self) -> None:
-        restored = checkpoint.resume(self.run_dir, self.model, self.optimizer, self.ctx.rank, self.frozen_sha)
-        if restored:
-            path, progress, data_state = restored
-            self.step = progress["step"]
-            self.source.load_state(data_state)
-            log.info("resumed from %s at step %d", path, self.step)
+        restored = checkpoint.resume(self.run_dir, self.engine, self.ctx.rank, self.ctx.world, self.frozen_sha)
+        if not restored:
+            return
+        path, meta, data_state = restored
+        self.step = meta["step"]
+        if meta["frozen_included"]:
+            self.frozen_sha = meta["frozen_sha256"]  # the stored frozen weights are the run's now
+        self.source.load_state(data_state)
+        log.info("resumed from %s at step %d", path, self.step)
+        if meta["world"] != self.ctx.world:
+            batch = self.cfg.data.batch_size
+            log.warning("checkpoint written by %d ranks, resuming on %d: the data position is global (epoch %d, "
+                        "step %d), so the remaining global batches are the same and each rank takes its slice; BN "
+                        "batch statistics now come from %d images per rank instead of %d", meta["world"],
+                        self.ctx.world, self.step // self.steps_per_epoch, self.step % self.steps_per_epoch,
+                        batch // self.ctx.world, batch // meta["world"])
 
     def save_checkpoint(self) -> Path:
-        progress = {"step": self.step, "epoch": self.step // self.steps_per_epoch}
-        return checkpoint.save(self.run_dir, self.step, self.model, self.optimizer, self.ctx.rank, progress,
-                               self.source.state(), self.frozen_sha, self.cfg.train.keep_checkpoints)
+        self.engine.sync_buffers()
+        meta = {"step": self.step, "epoch": self.step // self.steps_per_epoch, "world": self.ctx.world,
+                "engine": self.engine.name, "frozen_sha256": self.frozen_sha}
+        return checkpoint.save(self.run_dir, self.engine, self.ctx.rank, meta, self.source.state(),
+                               self.cfg.train.keep_checkpoints, self.cfg.dist.save_frozen)
 
     def evaluate(self) -> dict:
-        result = evaluate(self.net, self.source.eval_batches(), self.ctx.device, self.autocast, self.memory_format)
-        result.update(epoch=self.step / self.steps_per_epoch,
-                      **gamma_stats(self.model, self.cfg.train.gamma_threshold))
+        self.engine.sync_buffers()
+        result = evaluate(self.engine.net, self.source.eval_batches(), self.ctx.device, self.autocast,
+                          self.memory_format)
+        bn_params = self.engine.bn_parameters()
+        result.update(epoch=self.step / self.steps_per_epoch, **gamma_stats(bn_params, self.cfg.train.gamma_threshold))
         self.metrics.log("eval", self.step, result)
-        self.metrics.histograms(self.step, self.model)
+        self.metrics.histograms(self.step, bn_params)
         log.info("eval step %d epoch %.2f: top1 %.2f%% top5 %.2f%% loss %.4f (%d images)", self.step,
                  result["epoch"], result["top1"], result["top5"], result["loss"], result["count"])
         return result
@@ -142,42 +132,55 @@ class Run:
     def train(self) -> dict:
         cfg, spe = self.cfg, self.steps_per_epoch
         self.resume()
-        log.info("run %s: %s mode=%s, %d trainable of %d parameters, %d steps/epoch, steps %d -> %d on %s x%d",
-                 self.run_dir, cfg.model.arch, cfg.mode, modes.trainable_count(self.model, self.masks),
-                 sum(p.numel() for p in self.model.parameters()), spe, self.step, self.end, self.ctx.device,
-                 self.ctx.world)
+        log.info("run %s: %s mode=%s, %d trainable of %d parameters, %d steps/epoch, steps %d -> %d on %s x%d (%s)",
+                 self.run_dir, cfg.model.arch, cfg.mode, self.trainable, self.total_params, spe, self.step, self.end,
+                 self.ctx.device, self.ctx.world, self.engine.name)
         self.bar = tqdm(total=self.end, initial=self.step, dynamic_ncols=True,
                         disable=not (self.bar_enabled and self.ctx.is_main))
         started, meter, last_eval = time.perf_counter(), StepMeter(self.ctx.device, cfg.data.batch_size), None
-        while self.step < self.end:
-            batches = iter(self.source.train_epoch(self.step // spe, self.step % spe))
-            while self.step < self.end and (batch := meter.next_batch(batches)) is not None:
-                images = batch[0].to(self.ctx.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-                labels = batch[1].to(self.ctx.device, non_blocking=True)
-                for group in self.optimizer.param_groups if self.optimizer else []:
-                    group["lr"] = lr_at(self.step, spe, cfg.optim)
-                loss, top1 = train_step(self.net, self.model, self.optimizer, self.masks, images, labels,
-                                        cfg.optim.weight_decay, self.autocast)
-                self.step += 1
-                meter.add(loss, top1)
-                self.bar.update(1)
-                if self.step % cfg.train.log_every == 0 or self.step == self.end:
-                    self.log_train(meter.report())
-                if self.step % cfg.train.checkpoint_every == 0:
-                    self.save_checkpoint()
-            if self.step % spe == 0 and (self.step // spe) % cfg.train.eval_every == 0:
-                last_eval = (self.step, self.evaluate())
-        self.bar.close()
+        stop = StopRequest()
+        try:
+            while self.step < self.end:
+                batches = iter(self.source.train_epoch(self.step // spe, self.step % spe))
+                while self.step < self.end and (batch := meter.next_batch(batches)) is not None:
+                    images = batch[0].to(self.ctx.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+                    labels = batch[1].to(self.ctx.device, non_blocking=True)
+                    self.engine.set_lr(lr_at(self.step, spe, cfg.optim))
+                    loss, top1 = self.engine.train_step(images, labels, self.autocast)
+                    self.step += 1
+                    meter.add(loss, top1)
+                    self.bar.update(1)
+                    if self.step % cfg.train.log_every == 0 or self.step == self.end:
+                        self.log_train(meter.report())
+                    if self.step % cfg.train.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if stop.agreed():
+                        return self.stopped(stop.signal_name)
+                if self.step % spe == 0 and (self.step // spe) % cfg.train.eval_every == 0:
+                    last_eval = (self.step, self.evaluate())
+        finally:
+            stop.close()
+            self.bar.close()
         self.save_checkpoint()
         final = last_eval[1] if last_eval and last_eval[0] == self.step else self.evaluate()
         return self.finish(final, time.perf_counter() - started)
+
+    def stopped(self, signal_name: str | None) -> dict:
+        """All ranks agreed to stop on a signal: save together and leave without a summary."""
+        path = self.save_checkpoint()
+        log.warning("stopped at step %d by %s; checkpoint %s; run the same command to resume", self.step,
+                    signal_name or "a signal to another rank", path)
+        self.metrics.close()
+        return {"run_dir": str(self.run_dir), "step": self.step, "finished": False, "stopped": True,
+                "checkpoint": str(path)}
 
     def finish(self, final: dict, wall_time_s: float) -> dict:
         summary = {"run_dir": str(self.run_dir), "arch": self.cfg.model.arch, "mode": self.cfg.mode,
                    "seed": self.cfg.seed, "dataset": self.cfg.data.name, "step": self.step,
                    "epoch": self.step / self.steps_per_epoch, "finished": self.step >= self.total,
-                   "trainable_params": modes.trainable_count(self.model, self.masks), "final": final,
-                   "fingerprint": checkpoint.fingerprint(self.model), "wall_time_s": wall_time_s}
+                   "world": self.ctx.world, "engine": self.engine.name, "trainable_params": self.trainable,
+                   "final": final, "fingerprint": checkpoint.fingerprint(self.engine.full_state_dict()),
+                   "wall_time_s": wall_time_s}
         if self.ctx.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             log.info("done: top1 %.2f%% top5 %.2f%%; summary %s; TensorBoard: tensorboard --logdir %s",

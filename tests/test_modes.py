@@ -5,7 +5,8 @@ import torch
 
 from bnonly_dist import models, modes
 from bnonly_dist.config import OptimConfig
-from bnonly_dist.train import make_optimizer, train_step
+from bnonly_dist.engines.base import Engine
+from bnonly_dist.optim import make_optimizer
 
 ARCH = "cifar_resnet_14"
 EXPECTED_ROLES = {
@@ -24,7 +25,7 @@ def run_steps(mode: str, steps: int = 3, weight_decay: float = 0.1):
     optimizer = make_optimizer(model, masks, OptimConfig(lr=0.1, weight_decay=weight_decay))
     images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     for _ in range(steps):
-        train_step(model, model, optimizer, masks, images, labels, weight_decay, contextlib.nullcontext)
+        Engine(model, optimizer, masks, weight_decay).train_step(images, labels, contextlib.nullcontext)
     return model, before, masks
 
 

@@ -3,9 +3,10 @@ import json
 import pytest
 import torch
 
-from bnonly_dist import checkpoint, config, models, modes, train
+from bnonly_dist import checkpoint, config, engines, models, modes, train
 from bnonly_dist.checkpoint import CheckpointError
 from bnonly_dist.config import ConfigError
+from bnonly_dist.engines.base import Engine
 
 
 def read_metrics(run_dir):
@@ -57,7 +58,7 @@ def test_training_learns_and_changes_only_bn(tiny_cfg, tmp_path):
     path = checkpoint.latest(tmp_path / "run")
     trained = models.build(cfg.model.arch, 10, cfg.seed, cfg.model.bn_init)
     modes.apply(trained, cfg.mode, cfg.seed)
-    checkpoint.load(path, trained, None, 0, checkpoint.frozen_digest(trained))
+    checkpoint.load(path, Engine(trained, None, {}, 0.0), 0, 1, checkpoint.frozen_digest(trained))
     for (name, a), (_, b) in zip(model.named_parameters(), trained.named_parameters()):
         assert torch.equal(a, b) != (models.parameter_roles(model)[name] == "bn"), name
 
@@ -78,7 +79,7 @@ def test_resume_skips_a_damaged_checkpoint_and_unfinished_saves(tiny_cfg, tmp_pa
     train.run(tiny_cfg("train.max_steps=13"), part)
     ckpts = checkpoint.complete_checkpoints(part)
     assert [p.name for p in ckpts] == ["step_00000012", "step_00000013"]
-    shard = next(ckpts[-1].glob("*.distcp"))
+    shard = next(ckpts[-1].glob("state/*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])  # truncated after it was committed
     (part / "checkpoints" / ".tmp-step_00000014").mkdir()  # a save killed before its commit
     resumed = train.run(tiny_cfg(), part)
@@ -91,7 +92,8 @@ def test_frozen_weight_mismatch_is_an_error(tiny_cfg, tmp_path):
     model = models.build("cifar_resnet_14", 10, seed=99)
     modes.apply(model, "bn", 99)
     with pytest.raises(checkpoint.FrozenWeightsMismatch, match="frozen weights"):
-        checkpoint.load(checkpoint.latest(tmp_path / "run"), model, None, 0, checkpoint.frozen_digest(model))
+        checkpoint.load(checkpoint.latest(tmp_path / "run"), Engine(model, None, {}, 0.0), 0, 1,
+                        checkpoint.frozen_digest(model))
 
 
 def test_run_dir_refuses_a_different_config(tiny_cfg, tmp_path):
@@ -134,10 +136,11 @@ def test_full_disk_keeps_the_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatc
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.dcp, "save", no_space)
+    monkeypatch.setattr(engines.base.dcp, "save", no_space)
     with pytest.raises(CheckpointError, match="free disk space.*resumes from .*step_00000004"):
         train.run(tiny_cfg("train.max_steps=8"), run_dir)
-    assert checkpoint.latest(run_dir) == good and (good / ".metadata").is_file()
+    assert checkpoint.latest(run_dir) == good and (good / "state" / ".metadata").is_file()
+    assert not list((run_dir / "checkpoints").glob(".tmp-*/commit.json"))
 
 
 def test_torch_compile_path_runs(tiny_cfg, tmp_path):

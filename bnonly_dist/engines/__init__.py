@@ -1,0 +1,20 @@
+"""engines.wrap(): the model as the loop drives it, per `dist.engine` (ddp, fsdp, deepspeed)."""
+from __future__ import annotations
+
+import torch
+
+from bnonly_dist.config import Config
+from bnonly_dist.dist import Context
+from bnonly_dist.engines.base import Engine
+
+
+def wrap(cfg: Config, model: torch.nn.Module, masks: dict, ctx: Context) -> Engine:
+    """Wrap a model that is on its device and has its mode applied; builds the optimizer."""
+    if cfg.dist.engine == "fsdp":
+        from bnonly_dist.engines.fsdp import FSDPEngine
+        return FSDPEngine(model, masks, cfg, ctx)
+    if cfg.dist.engine == "deepspeed":
+        from bnonly_dist.engines.deepspeed import DeepSpeedEngine
+        return DeepSpeedEngine(model, masks, cfg, ctx)
+    from bnonly_dist.engines.ddp import DDPEngine
+    return DDPEngine(model, masks, cfg, ctx)

@@ -1,0 +1,21 @@
+"""DistributedDataParallel: every rank holds the whole model; the BN-only gradients
+(ResNet-50: 53k numbers) are all-reduced, which costs next to nothing."""
+from __future__ import annotations
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from bnonly_dist.config import Config
+from bnonly_dist.dist import Context
+from bnonly_dist.engines.base import Engine
+from bnonly_dist.optim import make_optimizer
+
+
+class DDPEngine(Engine):
+    name = "ddp"
+
+    def __init__(self, model: torch.nn.Module, masks: dict, cfg: Config, ctx: Context):
+        super().__init__(model, make_optimizer(model, masks, cfg.optim), masks, cfg.optim.weight_decay)
+        if ctx.world > 1 and self.optimizer is not None:  # mode none has no gradients to reduce
+            device_ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
+            self.net = DistributedDataParallel(model, device_ids=device_ids)

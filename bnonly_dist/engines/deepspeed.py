@@ -1,0 +1,84 @@
+"""DeepSpeed ZeRO: stage 1 shards optimizer state, 2 also gradients, 3 also the parameters
+(frozen ones included). Checkpoints use DeepSpeed's own format, which resumes only at the
+world size that wrote it."""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as torch_dist
+
+from bnonly_dist.config import Config, ConfigError
+from bnonly_dist.dist import Context
+from bnonly_dist.engines.base import Engine
+from bnonly_dist.optim import make_optimizer
+
+TAG = "engine"  # the one DeepSpeed tag inside each of our checkpoint directories
+
+
+def _deepspeed():
+    try:
+        import deepspeed
+    except ImportError:
+        raise ConfigError("dist.engine=deepspeed needs DeepSpeed: pip install 'bnonly-dist[deepspeed]'") from None
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    return deepspeed
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+    reshardable = False
+
+    def __init__(self, model: torch.nn.Module, masks: dict, cfg: Config, ctx: Context):
+        if masks:
+            raise ConfigError(f"mode={cfg.mode} masks gradients inside tensors, which ZeRO's flat buffers do not "
+                              "allow; use dist.engine=ddp or fsdp")
+        optimizer = make_optimizer(model, masks, cfg.optim)
+        if optimizer is None:
+            raise ConfigError(f"mode={cfg.mode} trains nothing, so there is nothing for ZeRO to do; "
+                              "use dist.engine=ddp")
+        deepspeed = _deepspeed()
+        if not torch_dist.is_initialized():  # DeepSpeed always wants a process group
+            torch_dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo",
+                                          store=torch_dist.HashStore(), rank=0, world_size=1)
+        config = {"train_batch_size": cfg.data.batch_size,
+                  "train_micro_batch_size_per_gpu": cfg.data.batch_size // ctx.world,
+                  "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": cfg.dist.zero_stage},
+                  "zero_allow_untested_optimizer": True,  # our torch.optim.SGD
+                  "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
+        self.engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        super().__init__(model, ds_optimizer, masks, cfg.optim.weight_decay)
+        self.net = self.engine
+        self.zero3 = cfg.dist.zero_stage == 3
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def save(self, folder, include_frozen: bool) -> None:
+        self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False,
+                                    exclude_frozen_parameters=not include_frozen)
+
+    def load(self, folder, include_frozen: bool) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_module_strict=False,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {folder}/{TAG}")
+
+    def compile(self) -> None:
+        self.engine.compile()
+
+    def bn_parameters(self) -> dict[str, torch.Tensor]:
+        if not self.zero3:
+            return super().bn_parameters()
+        params = dict(self.model.named_parameters())
+        with _deepspeed().zero.GatheredParameters([params[n] for n in self.bn_names]):
+            return {name: params[name].detach().clone() for name in self.bn_names}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        if not self.zero3:
+            return self.model.state_dict()
+        deepspeed = _deepspeed()
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
+            return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}

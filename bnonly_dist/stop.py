@@ -1,0 +1,34 @@
+"""Graceful stop: SIGUSR2 (Slurm's warning before a time limit or preemption) or SIGTERM
+only sets a flag; the loop asks every rank at each step, so all ranks stop after the
+same step and save one checkpoint together."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from bnonly_dist import dist
+
+log = logging.getLogger(__name__)
+SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
+class StopRequest:
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():  # handlers live in the main thread
+            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+        log.warning("received %s: stopping after this step with a checkpoint", self.signal_name)
+
+    def agreed(self) -> bool:
+        """True on every rank once any rank has received a stop signal (collective)."""
+        return dist.any_rank(self.signal_name is not None)
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
