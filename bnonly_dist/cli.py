@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
+from bnonly_dist import dist
 from bnonly_dist.checkpoint import CheckpointError
 from bnonly_dist.config import ConfigError, load
 from bnonly_dist.data.layout import DataError
@@ -99,6 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError) as err:
         print(f"bnonly: error: {err}", file=sys.stderr)
         return 1
+    except RuntimeError as err:
+        if not dist.lost_contact(err):
+            raise
+        message = (f"rank {os.environ.get('RANK', '0')} lost contact with the other ranks "
+                   f"({str(err).splitlines()[0]}): one died or hung longer than dist.timeout_s; see "
+                   "RUN/logs/rank*.log, then start the same command again to resume from the last checkpoint")
+        logging.getLogger("bnonly").error(message)
+        logging.shutdown()
+        print(f"bnonly: error: {message}", file=sys.stderr, flush=True)
+        os._exit(1)  # the process group cannot be torn down cleanly with a peer gone
     except OSError as err:
         if err.errno == 28:  # ENOSPC
             print(f"bnonly: error: disk full writing {err.filename or 'output'}; free space and run again "

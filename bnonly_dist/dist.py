@@ -64,6 +64,11 @@ def environment(env=os.environ) -> dict[str, str]:
     return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
 
 
+def lost_contact(err: BaseException) -> bool:
+    """Whether an error means the ranks lost each other (a dead, hung or unreachable peer)."""
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "gloo" in str(err))
+
+
 def choose_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")

@@ -44,7 +44,9 @@ class DeepSpeedEngine(Engine):
         config = {"train_batch_size": cfg.data.batch_size,
                   "train_micro_batch_size_per_gpu": cfg.data.batch_size // ctx.world,
                   "gradient_accumulation_steps": 1,
-                  "zero_optimization": {"stage": cfg.dist.zero_stage},
+                  # BN-only gradients are small: DeepSpeed's default 5e8-element buckets only waste memory
+                  "zero_optimization": {"stage": cfg.dist.zero_stage, "reduce_bucket_size": 10**7,
+                                        "allgather_bucket_size": 10**7},
                   "zero_allow_untested_optimizer": True,  # our torch.optim.SGD
                   "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
         self.engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)

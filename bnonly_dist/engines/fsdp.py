@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import distribute_tensor
 
 from bnonly_dist.config import Config
@@ -35,12 +35,21 @@ class FSDPEngine(Engine):
             masks = {n: distribute_tensor(m, params[n].device_mesh, params[n].placements) for n, m in masks.items()}
         super().__init__(model, make_optimizer(model, masks, cfg.optim), masks, cfg.optim.weight_decay)
 
+    def _reshard(self) -> None:
+        """Back to sharded parameters (the root keeps its own gathered after a forward)."""
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
     def bn_parameters(self) -> dict[str, torch.Tensor]:
+        if not self.sharded:
+            return super().bn_parameters()
+        self._reshard()
         params = dict(self.model.named_parameters())
-        return {name: params[name].detach().full_tensor() if self.sharded else params[name].detach()
-                for name in self.bn_names}
+        return {name: params[name].detach().full_tensor() for name in self.bn_names}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         if not self.sharded:
             return super().full_state_dict()
+        self._reshard()
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -1,0 +1,164 @@
+"""Two processes over gloo for every engine: same math, exact resume after kills, resharding,
+graceful stop, dead ranks. Each test launches real `bnonly train` processes."""
+import json
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+from launch import Launch, committed_steps, run, run_torchrun, train_losses
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from bnonly_dist import checkpoint, config, engines, models, modes
+from bnonly_dist.dist import Context
+
+ENGINES = {"ddp": ["dist.engine=ddp"], "fsdp": ["dist.engine=fsdp"],
+           "zero1": ["dist.engine=deepspeed", "dist.zero_stage=1"],
+           "zero2": ["dist.engine=deepspeed", "dist.zero_stage=2"],
+           "zero3": ["dist.engine=deepspeed", "dist.zero_stage=3"]}
+STEPS = 20  # 2 epochs of 10 steps
+
+
+@pytest.fixture(scope="module")
+def overrides(cifar_root):
+    def make(engine: str, *extra: str) -> list[str]:
+        return [f"data.root={cifar_root}", "data.batch_size=32", "data.eval_batch_size=50", "optim.epochs=2",
+                "optim.milestones=[1]", "train.device=cpu", "train.deterministic=true", "train.log_every=1",
+                "train.checkpoint_every=4", "train.progress=lines", "dist.timeout_s=30", *ENGINES[engine], *extra]
+    return make
+
+
+@pytest.fixture(scope="module")
+def reference(overrides, tmp_path_factory):
+    """Uninterrupted 2-rank runs, one per engine, made once: {engine: (summary, run_dir)}."""
+    cache = {}
+
+    def get(engine: str):
+        if engine not in cache:
+            run_dir = tmp_path_factory.mktemp("reference") / engine
+            launch = run_torchrun if engine == "ddp" else run  # users' launcher, and the raw environment
+            cache[engine] = launch(2, overrides(engine), run_dir), run_dir
+        return cache[engine]
+    return get
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "zero1", "zero2", "zero3"])
+def test_engines_follow_the_ddp_loss_curve(engine, reference):
+    (summary, run_dir), (ddp, ddp_dir) = reference(engine), reference("ddp")
+    assert summary["world"] == 2 and summary["step"] == STEPS and summary["finished"]
+    losses, ddp_losses = train_losses(run_dir), train_losses(ddp_dir)
+    assert len(losses) == len(ddp_losses) == STEPS
+    np.testing.assert_allclose(losses, ddp_losses, rtol=1e-5)
+    # Distributed evaluation: 103 images over 2 ranks, each counted once.
+    assert summary["final"]["count"] == ddp["final"]["count"] == 103
+    assert summary["final"]["top1"] == pytest.approx(ddp["final"]["top1"])
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero1", "zero3"])
+def test_killing_one_rank_then_rerunning_ends_bit_identical(engine, overrides, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    launch = Launch(2, overrides(engine), run_dir)
+    launch.wait_for(lambda: 8 in committed_steps(run_dir))
+    launch.kill(rank=1)
+    codes = launch.wait(timeout=60)  # the survivor notices and exits on its own
+    assert codes[0] != 0 and "lost contact with the other ranks" in launch.output(0)
+    resumed = run(2, overrides(engine), run_dir)
+    assert resumed["fingerprint"] == reference(engine)[0]["fingerprint"]
+    assert "resumed from" in (run_dir / "logs" / "rank1.log").read_text()
+
+
+def test_killing_all_ranks_at_any_moment_then_rerunning_ends_bit_identical(overrides, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    args = overrides("ddp", "train.checkpoint_every=1")  # a save every step: kills land inside saves too
+    for target in (3, 9, 14):
+        launch = Launch(2, args, run_dir)
+        launch.wait_for(lambda: committed_steps(run_dir) and committed_steps(run_dir)[-1] >= target, poll=0.005)
+        launch.kill()
+        launch.wait()
+    resumed = run(2, args, run_dir)
+    assert resumed["fingerprint"] == reference("ddp")[0]["fingerprint"]
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("sig, receiver", [(signal.SIGUSR2, 1), (signal.SIGTERM, 0)])
+def test_a_stop_signal_to_one_rank_stops_all_at_the_same_step(sig, receiver, overrides, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    launch = Launch(2, overrides("ddp"), run_dir, slurm=True)  # srun's variables this time
+    launch.wait_for(lambda: (run_dir / "metrics.jsonl").is_file()
+                    and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 5)
+    launch.kill(rank=receiver, sig=sig)
+    assert launch.wait(timeout=60) == [0, 0]
+    logs = [(run_dir / "logs" / f"rank{r}.log").read_text() for r in (0, 1)]
+    stopped = [line for log in logs for line in log.splitlines() if "stopped at step" in line]
+    steps = {line.split("stopped at step ")[1].split()[0] for line in stopped}
+    assert len(stopped) == 2 and len(steps) == 1, stopped
+    assert f"received {sig.name}" in logs[receiver] and "received" not in logs[1 - receiver]
+    assert int(steps.pop()) == committed_steps(run_dir)[-1] < STEPS
+    assert not (run_dir / "summary.json").exists()
+    assert run(2, overrides("ddp"), run_dir)["fingerprint"] == reference("ddp")[0]["fingerprint"]
+
+
+def test_a_hung_rank_makes_the_others_fail_within_the_timeout(overrides, tmp_path):
+    run_dir = tmp_path / "run"
+    launch = Launch(2, overrides("ddp", "dist.timeout_s=5", "optim.epochs=20"), run_dir)
+    launch.wait_for(lambda: 4 in committed_steps(run_dir))
+    launch.kill(rank=1, sig=signal.SIGSTOP)  # alive but silent
+    start = time.monotonic()
+    try:
+        code = launch.procs[0].wait(timeout=60)
+    finally:
+        launch.kill(rank=1)
+    assert code != 0 and time.monotonic() - start < 5 + 20
+    assert "lost contact with the other ranks" in launch.output(0) and "Timed out" in launch.output(0)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_resume_on_fewer_and_more_ranks(engine, overrides, tmp_path):
+    two = tmp_path / "two"
+    at_12 = run(2, overrides(engine, "train.max_steps=12"), two)
+    # On one rank the checkpoint loads bit for bit (same fingerprint before any new step)...
+    one = Launch(1, overrides(engine, "train.max_steps=12"), two)
+    assert one.wait() == [0]
+    assert "checkpoint written by 2 ranks, resuming on 1" in one.output(0)
+    assert json.loads((two / "summary.json").read_text())["fingerprint"] == at_12["fingerprint"]
+    # ... and training goes on to the end there.
+    assert run(1, overrides(engine), two)["step"] == STEPS
+    # 1 -> 2
+    grow = tmp_path / "grow"
+    run(1, overrides(engine, "train.max_steps=8"), grow)
+    launch = Launch(2, overrides(engine), grow)
+    assert launch.wait() == [0, 0]
+    assert "checkpoint written by 1 ranks, resuming on 2" in launch.output(0)
+    summary = json.loads((grow / "summary.json").read_text())
+    assert summary["finished"] and summary["world"] == 2 and summary["final"]["count"] == 103
+
+
+def test_fsdp_checkpoint_reshards_optimizer_state_exactly(overrides, reference, tmp_path):
+    """Load a 2-rank FSDP checkpoint into one process: every saved tensor comes back bit for bit."""
+    _, run_dir = reference("fsdp")
+    path = checkpoint.latest(run_dir)
+    dcp_to_torch_save(path / "state", tmp_path / "full.pt")
+    saved = torch.load(tmp_path / "full.pt", weights_only=False)
+    cfg = config.load("configs/cifar10_resnet14.yaml", overrides("fsdp"))
+    model = models.build(cfg.model.arch, 10, cfg.seed, cfg.model.bn_init)
+    masks = modes.apply(model, cfg.mode, cfg.seed)
+    engine = engines.wrap(cfg, model, masks, Context(0, 1, 0, torch.device("cpu")))
+    checkpoint.load(path, engine, 0, 1, checkpoint.frozen_digest(model))
+    state = model.state_dict()
+    assert saved["model"].keys() == {k for k in state if k not in engine.frozen_names}
+    for name, tensor in saved["model"].items():
+        assert torch.equal(state[name], tensor), name
+    momentum = engine.optimizer.state_dict()["state"]
+    saved_momentum = [saved["optim"]["state"][name]["momentum_buffer"] for name in engine.bn_names]
+    assert len(momentum) == len(saved_momentum) > 0
+    for i, tensor in enumerate(saved_momentum):
+        assert torch.equal(momentum[i]["momentum_buffer"], tensor)
+
+
+def test_deepspeed_resumes_only_at_its_world_size(overrides, tmp_path):
+    run_dir = tmp_path / "run"
+    run(2, overrides("zero1", "train.max_steps=4"), run_dir)
+    launch = Launch(1, overrides("zero1"), run_dir)
+    assert launch.wait() == [1]
+    assert "resumes only at the same world size; run it with 2 ranks" in launch.output(0)
