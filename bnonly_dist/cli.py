@@ -28,6 +28,14 @@ def _bench(args) -> None:
         print(f"JSON report: {args.json}")
 
 
+def _bench_checkpoint(args) -> None:
+    from bnonly_dist import bench_checkpoint
+    report = bench_checkpoint.run(load(args.config, args.overrides), args.dir, args.repeats)
+    print(bench_checkpoint.format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
 def _model_info(args) -> None:
     from bnonly_dist.models import info
     try:
@@ -65,6 +73,15 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--json", help="also write the report as JSON here")
     b.set_defaults(func=_bench)
+
+    bc = sub.add_parser("bench-checkpoint", help="checkpoint size and save/load time, frozen weights out vs in")
+    bc.add_argument("config")
+    bc.add_argument("overrides", nargs="*")
+    bc.add_argument("--dir", type=Path, default=Path("runs/bench-checkpoint"), help="where to write (put it on "
+                    "the file system your runs use)")
+    bc.add_argument("--repeats", type=int, default=3)
+    bc.add_argument("--json", help="also write the report as JSON here")
+    bc.set_defaults(func=_bench_checkpoint)
 
     m = sub.add_parser("model-info", help="parameter counts of an architecture as JSON")
     m.add_argument("arch", help="e.g. cifar_resnet_110, cifar_resnet_14_64, imagenet_resnet_200")

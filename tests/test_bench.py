@@ -20,3 +20,16 @@ def test_bench_reports_all_and_bn_side_by_side(tmp_path):
     ratio = report["bn_over_all"]
     assert ratio["step_time"] == by_mode["bn"]["step_time_s"] / by_mode["all"]["step_time_s"]
     assert "bn/all" in proc.stdout and "img/s" in proc.stdout
+
+
+def test_bench_checkpoint_measures_both_layouts(tmp_path):
+    out = tmp_path / "ckpt.json"
+    subprocess.run([sys.executable, "-m", "bnonly_dist.cli", "bench-checkpoint", "configs/cifar10_resnet14.yaml",
+                    "train.device=cpu", "--dir", str(tmp_path / "w"), "--repeats", "1", "--json", str(out)],
+                   capture_output=True, text=True, check=True)
+    report = json.loads(out.read_text())
+    lean, full = report["results"]
+    assert not lean["frozen_included"] and full["frozen_included"]
+    # The frozen weights are 175,258 - 1,120 fp32 numbers; the BN-only state is far smaller.
+    assert full["bytes"] - lean["bytes"] > 4 * (175_258 - 1_120) and lean["bytes"] < full["bytes"] / 3
+    assert lean["save_s"] > 0 and lean["load_s"] > 0 and not list((tmp_path / "w").iterdir())

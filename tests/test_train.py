@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 from bnonly_dist import checkpoint, config, engines, models, modes, train
 from bnonly_dist.checkpoint import CheckpointError
@@ -146,3 +147,29 @@ def test_full_disk_keeps_the_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatc
 def test_torch_compile_path_runs(tiny_cfg, tmp_path):
     summary = train.run(tiny_cfg("train.compile=true", "train.max_steps=2"), tmp_path / "r")
     assert summary["step"] == 2 and summary["final"]["count"] == 103
+
+
+def test_save_frozen_stores_and_restores_the_frozen_weights(tiny_cfg, tmp_path):
+    lean, full = tmp_path / "lean", tmp_path / "full"
+    train.run(tiny_cfg("train.max_steps=4"), lean)
+    train.run(tiny_cfg("train.max_steps=4", "dist.save_frozen=true"), full)
+    stored = {p: set(FileSystemReader(checkpoint.latest(p) / "state").read_metadata().state_dict_metadata)
+              for p in (lean, full)}
+    assert "model.conv1.weight" in stored[full] - stored[lean]
+    assert "model.bn1.weight" in stored[lean] and "model.bn1.running_mean" in stored[lean]
+    trained = models.build("cifar_resnet_14", 10, seed=0)
+    modes.apply(trained, "bn", 0)
+    other_seed = models.build("cifar_resnet_14", 10, seed=99)  # different frozen weights: no error, they are replaced
+    modes.apply(other_seed, "bn", 99)
+    checkpoint.load(checkpoint.latest(full), Engine(other_seed, None, {}, 0.0), 0, 1, checkpoint.frozen_digest(other_seed))
+    assert checkpoint.frozen_digest(other_seed) == checkpoint.frozen_digest(trained)
+
+
+def test_no_readable_checkpoint_stops_instead_of_starting_over(tiny_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    train.run(tiny_cfg("train.max_steps=8"), run_dir)
+    for shard in (run_dir / "checkpoints").glob("step_*/state/*.distcp"):
+        shard.write_bytes(b"")
+    (run_dir / "checkpoints" / "step_00000099").mkdir()  # no commit.json: not a checkpoint
+    with pytest.raises(CheckpointError, match="none of the 2 checkpoints"):
+        train.run(tiny_cfg(), run_dir)

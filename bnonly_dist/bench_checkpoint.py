@@ -1,0 +1,67 @@
+"""`bnonly bench-checkpoint`: size, save and load time of a real checkpoint of one run's
+state, with frozen weights left out (the default) and stored (dist.save_frozen=true)."""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bnonly_dist import checkpoint, engines, models, modes
+from bnonly_dist.config import Config
+from bnonly_dist.dist import Context, choose_device
+
+
+def _bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def run(cfg: Config, out_dir: Path, repeats: int = 3) -> dict:
+    device = choose_device(cfg.train.device, 0)
+    arch = models.parse_arch(cfg.model.arch)
+    classes = cfg.model.num_classes or (10 if arch.family == "cifar" else 1000)
+    size = 32 if arch.family == "cifar" else cfg.data.image_size
+    start = time.perf_counter()  # what a resume without stored frozen weights does instead of reading them
+    model = models.build(cfg.model.arch, classes, cfg.seed, cfg.model.bn_init)
+    masks = modes.apply(model, cfg.mode, cfg.seed)
+    frozen_sha = checkpoint.frozen_digest(model)
+    regenerate_s = time.perf_counter() - start
+    model.to(device)
+    engine = engines.wrap(cfg, model, {n: m.to(device) for n, m in masks.items()}, Context(0, 1, 0, device))
+    # One real step, so the optimizer holds its momentum buffers as in any saved run.
+    images, labels = torch.randn(2, 3, size, size, device=device), torch.randint(0, classes, (2,), device=device)
+    engine.train_step(images, labels, contextlib.nullcontext)
+    meta = {"step": 1, "epoch": 0, "world": 1, "engine": engine.name, "frozen_sha256": frozen_sha}
+    results = []
+    for include_frozen in (False, True):
+        saves, loads, nbytes = [], [], 0
+        for i in range(repeats):
+            run_dir = Path(out_dir) / f"frozen{int(include_frozen)}-{i}"
+            start = time.perf_counter()
+            path = checkpoint.save(run_dir, engine, 0, meta, {}, keep=1, include_frozen=include_frozen)
+            saves.append(time.perf_counter() - start)
+            nbytes = _bytes(path)
+            start = time.perf_counter()
+            checkpoint.load(path, engine, 0, 1, frozen_sha)
+            loads.append(time.perf_counter() - start)
+            shutil.rmtree(run_dir)
+        results.append({"frozen_included": include_frozen, "bytes": nbytes, "save_s": statistics.median(saves),
+                        "load_s": statistics.median(loads)})
+    return {"arch": cfg.model.arch, "mode": cfg.mode, "engine": engine.name, "device": str(device),
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "trainable_params": modes.trainable_count(model, masks), "repeats": repeats, "dir": str(out_dir),
+            "regenerate_and_hash_frozen_s": regenerate_s, "results": results}
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{report['arch']} mode={report['mode']} ({report['trainable_params']:,} of {report['total_params']:,} "
+             f"parameters train), engine {report['engine']}, median of {report['repeats']}, in {report['dir']}",
+             f"{'frozen weights':<16}{'size MiB':>10}{'save s':>9}{'load s':>9}"]
+    for r in report["results"]:
+        lines.append(f"{'stored' if r['frozen_included'] else 'regenerated':<16}{r['bytes'] / 2**20:>10.2f}"
+                     f"{r['save_s']:>9.3f}{r['load_s']:>9.3f}")
+    lines.append(f"regenerating and hashing the frozen weights from the seed: {report['regenerate_and_hash_frozen_s']:.2f} s")
+    return "\n".join(lines)
