@@ -1,5 +1,6 @@
 """`bnonly bench-checkpoint`: size, save and load time of a real checkpoint of one run's
-state, with frozen weights left out (the default) and stored (dist.save_frozen=true)."""
+state, with frozen weights left out (the default) and stored (dist.save_frozen=true).
+Runs under torchrun too, to time the sharded save of any engine."""
 from __future__ import annotations
 
 import contextlib
@@ -10,9 +11,8 @@ from pathlib import Path
 
 import torch
 
-from bnonly_dist import checkpoint, engines, models, modes
+from bnonly_dist import checkpoint, dist, engines, models, modes
 from bnonly_dist.config import Config
-from bnonly_dist.dist import Context, choose_device
 
 
 def _bytes(folder: Path) -> int:
@@ -20,7 +20,8 @@ def _bytes(folder: Path) -> int:
 
 
 def run(cfg: Config, out_dir: Path, repeats: int = 3) -> dict:
-    device = choose_device(cfg.train.device, 0)
+    ctx = dist.init(cfg.train.device, cfg.dist.timeout_s)
+    device = ctx.device
     arch = models.parse_arch(cfg.model.arch)
     classes = cfg.model.num_classes or (10 if arch.family == "cifar" else 1000)
     size = 32 if arch.family == "cifar" else cfg.data.image_size
@@ -29,36 +30,41 @@ def run(cfg: Config, out_dir: Path, repeats: int = 3) -> dict:
     masks = modes.apply(model, cfg.mode, cfg.seed)
     frozen_sha = checkpoint.frozen_digest(model)
     regenerate_s = time.perf_counter() - start
+    total_params, trainable = sum(p.numel() for p in model.parameters()), modes.trainable_count(model, masks)
     model.to(device)
-    engine = engines.wrap(cfg, model, {n: m.to(device) for n, m in masks.items()}, Context(0, 1, 0, device))
+    engine = engines.wrap(cfg, model, {n: m.to(device) for n, m in masks.items()}, ctx)
     # One real step, so the optimizer holds its momentum buffers as in any saved run.
     images, labels = torch.randn(2, 3, size, size, device=device), torch.randint(0, classes, (2,), device=device)
     engine.train_step(images, labels, contextlib.nullcontext)
-    meta = {"step": 1, "epoch": 0, "world": 1, "engine": engine.name, "frozen_sha256": frozen_sha}
+    meta = {"step": 1, "epoch": 0, "world": ctx.world, "engine": engine.name, "frozen_sha256": frozen_sha}
     results = []
     for include_frozen in (False, True):
         saves, loads, nbytes = [], [], 0
         for i in range(repeats):
             run_dir = Path(out_dir) / f"frozen{int(include_frozen)}-{i}"
+            dist.barrier()
             start = time.perf_counter()
-            path = checkpoint.save(run_dir, engine, 0, meta, {}, keep=1, include_frozen=include_frozen)
+            path = checkpoint.save(run_dir, engine, ctx.rank, meta, {}, keep=1, include_frozen=include_frozen)
             saves.append(time.perf_counter() - start)
             nbytes = _bytes(path)
+            dist.barrier()
             start = time.perf_counter()
-            checkpoint.load(path, engine, 0, 1, frozen_sha)
+            checkpoint.load(path, engine, ctx.rank, ctx.world, frozen_sha)
+            dist.barrier()
             loads.append(time.perf_counter() - start)
-            shutil.rmtree(run_dir)
+            if ctx.is_main:
+                shutil.rmtree(run_dir)
         results.append({"frozen_included": include_frozen, "bytes": nbytes, "save_s": statistics.median(saves),
                         "load_s": statistics.median(loads)})
-    return {"arch": cfg.model.arch, "mode": cfg.mode, "engine": engine.name, "device": str(device),
-            "total_params": sum(p.numel() for p in model.parameters()),
-            "trainable_params": modes.trainable_count(model, masks), "repeats": repeats, "dir": str(out_dir),
+    return {"arch": cfg.model.arch, "mode": cfg.mode, "engine": engine.name, "world": ctx.world, "device": str(device),
+            "total_params": total_params, "trainable_params": trainable, "repeats": repeats, "dir": str(out_dir),
             "regenerate_and_hash_frozen_s": regenerate_s, "results": results}
 
 
 def format_report(report: dict) -> str:
     lines = [f"{report['arch']} mode={report['mode']} ({report['trainable_params']:,} of {report['total_params']:,} "
-             f"parameters train), engine {report['engine']}, median of {report['repeats']}, in {report['dir']}",
+             f"parameters train), engine {report['engine']} x{report['world']}, median of {report['repeats']}, "
+             f"in {report['dir']}",
              f"{'frozen weights':<16}{'size MiB':>10}{'save s':>9}{'load s':>9}"]
     for r in report["results"]:
         lines.append(f"{'stored' if r['frozen_included'] else 'regenerated':<16}{r['bytes'] / 2**20:>10.2f}"

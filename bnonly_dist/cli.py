@@ -31,6 +31,8 @@ def _bench(args) -> None:
 def _bench_checkpoint(args) -> None:
     from bnonly_dist import bench_checkpoint
     report = bench_checkpoint.run(load(args.config, args.overrides), args.dir, args.repeats)
+    if os.environ.get("RANK", "0") != "0":
+        return
     print(bench_checkpoint.format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -110,7 +112,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    # key=value overrides may also come after the options (`train CFG --run-dir R lr=...`)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except ConfigError as err:
