@@ -135,6 +135,8 @@ class Run:
         log.info("run %s: %s mode=%s, %d trainable of %d parameters, %d steps/epoch, steps %d -> %d on %s x%d (%s)",
                  self.run_dir, cfg.model.arch, cfg.mode, self.trainable, self.total_params, spe, self.step, self.end,
                  self.ctx.device, self.ctx.world, self.engine.name)
+        log.info("this rank holds %d of the %d parameter numbers (%s)", self.engine.local_numel(), self.total_params,
+                 self.engine.name)
         self.bar = tqdm(total=self.end, initial=self.step, dynamic_ncols=True,
                         disable=not (self.bar_enabled and self.ctx.is_main))
         started, meter, last_eval = time.perf_counter(), StepMeter(self.ctx.device, cfg.data.batch_size), None

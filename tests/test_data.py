@@ -159,6 +159,37 @@ def test_dali_train_shards_cover_epoch_once(imagenet_root):
     assert sorted(labels) == sorted(label for _, label in train)  # 32 images, 8 per class, each once
 
 
+def solid_colour_imagenet(root, classes=3, per_class=10):
+    """Every image one flat colour whose red channel names it: any crop still says which image it is."""
+    from PIL import Image
+    for split in ("train", "val"):
+        for c in range(classes):
+            (root / split / f"n{c:08d}").mkdir(parents=True)
+            for i in range(per_class):
+                image_id = c * per_class + i
+                colour = (20 + 7 * image_id, 255 - 7 * image_id, 128)
+                Image.new("RGB", (40, 48), colour).save(root / split / f"n{c:08d}" / f"{image_id}.JPEG", quality=95)
+    return root
+
+
+def image_ids(images):
+    red = images[:, 0].mean(dim=(1, 2)) * 0.229 * 255 + 0.485 * 255  # undo the normalisation
+    return ((red - 20) / 7).round().long().tolist()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_dali_ranks_see_every_image_once_per_epoch(tmp_path, world):
+    root = solid_colour_imagenet(tmp_path)  # 30 images
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(world):
+            for images, labels in dali_source(root, rank, world, global_batch=6).train_epoch(epoch):
+                ids = image_ids(images)
+                assert labels.tolist() == [i // 10 for i in ids]  # each label travels with its image
+                seen += ids
+        assert sorted(seen) == list(range(30))
+
+
 def test_dali_resume_is_bit_exact(imagenet_root):
     source = dali_source(imagenet_root)
     batches = source.train_epoch(1)

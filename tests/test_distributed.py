@@ -50,6 +50,10 @@ def test_engines_follow_the_ddp_loss_curve(engine, reference):
     losses, ddp_losses = train_losses(run_dir), train_losses(ddp_dir)
     assert len(losses) == len(ddp_losses) == STEPS
     np.testing.assert_allclose(losses, ddp_losses, rtol=1e-5)
+    if engine in ("fsdp", "zero3"):  # frozen weights are sharded too: each rank holds about half
+        held = [int(line.split("holds ")[1].split()[0]) for r in (0, 1)
+                for line in (run_dir / "logs" / f"rank{r}.log").read_text().splitlines() if "this rank holds" in line]
+        assert len(held) == 2 and sum(held) == pytest.approx(175_258, abs=1_000) and max(held) < 0.6 * 175_258
     # Distributed evaluation: 103 images over 2 ranks, each counted once.
     assert summary["final"]["count"] == ddp["final"]["count"] == 103
     assert summary["final"]["top1"] == pytest.approx(ddp["final"]["top1"])
@@ -162,3 +166,17 @@ def test_deepspeed_resumes_only_at_its_world_size(overrides, tmp_path):
     launch = Launch(1, overrides("zero1"), run_dir)
     assert launch.wait() == [1]
     assert "resumes only at the same world size; run it with 2 ranks" in launch.output(0)
+
+
+def test_dali_imagenet_on_two_ranks_resumes_bit_identical(imagenet_root, tmp_path):
+    """Each rank restores its own DALI state: the augmentations after the kill are the ones it would have drawn."""
+    args = [f"data.root={imagenet_root}", "model.arch=imagenet_resnet_18_8", "data.batch_size=8",
+            "data.eval_batch_size=6", "data.image_size=32", "data.resize_size=40", "data.num_threads=1",
+            "optim.epochs=2", "train.device=cpu", "train.deterministic=true", "train.checkpoint_every=3",
+            "train.progress=lines"]
+    config = "configs/imagenet_resnet18.yaml"
+    whole = run(2, args, tmp_path / "whole", config=config)
+    assert whole["final"]["count"] == 20
+    run_dir = tmp_path / "run"
+    run(2, [*args, "train.max_steps=6"], run_dir, config=config)  # stops mid-epoch 1 (4 steps per epoch)
+    assert run(2, args, run_dir, config=config)["fingerprint"] == whole["fingerprint"]

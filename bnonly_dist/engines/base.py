@@ -84,6 +84,10 @@ class Engine:
         if self.optimizer is not None:
             set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
 
+    def local_numel(self) -> int:
+        """Parameter numbers held by this rank (all of them unless the engine shards)."""
+        return sum(p.numel() for p in self.model.parameters())
+
     def bn_parameters(self) -> dict[str, torch.Tensor]:
         """The BN affine parameters, whole, on every rank (collective under sharding)."""
         params = dict(self.model.named_parameters())

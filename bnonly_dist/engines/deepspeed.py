@@ -71,6 +71,11 @@ class DeepSpeedEngine(Engine):
     def compile(self) -> None:
         self.engine.compile()
 
+    def local_numel(self) -> int:
+        if not self.zero3:
+            return super().local_numel()
+        return sum(p.ds_tensor.numel() for p in self.model.parameters())  # this rank's partition
+
     def bn_parameters(self) -> dict[str, torch.Tensor]:
         if not self.zero3:
             return super().bn_parameters()

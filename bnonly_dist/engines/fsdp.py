@@ -41,6 +41,12 @@ class FSDPEngine(Engine):
             if isinstance(module, FSDPModule):
                 module.reshard()
 
+    def local_numel(self) -> int:
+        if not self.sharded:
+            return super().local_numel()
+        self._reshard()
+        return sum(p.to_local().numel() for p in self.model.parameters())
+
     def bn_parameters(self) -> dict[str, torch.Tensor]:
         if not self.sharded:
             return super().bn_parameters()
