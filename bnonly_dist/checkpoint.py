@@ -98,6 +98,15 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _reason(error: BaseException | None) -> str:
+    if error is None:
+        return "another rank failed"
+    if isinstance(error, CheckpointException) and error.failures:  # DCP wraps each rank's own error
+        error = next(iter(error.failures.values()))[0]
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
 def save(run_dir: Path, engine, rank: int, meta: dict, data_state: dict, keep: int, include_frozen: bool) -> Path:
     """Write a checkpoint of step meta['step'] (collective). meta goes into commit.json."""
     folder = Path(run_dir) / "checkpoints"
@@ -113,12 +122,13 @@ def save(run_dir: Path, engine, rank: int, meta: dict, data_state: dict, keep: i
     try:
         engine.save(tmp / "state", include_frozen)
         torch.save(_rank_state(data_state), tmp / f"rank{rank}.pt")
-    except (OSError, CheckpointException) as err:
+    except (OSError, RuntimeError, CheckpointException) as err:  # torch.save reports a full disk as RuntimeError
         error = err
     if dist.any_rank(error is not None):
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0]}" if error else "another rank failed"
-        raise CheckpointError(f"saving checkpoint {final} failed ({reason}); check free disk space and permissions "
-                              f"in {folder} and start again: it resumes from {latest(run_dir) or 'scratch'}")
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the last good checkpoint stays
+        raise CheckpointError(f"saving checkpoint {final} failed ({_reason(error)}); check free disk space and "
+                              f"permissions in {folder} and start again: it resumes from {latest(run_dir) or 'scratch'}")
     if rank == 0:
         _write_commit(tmp, {**meta, "frozen_included": include_frozen, "torch": torch.__version__})
         os.replace(tmp, final)

@@ -75,9 +75,15 @@ def test_killing_one_rank_then_rerunning_ends_bit_identical(engine, overrides, r
 def test_killing_all_ranks_at_any_moment_then_rerunning_ends_bit_identical(overrides, reference, tmp_path):
     run_dir = tmp_path / "run"
     args = overrides("ddp", "train.checkpoint_every=1")  # a save every step: kills land inside saves too
-    for target in (3, 9, 14):
+    def reached(target):
+        return lambda: committed_steps(run_dir) and committed_steps(run_dir)[-1] >= target
+
+    def saving(after):  # a save is under way: its temporary directory exists
+        return lambda: reached(after)() and any((run_dir / "checkpoints").glob(".tmp-step_*"))
+
+    for condition in (reached(3), saving(6), reached(11), saving(14)):
         launch = Launch(2, args, run_dir)
-        launch.wait_for(lambda: committed_steps(run_dir) and committed_steps(run_dir)[-1] >= target, poll=0.005)
+        launch.wait_for(condition, poll=0.001)
         launch.kill()
         launch.wait()
     resumed = run(2, args, run_dir)

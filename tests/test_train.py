@@ -1,4 +1,6 @@
 import json
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -173,3 +175,27 @@ def test_no_readable_checkpoint_stops_instead_of_starting_over(tiny_cfg, tmp_pat
     (run_dir / "checkpoints" / "step_00000099").mkdir()  # no commit.json: not a checkpoint
     with pytest.raises(CheckpointError, match="none of the 2 checkpoints"):
         train.run(tiny_cfg(), run_dir)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 700 KiB tmpfs: a real full disk (needs root; skipped where mounting is not allowed)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_really_full_disk_loses_nothing(tiny_cfg, small_disk, tmp_path):
+    cfg = tiny_cfg("train.checkpoint_every=2", "train.keep_checkpoints=5", "train.log_every=5")
+    with pytest.raises(CheckpointError, match="No space left on device.*resumes from .*step_"):
+        train.run(cfg, small_disk / "run")
+    last = checkpoint.latest(small_disk / "run")
+    assert last is not None and not list((small_disk / "run" / "checkpoints").glob(".tmp-*"))
+    shutil.copytree(small_disk / "run", tmp_path / "moved")  # the user makes room elsewhere and goes on
+    resumed = train.run(cfg, tmp_path / "moved")
+    assert resumed["fingerprint"] == train.run(cfg, tmp_path / "whole")["fingerprint"]
+    log = (tmp_path / "moved" / "logs" / "rank0.log").read_text()
+    assert f"resumed from {tmp_path / 'moved' / 'checkpoints' / last.name}" in log
