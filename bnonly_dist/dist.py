@@ -74,8 +74,10 @@ def choose_device(preference: str, local_rank: int) -> torch.device:
         raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
     if preference == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+    # Slurm's --gpus-per-task shows each task only its own GPU; torchrun shows all of them.
+    index = local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 _control_group = None  # gloo group for host-side agreement (stop flags) without a GPU sync

@@ -1,6 +1,7 @@
 """Graceful stop: SIGUSR2 (Slurm's warning before a time limit or preemption) or SIGTERM
 only sets a flag; the loop asks every rank at each step, so all ranks stop after the
-same step and save one checkpoint together."""
+same step and save one checkpoint together. After the save, a handler that was there
+before (submitit's, which requeues the job) gets the signal."""
 from __future__ import annotations
 
 import logging
@@ -27,6 +28,16 @@ class StopRequest:
     def agreed(self) -> bool:
         """True on every rank once any rank has received a stop signal (collective)."""
         return dist.any_rank(self.signal_name is not None)
+
+    def hand_over(self) -> None:
+        """Pass the received signal to the Python handler that was installed before ours, if any."""
+        if self.signal_name is None:
+            return
+        signum = signal.Signals[self.signal_name]
+        previous = self._previous.get(signum)
+        self.close()
+        if callable(previous):
+            previous(signum, None)
 
     def close(self) -> None:
         for sig, handler in self._previous.items():

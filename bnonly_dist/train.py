@@ -157,7 +157,7 @@ class Run:
                     if self.step % cfg.train.checkpoint_every == 0:
                         self.save_checkpoint()
                     if stop.agreed():
-                        return self.stopped(stop.signal_name)
+                        return self.stopped(stop)
                 if self.step % spe == 0 and (self.step // spe) % cfg.train.eval_every == 0:
                     last_eval = (self.step, self.evaluate())
         finally:
@@ -167,12 +167,13 @@ class Run:
         final = last_eval[1] if last_eval and last_eval[0] == self.step else self.evaluate()
         return self.finish(final, time.perf_counter() - started)
 
-    def stopped(self, signal_name: str | None) -> dict:
+    def stopped(self, stop: StopRequest) -> dict:
         """All ranks agreed to stop on a signal: save together and leave without a summary."""
         path = self.save_checkpoint()
         log.warning("stopped at step %d by %s; checkpoint %s; run the same command to resume", self.step,
-                    signal_name or "a signal to another rank", path)
+                    stop.signal_name or "a signal to another rank", path)
         self.metrics.close()
+        stop.hand_over()  # under submitit: requeue the job
         return {"run_dir": str(self.run_dir), "step": self.step, "finished": False, "stopped": True,
                 "checkpoint": str(path)}
 
