@@ -1,0 +1,76 @@
+"""Sweeps: a grid of overrides over a base config, one run directory per point.
+
+    config: ../cifar10_resnet110.yaml      # base config, relative to the sweep file
+    grid:                                  # every combination is one run
+      model.arch: [cifar_resnet_14, cifar_resnet_32]
+      mode: [all, bn]
+      seed: [0, 1, 2]
+    overrides: {optim.epochs: 160}         # optional, applied to every point
+    slurm: {gpus_per_node: 1, time: "12:00:00"}   # optional resources (flags win)
+
+A point's run directory is derived from its hyperparameters, so the same sweep always
+maps to the same directories: that is what makes resubmission idempotent.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from bnonly_dist import config
+from bnonly_dist.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Point:
+    overrides: tuple[str, ...]
+    cfg: config.Config
+    run_dir: Path
+
+    def finished(self) -> bool:
+        """summary.json says the run reached its last step."""
+        summary = self.run_dir / "summary.json"
+        return summary.is_file() and yaml.safe_load(summary.read_text()).get("finished", False)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    points: list[Point]
+    slurm: dict
+    name: str
+
+
+def _override(key: str, value) -> str:
+    """key=value with the value written as YAML, as the config loader reads it back."""
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+
+
+def load(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist; see configs/sweeps/")
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
+    unknown = sorted(set(spec) - {"config", "grid", "overrides", "slurm"})
+    if (unknown or "config" not in spec or not isinstance(spec.get("grid"), dict) or not spec["grid"]
+            or not isinstance(spec.get("overrides", {}), dict)):
+        raise ConfigError(f"{path}: a sweep has `config:` (a file), `grid:` (key: [values]) and optionally "
+                          f"`overrides:` (key: value) and `slurm:`{'; unknown key ' + repr(unknown[0]) if unknown else ''}")
+    base = path.parent / spec["config"]
+    keys = list(spec["grid"])
+    for key in keys:
+        if not isinstance(spec["grid"][key], list) or not spec["grid"][key]:
+            raise ConfigError(f"{path}: grid.{key} must be a non-empty list of values")
+    common = [_override(k, v) for k, v in (spec.get("overrides") or {}).items()] + list(extra_overrides)
+    points = []
+    for values in itertools.product(*(spec["grid"][k] for k in keys)):
+        point = tuple(_override(k, v) for k, v in zip(keys, values))
+        cfg = config.load(base, [*common, *point])
+        points.append(Point(point, cfg, (Path(cfg.runs_root) / cfg.run_name()).resolve()))
+    if len({p.run_dir for p in points}) != len(points):
+        raise ConfigError(f"{path}: two grid points map to the same run directory; remove `name:` from the config")
+    return Sweep(points, spec.get("slurm") or {}, path.stem)

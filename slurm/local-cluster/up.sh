@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Bring up a real Slurm on this machine for development and CI: munge, slurmctld and two
+# slurmd (node1, node2, both 127.0.0.1). Needs root (Debian/Ubuntu). Safe to run twice.
+# Tear down with slurm/local-cluster/down.sh.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+
+if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null
+fi
+grep -qw node1 /etc/hosts || echo "127.0.0.1 node1 node2" >> /etc/hosts
+
+# munge: the key the daemons and clients authenticate with
+if [ ! -s /etc/munge/munge.key ]; then
+    mkdir -p /etc/munge
+    dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
+fi
+mkdir -p /run/munge /var/lib/munge /var/log/munge
+chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge
+chmod 0400 /etc/munge/munge.key
+pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
+
+# slurm.conf for this machine: each node offers all CPUs and half the memory
+cpus=$(nproc)
+memory=$(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) / 2 ))
+mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd/node1 /var/spool/slurmd/node2 /var/log/slurm
+sed -e "s/@HOST@/$(hostname -s)/" -e "s/@CPUS@/$cpus/" -e "s/@MEMORY@/$memory/" \
+    "$here/slurm.conf.in" > /etc/slurm/slurm.conf
+
+pgrep -x slurmctld >/dev/null || slurmctld
+for node in node1 node2; do
+    pgrep -f "slurmd -N $node" >/dev/null || slurmd -N "$node"
+done
+
+# wait until both nodes take jobs
+for _ in $(seq 60); do
+    if [ "$(sinfo -h -N -o '%t' 2>/dev/null | grep -c '^idle')" = 2 ]; then
+        sinfo -N
+        exit 0
+    fi
+    scontrol update nodename=node[1-2] state=resume >/dev/null 2>&1 || true
+    sleep 1
+done
+echo "local Slurm did not come up; see /var/log/slurm/" >&2
+sinfo -N >&2 || true
+exit 1
