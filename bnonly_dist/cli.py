@@ -19,6 +19,20 @@ def _train(args) -> None:
     train.run(load(args.config, args.overrides), args.run_dir)
 
 
+def _run_dir(args) -> None:
+    cfg = load(args.config, args.overrides)
+    print((Path(cfg.runs_root) / cfg.run_name()).resolve())
+
+
+def _sweep_points(args) -> None:
+    import shlex
+
+    from bnonly_dist import sweep
+    spec = sweep.load(args.sweep, args.overrides)
+    for point in spec.points:  # shell words: config, overrides, run directory
+        print(shlex.join([str(spec.config), *spec.common, *point.overrides, str(point.run_dir)]))
+
+
 def _bench(args) -> None:
     from bnonly_dist import bench
     report = bench.run(load(args.config, args.overrides), steps=args.steps, warmup=args.warmup)
@@ -67,6 +81,16 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.2 mode=bn")
     t.add_argument("--run-dir", type=Path, help="run directory (default: runs/<derived from the config>)")
     t.set_defaults(func=_train)
+
+    r = sub.add_parser("run-dir", help="print the run directory a config trains in (for scripts)")
+    r.add_argument("config")
+    r.add_argument("overrides", nargs="*")
+    r.set_defaults(func=_run_dir)
+
+    w = sub.add_parser("sweep-points", help="one line per grid point of a sweep file: config, overrides, run dir")
+    w.add_argument("sweep")
+    w.add_argument("overrides", nargs="*")
+    w.set_defaults(func=_sweep_points)
 
     b = sub.add_parser("bench", help="time training steps, mode=all vs mode=bn, on synthetic data")
     b.add_argument("config")

@@ -104,10 +104,10 @@ def slurm_parameters(res: dict, job_name: str) -> dict:
     return params
 
 
-def executor(job_dir: Path, res: dict, job_name: str):
-    """A submitit executor: Slurm if sbatch is here, else this machine."""
+def executor(job_dir: Path, res: dict, job_name: str, local: bool = False):
+    """A submitit executor: Slurm if sbatch is here (and not local), else this machine."""
     import submitit
-    if slurm_available():
+    if slurm_available() and not local:
         ex = submitit.SlurmExecutor(folder=job_dir, max_num_timeout=res["max_requeues"])
         ex.update_parameters(**slurm_parameters(res, job_name))
         return ex

@@ -40,6 +40,8 @@ class Sweep:
     points: list[Point]
     slurm: dict
     name: str
+    config: Path  # the base config file
+    common: list[str]  # overrides of every point
 
 
 def _override(key: str, value) -> str:
@@ -73,4 +75,4 @@ def load(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
         points.append(Point(point, cfg, (Path(cfg.runs_root) / cfg.run_name()).resolve()))
     if len({p.run_dir for p in points}) != len(points):
         raise ConfigError(f"{path}: two grid points map to the same run directory; remove `name:` from the config")
-    return Sweep(points, spec.get("slurm") or {}, path.stem)
+    return Sweep(points, spec.get("slurm") or {}, path.stem, base.resolve(), common)

@@ -25,6 +25,7 @@ def parse(argv):
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.add_argument("--run-dir", type=Path, help="default: RUNS_ROOT/<derived from the config>")
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result (always, without Slurm)")
+    p.add_argument("--local", action="store_true", help="run on this machine even where Slurm is available")
     cluster.add_resource_arguments(p)
     args, extra = p.parse_known_args(argv)
     if any("=" not in e or e.startswith("-") for e in extra):
@@ -46,16 +47,17 @@ def main(argv=None) -> int:
             print(f"# run directory: {run_dir}")
             return 0
         prepare_run_dir(cfg, run_dir, is_main=True)  # refuses a run dir that holds another config
-        executor = cluster.executor(job_dir, res, name)
+        executor = cluster.executor(job_dir, res, name, local=args.local)
         job = executor.submit(TrainJob(cfg.to_dict(), run_dir))
     except (config.ConfigError, DataError) as err:
         print(f"submit: error: {err}", file=sys.stderr)
         return 2
     cluster.record_job(run_dir, str(job.job_id))
-    where = "Slurm" if cluster.slurm_available() else "this machine (no Slurm found)"
+    on_slurm = cluster.slurm_available() and not args.local
+    where = "Slurm" if on_slurm else "this machine"
     print(f"job {job.job_id} on {where}\nrun directory: {run_dir}\nlogs: {job.paths.stdout}"
           f"\n      {run_dir / 'logs'}/rank*.log\ntensorboard --logdir {run_dir / 'tb'}")
-    if args.wait or not cluster.slurm_available():
+    if args.wait or not on_slurm:
         try:
             job.results()  # every task; rank 0 holds the summary
         except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure

@@ -1,0 +1,80 @@
+"""Launcher pieces that need no cluster: resources, time formats, dry runs, the local executor."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bnonly_dist import cluster, sweep
+from bnonly_dist.config import ConfigError
+
+
+def submit(*args, env=None):
+    return subprocess.run([sys.executable, "launchers/submit.py", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("text, minutes", [("90", 90), ("10:30", 11), ("24:00:00", 1440), ("1-12", 2160),
+                                           ("2-01:30", 2970), ("0-00:05:00", 5)])
+def test_slurm_time_formats(text, minutes):
+    assert cluster.minutes(text) == minutes
+
+
+def test_bad_time_is_named():
+    with pytest.raises(ConfigError, match="--time '12h'"):
+        cluster.minutes("12h")
+
+
+def test_dry_run_prints_the_sbatch_script(tmp_path):
+    defaults = tmp_path / "cluster.yaml"
+    defaults.write_text("partition: gpu\naccount: lab\ngpus_per_node: 8\nsetup: ['module load cuda']\n")
+    env = {**os.environ, "BNONLY_CLUSTER_FILE": str(defaults)}
+    out = submit("--nodes", "4", "--time", "2-00:00:00", "--qos", "high", "--exclude", "gpu[03,07]", "--dry-run",
+                 "configs/imagenet_resnet200.yaml", "data.root=/data/imagenet", env=env)
+    assert out.returncode == 0, out.stderr
+    script = out.stdout
+    for line in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu", "--account=lab",
+                 "--qos=high", "--exclude='gpu[03,07]'", "--time=2880", "--signal=USR2@120", "module load cuda"):
+        assert line in script, line
+    assert "srun" in script and "# run directory:" in script
+    # a flag beats the cluster file
+    assert "--partition=debug" in submit("--partition", "debug", "--dry-run", "configs/demo.yaml", env=env).stdout
+
+
+def test_gpus_per_node_must_be_said_for_slurm(tmp_path):
+    env = {**os.environ, "BNONLY_CLUSTER_FILE": str(tmp_path / "none.yaml")}
+    out = submit("--dry-run", "configs/demo.yaml", env=env)
+    assert out.returncode == 2 and "--gpus-per-node is not set" in out.stderr
+
+
+def test_cluster_file_with_an_unknown_key_is_named(tmp_path):
+    bad = tmp_path / "cluster.yaml"
+    bad.write_text("partitoin: gpu\n")
+    out = submit("--dry-run", "configs/demo.yaml", env={**os.environ, "BNONLY_CLUSTER_FILE": str(bad)})
+    assert out.returncode == 2 and "unknown key 'partitoin'" in out.stderr
+
+
+def test_local_executor_runs_the_job_here_on_two_tasks(cifar_root, tmp_path):
+    out = submit("--local", "--tasks-per-node", "2", "--gpus-per-node", "0", "configs/cifar10_resnet14.yaml",
+                 f"data.root={cifar_root}", "data.batch_size=32", "optim.epochs=1", "train.device=cpu",
+                 "train.progress=lines", "--run-dir", str(tmp_path / "run"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "on this machine" in out.stdout and "done" in out.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world"] == 2 and summary["finished"] and summary["final"]["count"] == 103
+
+
+def test_sweep_expands_the_grid_into_distinct_run_dirs(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("config: /work/main/configs/cifar10_resnet14.yaml\n"
+                    "grid: {seed: [0, 1, 2], mode: [bn, all]}\noverrides: {optim.epochs: 3, runs_root: R}\n"
+                    .replace("/work/main", str(Path.cwd())))
+    loaded = sweep.load(spec, ["data.root=/x"])
+    assert len(loaded.points) == 6 and len({p.run_dir for p in loaded.points}) == 6
+    assert {p.cfg.seed for p in loaded.points} == {0, 1, 2} and all(p.cfg.optim.epochs == 3 for p in loaded.points)
+    assert loaded.points[0].overrides == ("seed=0", "mode=bn")
+    spec.write_text("config: x.yaml\ngrid: {seed: 3}\n")
+    with pytest.raises(ConfigError, match="grid.seed must be a non-empty list"):
+        sweep.load(spec)

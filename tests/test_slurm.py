@@ -1,0 +1,126 @@
+"""On a real Slurm (slurm/local-cluster/up.sh: node1 and node2 on this machine). Skipped
+where no cluster answers, except under CI=true, where the cluster must be up."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from launch import run as run_processes
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cluster_up() -> bool:
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mix", "alloc"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm():
+    if not cluster_up():
+        if os.environ.get("CI") == "true":
+            pytest.fail("no Slurm cluster answers: CI must run slurm/local-cluster/up.sh first")
+        pytest.skip("no Slurm cluster (bring one up with slurm/local-cluster/up.sh)")
+
+
+@pytest.fixture(scope="module")
+def overrides(cifar_root):
+    return [f"data.root={cifar_root}", "data.batch_size=32", "data.eval_batch_size=50", "optim.epochs=3",
+            "optim.milestones=[2]", "train.device=cpu", "train.deterministic=true", "train.checkpoint_every=4",
+            "train.progress=lines"]
+
+
+CPU_JOB = ["--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "15"]
+
+
+def launcher(script: str, *args, wait: bool = True):
+    cmd = [sys.executable, str(REPO / "launchers" / script), *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def wait_until(condition, timeout=180, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def squeue(job_id: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+
+
+def release_requeued(job_id: str) -> None:
+    """Slurm holds a requeued job for about two minutes (BeginTime); let it start now."""
+    wait_until(lambda: squeue(job_id) == "PENDING", what=f"job {job_id} to be requeued")
+    subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=True)
+
+
+def test_submit_trains_across_two_nodes(overrides, tmp_path):
+    run_dir = tmp_path / "run"
+    out = launcher("submit.py", "--nodes", "2", *CPU_JOB, "--wait", "configs/cifar10_resnet14.yaml", *overrides,
+                   "--run-dir", str(run_dir))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    job_id = (run_dir / "slurm" / "job_id").read_text().strip()
+    assert f"job {job_id} on Slurm" in out.stdout and f"tensorboard --logdir {run_dir / 'tb'}" in out.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world"] == 2 and summary["finished"] and summary["final"]["count"] == 103
+    task_logs = [(run_dir / "slurm" / f"{job_id}_{t}_log.out").read_text() for t in (0, 1)]
+    assert "node=0(2)" in task_logs[0] and "node=1(2)" in task_logs[1]  # one task on each node
+
+
+def test_a_preempted_job_requeues_resumes_and_ends_bit_identical(overrides, tmp_path):
+    run_dir = tmp_path / "run"
+    submit = launcher("submit.py", "--nodes", "2", *CPU_JOB, "--wait", "configs/cifar10_resnet14.yaml", *overrides,
+                      "--run-dir", str(run_dir), wait=False)
+    wait_until(lambda: (run_dir / "checkpoints" / "step_00000008" / "commit.json").is_file(), what="a checkpoint")
+    job_id = (run_dir / "slurm" / "job_id").read_text().strip()
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # what Slurm sends before a preemption
+    release_requeued(job_id)
+    output, _ = submit.communicate(timeout=300)
+    assert submit.returncode == 0, output[-4000:]
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert "received SIGUSR2" in log and f"Requeued job {job_id}" in log and "resumed from" in log
+    reference = run_processes(2, [*overrides, "train.progress=lines"], tmp_path / "uninterrupted")
+    assert json.loads((run_dir / "summary.json").read_text())["fingerprint"] == reference["fingerprint"]
+
+
+def test_sbatch_script_requeues_itself_after_a_stop_signal(overrides, tmp_path):
+    runs = tmp_path / "runs"
+    env = {**os.environ, "BNONLY": str(Path(sys.executable).parent / "bnonly")}
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", "--nodes", "2", "--ntasks-per-node", "1", "--gpus-per-node", "0", "--cpus-per-task",
+         "1", "--time", "15", "--output", str(tmp_path / "slurm-%j.out"), str(REPO / "slurm" / "train.sbatch"),
+         str(REPO / "configs" / "cifar10_resnet14.yaml"), *overrides, f"runs_root={runs}"],
+        capture_output=True, text=True, check=True, env=env, cwd=tmp_path).stdout.strip()
+    wait_until(lambda: list(runs.glob("*/checkpoints/step_00000008/commit.json")), what="a checkpoint")
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    release_requeued(job_id)
+    wait_until(lambda: list(runs.glob("*/summary.json")), timeout=300, what="the requeued job to finish")
+    run_dir = next(runs.iterdir())
+    assert "resumed from" in (run_dir / "logs" / "rank0.log").read_text()
+    assert "requeueing job" in (tmp_path / f"slurm-{job_id}.out").read_text()
+    assert json.loads((run_dir / "summary.json").read_text())["world"] == 2
+
+
+def test_a_sweep_completes_and_a_second_submission_submits_nothing(cifar_root, tmp_path):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(f"config: {REPO / 'configs' / 'cifar10_resnet14.yaml'}\n"
+                    "grid: {seed: [0, 1], mode: [bn, output]}\n"
+                    f"overrides: {{data.root: {cifar_root}, data.batch_size: 32, optim.epochs: 1, "
+                    f"train.device: cpu, train.progress: lines, runs_root: {tmp_path / 'runs'}}}\n")
+    first = launcher("sweep.py", str(spec), *CPU_JOB, "--wait")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "submitted 4 of 4 points as job array" in first.stdout and "4 of 4 jobs done" in first.stdout
+    summaries = list((tmp_path / "runs").glob("*/summary.json"))
+    assert len(summaries) == 4 and all(json.loads(p.read_text())["finished"] for p in summaries)
+    second = launcher("sweep.py", str(spec), *CPU_JOB)
+    assert second.returncode == 0 and "nothing to submit" in second.stdout and "submitted" not in second.stdout
+    assert all(" finished " in line for line in second.stdout.splitlines()[:4])
