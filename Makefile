@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean cluster-up cluster-down
 
 setup: $(VENV)/.installed
 
@@ -29,3 +29,9 @@ bench: setup
 
 clean:
 	rm -rf runs/demo_cifar10_resnet20_bn runs/data/fake-cifar10
+
+cluster-up:      # a real Slurm on this machine (node1, node2); needs root
+	bash slurm/local-cluster/up.sh
+
+cluster-down:
+	bash slurm/local-cluster/down.sh

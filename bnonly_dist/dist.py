@@ -94,6 +94,8 @@ def init(device_preference: str = "auto", timeout_s: int = 600) -> Context:
     os.environ.update(env)  # init_process_group's env:// reads MASTER_ADDR/PORT from here
     rank, world, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
     device = choose_device(device_preference, local_rank)
+    if device.type == "cpu" and os.environ.get("SLURM_CPUS_PER_TASK"):
+        torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))  # not every core of a shared node
     if world > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -19,7 +19,7 @@ fi
 mkdir -p /run/munge /var/lib/munge /var/log/munge
 chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge
 chmod 0400 /etc/munge/munge.key
-pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
+munge -n >/dev/null 2>&1 || runuser -u munge -- /usr/sbin/munged  # unless one already answers
 
 # slurm.conf for this machine: each node offers all CPUs and half the memory
 cpus=$(nproc)
@@ -28,14 +28,14 @@ mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd/node1 /var/spool/slur
 sed -e "s/@HOST@/$(hostname -s)/" -e "s/@CPUS@/$cpus/" -e "s/@MEMORY@/$memory/" \
     "$here/slurm.conf.in" > /etc/slurm/slurm.conf
 
-pgrep -x slurmctld >/dev/null || slurmctld
+timeout 5 scontrol ping 2>/dev/null | grep -q UP || slurmctld
 for node in node1 node2; do
     pgrep -f "slurmd -N $node" >/dev/null || slurmd -N "$node"
 done
 
 # wait until both nodes take jobs
 for _ in $(seq 60); do
-    if [ "$(sinfo -h -N -o '%t' 2>/dev/null | grep -c '^idle')" = 2 ]; then
+    if [ "$(timeout 5 sinfo -h -N -o '%t' 2>/dev/null | grep -c '^idle')" = 2 ]; then
         sinfo -N
         exit 0
     fi
