@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bnonly_dist import dist
 from bnonly_dist.checkpoint import CheckpointError
-from bnonly_dist.config import ConfigError, load
+from bnonly_dist.config import ConfigError, load, parse_args
 from bnonly_dist.data.layout import DataError
 
 
@@ -136,13 +136,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser()
-    args, extra = p.parse_known_args(argv)
-    # key=value overrides may also come after the options (`train CFG --run-dir R lr=...`)
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides += extra
-    elif extra:
-        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parse_args(parser(), argv)
     try:
         args.func(args)
     except ConfigError as err:
@@ -155,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         if not dist.lost_contact(err):
             raise
         message = (f"rank {os.environ.get('RANK', '0')} lost contact with the other ranks "
-                   f"({str(err).splitlines()[0]}): one died or hung longer than dist.timeout_s; see "
-                   "RUN/logs/rank*.log, then start the same command again to resume from the last checkpoint")
+                   f"({str(err).splitlines()[0]}): one died or hung longer than dist.timeout_s, or the "
+                   "master could not be reached; see RUN/logs/rank*.log, then start the same command again "
+                   "to resume from the last checkpoint")
         logging.getLogger("bnonly").error(message)
         logging.shutdown()
         print(f"bnonly: error: {message}", file=sys.stderr, flush=True)

@@ -51,12 +51,14 @@ def minutes(text) -> int:
     try:
         days, _, rest = text.rpartition("-")
         parts = [int(p) for p in rest.split(":")]
-        if days:  # D-H[:M[:S]]
-            hours, mins, secs = (parts + [0, 0])[:3]
-        else:  # M, M:S or H:M:S
-            hours, mins, secs = [0] * (3 - len(parts)) + parts if len(parts) == 3 else [0, *(parts + [0])[:2]]
         if len(parts) > 3 or min(parts) < 0:
             raise ValueError
+        if days:  # D-H, D-H:M, D-H:M:S
+            hours, mins, secs = (parts + [0, 0])[:3]
+        elif len(parts) == 3:  # H:M:S
+            hours, mins, secs = parts
+        else:  # M or M:S
+            hours, mins, secs = 0, parts[0], parts[1] if len(parts) == 2 else 0
         return int(days or 0) * 1440 + hours * 60 + mins + (1 if secs else 0)
     except ValueError:
         raise ConfigError(f"--time {text!r} is not minutes, HH:MM:SS or D-HH:MM:SS; write e.g. --time 12:00:00") from None

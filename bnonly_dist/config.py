@@ -193,6 +193,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def parse_args(parser, argv=None):
+    """parser.parse_args for commands taking `overrides`, which may also follow the options."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def _describe(err: ValidationError) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "(top level)"

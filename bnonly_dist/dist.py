@@ -47,8 +47,9 @@ def expand_nodelist(nodelist: str) -> list[str]:
 
 
 def master_port(job_id: str) -> int:
-    """A port in 20000-59999 that is a pure function of the job id (stable across requeues)."""
-    return random.Random(int(re.sub(r"\D", "", job_id) or 0)).randint(20_000, 59_999)
+    """A port that is a pure function of the job id (stable across requeues), below Linux's
+    ephemeral range (32768+) so that no outgoing connection on the node holds it."""
+    return random.Random(int(re.sub(r"\D", "", job_id) or 0)).randint(20_000, 32_767)
 
 
 def environment(env=os.environ) -> dict[str, str]:

@@ -8,6 +8,7 @@ the requeued job resumes from the newest complete checkpoint in the same run dir
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -20,7 +21,9 @@ class TrainJob:
     def __call__(self) -> dict:
         import submitit
 
-        from bnonly_dist import config, train
+        from bnonly_dist import config, dist, train
+        # Our port rule (see dist.master_port) rather than submitit's, which may pick an ephemeral port.
+        os.environ.setdefault("MASTER_PORT", str(dist.master_port(submitit.JobEnvironment().job_id)))
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         return train.run(config.from_dict(self.config), Path(self.run_dir))
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from bnonly_dist import cluster, config
+from bnonly_dist.config import parse_args
 from bnonly_dist.data.layout import DataError
 from bnonly_dist.jobs import TrainJob
 from bnonly_dist.train import prepare_run_dir
@@ -27,11 +28,7 @@ def parse(argv):
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result (always, without Slurm)")
     p.add_argument("--local", action="store_true", help="run on this machine even where Slurm is available")
     cluster.add_resource_arguments(p)
-    args, extra = p.parse_known_args(argv)
-    if any("=" not in e or e.startswith("-") for e in extra):
-        p.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.overrides += extra  # overrides may follow the options
-    return args
+    return parse_args(p, argv)
 
 
 def main(argv=None) -> int:

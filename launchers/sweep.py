@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from bnonly_dist import cluster, sweep
-from bnonly_dist.config import ConfigError
+from bnonly_dist.config import ConfigError, parse_args
 from bnonly_dist.jobs import TrainJob
 from bnonly_dist.train import prepare_run_dir
 
@@ -26,11 +26,7 @@ def parse(argv):
     p.add_argument("overrides", nargs="*", help="key=value overrides for every point (e.g. data.root=...)")
     p.add_argument("--wait", action="store_true", help="wait for every job (always, without Slurm)")
     cluster.add_resource_arguments(p)
-    args, extra = p.parse_known_args(argv)
-    if any("=" not in e or e.startswith("-") for e in extra):
-        p.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.overrides += extra
-    return args
+    return parse_args(p, argv)
 
 
 def main(argv=None) -> int:

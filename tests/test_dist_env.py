@@ -18,7 +18,7 @@ def test_slurm_nodelist_expands_in_order(nodelist, hosts):
 def test_master_port_is_a_pure_function_of_the_job_id():
     ports = {dist.master_port(str(job)) for job in range(1000, 1100)}
     assert dist.master_port("123456") == dist.master_port("123456")  # a requeued job meets again
-    assert all(20_000 <= p < 60_000 for p in ports) and len(ports) > 90
+    assert all(20_000 <= p < 32_768 for p in ports) and len(ports) > 90  # below the ephemeral range
 
 
 def test_slurm_variables_become_torchrun_ones():
