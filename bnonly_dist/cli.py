@@ -19,6 +19,16 @@ def _train(args) -> None:
     train.run(load(args.config, args.overrides), args.run_dir)
 
 
+def _analyze(args) -> None:
+    from bnonly_dist import analysis
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    result = analysis.run(args.paths, args.out, args.threshold, not args.no_ablation, args.device)
+    print(f"{result['runs']} runs in {result['groups']} groups ({result['gamma_analysed']} with gamma analysis)")
+    print(f"table: {result['table']} and {result['csv']}")
+    for figure in result["figures"]:
+        print(f"figure: {figure}")
+
+
 def _run_dir(args) -> None:
     cfg = load(args.config, args.overrides)
     print((Path(cfg.runs_root) / cfg.run_name()).resolve())
@@ -81,6 +91,14 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.2 mode=bn")
     t.add_argument("--run-dir", type=Path, help="run directory (default: runs/<derived from the config>)")
     t.set_defaults(func=_train)
+
+    a = sub.add_parser("analyze", help="tables and figures from finished runs (run dirs, folders of runs, sweeps)")
+    a.add_argument("paths", nargs="+", help="run directories, folders of runs (runs/) or sweep files")
+    a.add_argument("--out", type=Path, default=Path("analysis"), help="output folder (default: analysis/)")
+    a.add_argument("--threshold", type=float, default=0.01, help="|gamma| below this counts as switched off")
+    a.add_argument("--no-ablation", action="store_true", help="skip re-evaluating with small-gamma channels zeroed")
+    a.add_argument("--device", default="cpu", help="device for the ablation's evaluations (cpu, cuda)")
+    a.set_defaults(func=_analyze)
 
     r = sub.add_parser("run-dir", help="print the run directory a config trains in (for scripts)")
     r.add_argument("config")

@@ -43,6 +43,7 @@ def add_resource_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-requeues", type=int, help="times a job may hit its time limit and be requeued")
     parser.add_argument("--job-dir", type=Path, help="submitit's folder: scripts, logs, pickles (default RUN_DIR/slurm)")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
+    parser.add_argument("--local", action="store_true", help="run on this machine even where Slurm is available")
 
 
 def minutes(text) -> int:

@@ -182,6 +182,7 @@ class Run:
                    "seed": self.cfg.seed, "dataset": self.cfg.data.name, "step": self.step,
                    "epoch": self.step / self.steps_per_epoch, "finished": self.step >= self.total,
                    "world": self.ctx.world, "engine": self.engine.name, "trainable_params": self.trainable,
+                   "num_classes": self.cfg.model.num_classes or self.source.num_classes,
                    "final": final, "fingerprint": checkpoint.fingerprint(self.engine.full_state_dict()),
                    "wall_time_s": wall_time_s}
         if self.ctx.is_main:

@@ -26,7 +26,6 @@ def parse(argv):
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.add_argument("--run-dir", type=Path, help="default: RUNS_ROOT/<derived from the config>")
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result (always, without Slurm)")
-    p.add_argument("--local", action="store_true", help="run on this machine even where Slurm is available")
     cluster.add_resource_arguments(p)
     return parse_args(p, argv)
 

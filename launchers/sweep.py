@@ -55,7 +55,7 @@ def main(argv=None) -> int:
             return 0
         for point in todo:
             prepare_run_dir(point.cfg, point.run_dir, is_main=True)
-        executor = cluster.executor(job_dir, res, name)
+        executor = cluster.executor(job_dir, res, name, local=args.local)
         with executor.batch():  # one job array
             jobs = [executor.submit(TrainJob(p.cfg.to_dict(), p.run_dir)) for p in todo]
     except ConfigError as err:
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
         cluster.record_job(point.run_dir, str(job.job_id))
     print(f"submitted {len(jobs)} of {len(spec.points)} points as job array {jobs[0].job_id.split('_')[0]}; "
           f"logs in {job_dir}; tensorboard --logdir {Path(spec.points[0].cfg.runs_root).resolve()}")
-    if args.wait or not cluster.slurm_available():
+    if args.wait or args.local or not cluster.slurm_available():
         failed = 0
         for point, job in zip(todo, jobs):
             try:

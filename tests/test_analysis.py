@@ -1,0 +1,101 @@
+"""`bnonly analyze` on real small runs: its numbers must be the runs' own."""
+import csv
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bnonly_dist import analysis, models, sweep, train
+from bnonly_dist.analysis import gamma, runs
+from bnonly_dist.data.layout import load_cifar10
+
+THRESHOLD = 0.01
+
+
+@pytest.fixture(scope="module")
+def mini_sweep(cifar_root, tmp_path_factory):
+    """A 3 x 2 x 2 grid (two depths at width 16, two widths at depth 14) run to the end, plus one unfinished run."""
+    root = tmp_path_factory.mktemp("mini")
+    spec = root / "sweep.yaml"
+    spec.write_text(
+        f"config: {train.__file__.rsplit('/', 2)[0]}/configs/cifar10_resnet14.yaml\n"
+        "grid: {model.arch: [cifar_resnet_8, cifar_resnet_14, cifar_resnet_14_32], mode: [all, bn], seed: [0, 1]}\n"
+        f"overrides: {{data.root: {cifar_root}, data.batch_size: 64, data.eval_batch_size: 50, optim.epochs: 1, "
+        f"train.device: cpu, train.deterministic: true, train.progress: lines, runs_root: {root / 'runs'}}}\n")
+    points = sweep.load(spec).points
+    for point in points:
+        train.run(point.cfg, point.run_dir)
+    unfinished = points[0].cfg.model_copy(update={"seed": 7, "train": points[0].cfg.train.model_copy(
+        update={"max_steps": 2})})
+    train.run(unfinished, root / "runs" / "unfinished")
+    return spec, root
+
+
+@pytest.fixture(scope="module")
+def analysed(mini_sweep):
+    spec, root = mini_sweep
+    out = root / "analysis"
+    result = analysis.run([str(root / "runs")], out, THRESHOLD, ablate=True)
+    with open(out / "results.csv") as f:
+        table = {(r["arch"], r["mode"]): r for r in csv.DictReader(f)}
+    return result, out, table, runs.collect([spec])
+
+
+def test_table_holds_mean_and_std_over_seeds_of_the_runs_own_results(analysed):
+    result, out, table, records = analysed
+    assert result["runs"] == 12 and len(table) == 6  # the unfinished run is left out
+    for (arch, mode), row in table.items():
+        mine = [r.summary["final"]["top1"] for r in records if r.cfg.model.arch == arch and r.cfg.mode == mode]
+        assert int(row["runs"]) == 2 and row["seeds"] == "0 1"
+        assert float(row["top1_mean"]) == pytest.approx(statistics.fmean(mine))
+        assert float(row["top1_std"]) == pytest.approx(statistics.stdev(mine))
+    assert float(table[("cifar_resnet_14", "bn")]["paper_top1"]) == 48
+    assert int(table[("cifar_resnet_14", "bn")]["trainable_params"]) == 1_120
+    md = (out / "results.md").read_text()
+    assert "| cifar_resnet_14 | bn | 1,120 | 2 |" in md and "| 48 |" in md
+
+
+def test_gamma_fractions_and_reevaluation_match_what_training_logged(analysed):
+    _, out, _, records = analysed
+    per_run = {row["run_dir"]: row for row in csv.DictReader(open(out / "runs.csv"))}
+    for record in records:
+        row = per_run[str(record.run_dir)]
+        assert float(row["gamma_small_frac"]) == pytest.approx(record.last_eval["gamma_small_frac"])
+        assert float(row["top1_reevaluated"]) == pytest.approx(record.summary["final"]["top1"])
+    layers = list(csv.DictReader(open(out / "gamma_layers.csv")))
+    bn_layers = {a: sum(isinstance(m, torch.nn.BatchNorm2d) for m in models.create(a, 10, "meta").modules())
+                 for a in ("cifar_resnet_8", "cifar_resnet_14", "cifar_resnet_14_32")}
+    assert bn_layers["cifar_resnet_8"] == 9  # stem, 3 blocks x 2, 2 shortcut BNs
+    assert len(layers) == 4 * sum(bn_layers.values())  # 4 runs per architecture
+
+
+def test_ablation_zeroes_exactly_the_small_channels(analysed):
+    *_, records = analysed
+    record = next(r for r in records if r.cfg.mode == "bn")
+    model = gamma.load_model(record)
+    gammas = torch.cat([m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)])
+    for threshold in (0.3, 100.0):
+        report = gamma.analyze(record, threshold, ablate=True, device=torch.device("cpu"))
+        assert report.ablated_channels == int((gammas.abs() < threshold).sum())
+        assert report.small_frac == pytest.approx((gammas.abs() < threshold).float().mean().item())
+    # every channel off: the output no longer depends on the image, so accuracy is one class's share
+    labels = load_cifar10(record.cfg.data.root)["test"][1].tolist()
+    shares = {100 * labels.count(c) / len(labels) for c in set(labels)}
+    assert report.ablated_channels == gammas.numel()
+    assert any(report.ablated_top1 == pytest.approx(share) for share in shares)
+
+
+def test_figures_are_written(analysed):
+    result, out, *_ = analysed
+    names = {p.rsplit("/", 1)[1] for p in result["figures"]}
+    assert {"cifar10_depth.png", "cifar10_width.png", "gamma_cifar10_cifar_resnet_14.png"} <= names
+    for path in result["figures"]:
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_without_finished_runs_says_so(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bnonly_dist.cli", "analyze", str(tmp_path)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 1 and "no finished runs" in proc.stderr and proc.stderr.count("\n") == 1
