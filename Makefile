@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench clean cluster-up cluster-down
+.PHONY: setup demo test bench mini clean cluster-up cluster-down
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ test: setup
 
 bench: setup
 	$(BIN)/bnonly bench configs/cifar10_resnet110.yaml train.device=cpu --steps 5 --warmup 2
+
+mini: setup      # the paper's pipeline scaled down: a 24-run grid on generated data, then its tables and figures
+	$(BIN)/bnonly data fake-cifar10 runs/data/fake-cifar10
+	$(BIN)/python launchers/sweep.py configs/sweeps/mini.yaml --wait
+	$(BIN)/bnonly analyze configs/sweeps/mini.yaml --out analysis/mini
 
 clean:
 	rm -rf runs/demo_cifar10_resnet20_bn runs/data/fake-cifar10

@@ -122,6 +122,8 @@ class Run:
     def log_train(self, values: dict) -> None:
         values.update(lr=lr_at(self.step - 1, self.steps_per_epoch, self.cfg.optim),
                       epoch=self.step / self.steps_per_epoch)
+        # Watch gammas switch channels off as it happens, not only at evaluations.
+        values.update(gamma_stats(self.engine.bn_parameters(), self.cfg.train.gamma_threshold))
         self.metrics.log("train", self.step, values)
         self.bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.3g}")
         if not self.bar_enabled:

@@ -49,6 +49,9 @@ def test_tensorboard_has_scalars_and_gamma_histograms(tiny_cfg, tmp_path):
                 "eval/gamma_small_frac", "eval/gamma_small_frac/layer2"):
         assert tag in tags["scalars"], tag
     assert {"gamma/stem", "gamma/layer1", "beta/layer3"} <= set(tags["histograms"])
+    # the small-gamma fraction per stage is also logged with every train line, between evaluations
+    live = events.Scalars("train/gamma_small_frac/layer2")
+    assert len(live) > len(events.Scalars("eval/gamma_small_frac/layer2")) and all(0 <= e.value <= 1 for e in live)
 
 
 def test_training_learns_and_changes_only_bn(tiny_cfg, tmp_path):
