@@ -14,6 +14,7 @@ maps to the same directories: that is what makes resubmission idempotent.
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ class Point:
     def finished(self) -> bool:
         """summary.json says the run reached its last step."""
         summary = self.run_dir / "summary.json"
-        return summary.is_file() and yaml.safe_load(summary.read_text()).get("finished", False)
+        return summary.is_file() and json.loads(summary.read_text()).get("finished", False)
 
 
 @dataclass(frozen=True)
