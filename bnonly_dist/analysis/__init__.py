@@ -1,0 +1,62 @@
+"""`bnonly analyze`: from run directories to the paper's tables and figures.
+
+    results.md, results.csv      mean +- std over seeds per (data set, model, mode), the
+                                 paper's number beside ours, gamma fractions, ablation
+    runs.csv                     one line per run
+    gamma_layers.csv             per run and BN layer: channels, fraction |gamma| < t, mean |gamma|
+    figures/*.png                accuracy against depth and width; gamma/beta histograms
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import torch
+
+from bnonly_dist.analysis import figures, gamma, runs, tables
+from bnonly_dist.checkpoint import CheckpointError
+from bnonly_dist.data.layout import DataError
+
+log = logging.getLogger(__name__)
+
+
+def _write_runs(records, reports, folder: Path) -> None:
+    with open(folder / "runs.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run_dir", "dataset", "arch", "mode", "seed", "trainable_params", "top1", "top5",
+                         "gamma_small_frac", "top1_reevaluated", "ablated_top1", "ablated_channels"])
+        for r in records:
+            rep = reports.get(str(r.run_dir))
+            writer.writerow([r.run_dir, *r.key, r.cfg.seed, r.summary["trainable_params"], r.summary["final"]["top1"],
+                             r.summary["final"]["top5"], rep.small_frac if rep else "", rep.top1 if rep else "",
+                             rep.ablated_top1 if rep else "", rep.ablated_channels if rep else ""])
+    with open(folder / "gamma_layers.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run_dir", "mode", "layer", "channels", "gamma_small_frac", "gamma_abs_mean", "beta_mean"])
+        for r in records:
+            rep = reports.get(str(r.run_dir))
+            for layer, gammas in (rep.layers.items() if rep else []):
+                writer.writerow([r.run_dir, r.cfg.mode, layer, gammas.numel(), rep.small_frac_per_layer[layer],
+                                 gammas.abs().mean().item(), rep.betas[layer].mean().item()])
+
+
+def run(paths: list[str], out: Path, threshold: float = 0.01, ablate: bool = True, device: str = "cpu") -> dict:
+    records = runs.collect(paths)
+    if not records:
+        raise DataError(f"no finished runs under {', '.join(map(str, paths))}; pass run directories, a folder "
+                        "of runs (e.g. runs/) or a sweep file")
+    out.mkdir(parents=True, exist_ok=True)
+    reports = {}
+    for record in records:
+        try:
+            reports[str(record.run_dir)] = gamma.analyze(record, threshold, ablate, torch.device(device))
+        except (CheckpointError, DataError) as err:
+            log.warning("gamma analysis of %s skipped: %s", record.run_dir, err)
+    rows = tables.rows(records, reports, threshold)
+    md, csv_path = tables.write(rows, out, threshold)
+    _write_runs(records, reports, out)
+    made = figures.accuracy_figures(rows, out / "figures") + figures.gamma_figures(records, reports,
+                                                                                   out / "figures", threshold)
+    return {"runs": len(records), "groups": len(rows), "gamma_analysed": len(reports), "table": str(md),
+            "csv": str(csv_path), "figures": [str(p) for p in made]}

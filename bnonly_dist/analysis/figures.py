@@ -1,0 +1,111 @@
+"""The paper's figures from your runs: accuracy against depth and width per mode, and the
+gamma/beta distributions of BN-only against full training."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from bnonly_dist.analysis.gamma import GammaReport  # noqa: E402
+from bnonly_dist.analysis.runs import RunRecord  # noqa: E402
+from bnonly_dist.metrics import bn_stage  # noqa: E402
+
+COLORS = {"all": "tab:blue", "bn": "tab:orange", "bn_output": "tab:olive", "bn_shortcut_output": "tab:green",
+          "shortcut_output": "tab:red", "output": "tab:purple", "none": "tab:gray",
+          "random_per_channel": "tab:brown", "bn_fixed": "tab:pink"}
+
+
+def accuracy_plot(rows: list[dict], x_key: str, path: Path, title: str, xlabel: str, metric: str = "top1") -> Path | None:
+    """One line per mode: mean over seeds with std error bars; the paper's numbers dashed."""
+    by_mode = defaultdict(list)
+    for r in rows:
+        by_mode[r["mode"]].append(r)
+    if len({r[x_key] for r in rows}) < 2:
+        return None  # a figure needs at least two depths (widths)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for mode, points in by_mode.items():
+        points.sort(key=lambda r: r[x_key])
+        xs = [r[x_key] for r in points]
+        ax.errorbar(xs, [r[metric][0] for r in points], yerr=[r[metric][1] for r in points], marker="o",
+                    capsize=3, color=COLORS.get(mode), label=f"{mode} (ours)")
+        published = [(r[x_key], r["paper_top1"]) for r in points if metric == "top1" and r["paper_top1"] is not None]
+        if published:
+            ax.plot(*zip(*published), linestyle="--", marker="x", color=COLORS.get(mode), alpha=0.6,
+                    label=f"{mode} (paper)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({r[x_key] for r in rows}), [str(x) for x in sorted({r[x_key] for r in rows})])
+    ax.minorticks_off()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"test {metric.replace('top', 'top-')} accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncols=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def accuracy_figures(rows: list[dict], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    made = []
+    cifar = [r for r in rows if r["dataset"] == "cifar10" and r["family"] == "cifar"]
+    made.append(accuracy_plot([r for r in cifar if r["width"] == 16], "depth", folder / "cifar10_depth.png",
+                              "CIFAR-10: accuracy against depth (base width 16)", "depth (ResNet-N)"))
+    width_rows = [dict(r, k=r["width"] // 16) for r in cifar if r["depth"] == 14]
+    made.append(accuracy_plot(width_rows, "k", folder / "cifar10_width.png",
+                              "CIFAR-10: accuracy against width (ResNet-14, WRN-14-k)", "width multiplier k"))
+    imagenet = [r for r in rows if r["dataset"] == "imagenet"]
+    for metric in ("top1", "top5"):
+        made.append(accuracy_plot(imagenet, "depth", folder / f"imagenet_depth_{metric}.png",
+                                  f"ImageNet: {metric.replace('top', 'top-')} against depth", "depth (ResNet-D)",
+                                  metric))
+    return [p for p in made if p]
+
+
+def gamma_figures(records: list[RunRecord], reports: dict[str, GammaReport], folder: Path,
+                  threshold: float) -> list[Path]:
+    """Per (data set, model): gamma (top) and beta (bottom) histograms per stage, one colour per mode."""
+    folder.mkdir(parents=True, exist_ok=True)
+    groups = defaultdict(list)
+    for record in records:
+        if str(record.run_dir) in reports:
+            groups[(record.cfg.data.name, record.cfg.model.arch)].append(record)
+    made = []
+    for (dataset, arch), runs in sorted(groups.items()):
+        stages = sorted({bn_stage(n) for n in reports[str(runs[0].run_dir)].layers}, key=lambda s: (s != "stem", s))
+        fig, axes = plt.subplots(2, len(stages), figsize=(3.2 * len(stages), 5.5), dpi=110, squeeze=False)
+        for mode in sorted({r.cfg.mode for r in runs}):
+            mine = [reports[str(r.run_dir)] for r in runs if r.cfg.mode == mode]
+            for col, stage in enumerate(stages):
+                for row, kind in enumerate(("layers", "betas")):
+                    values = torch.cat([t for rep in mine for n, t in getattr(rep, kind).items()
+                                        if bn_stage(n) == stage]).numpy()
+                    if values.std() == 0:  # frozen (e.g. beta = 0 when BN does not train): a line, not a spike
+                        axes[row, col].axvline(values[0], color=COLORS.get(mode), linestyle=":",
+                                               label=f"{mode} (all {values[0]:g})")
+                        continue
+                    small = "" if kind == "betas" else f", {100 * (abs(values) < threshold).mean():.0f}% small"
+                    axes[row, col].hist(values, bins=40, density=True, histtype="step", linewidth=1.4,
+                                        color=COLORS.get(mode), label=f"{mode}{small}")
+        for col, stage in enumerate(stages):
+            axes[0, col].set_title(stage)
+            for row, name in enumerate(("gamma", "beta")):
+                axes[row, col].set_xlabel(name)
+                axes[row, col].legend(fontsize=7)
+                axes[row, col].grid(alpha=0.3)
+            axes[0, col].axvspan(-threshold, threshold, color="gray", alpha=0.2)
+        axes[0, 0].set_ylabel("density")
+        axes[1, 0].set_ylabel("density")
+        fig.suptitle(f"{dataset} {arch}: BN parameters after training (|γ| < {threshold} shaded)")
+        fig.tight_layout()
+        path = folder / f"gamma_{dataset}_{arch}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        made.append(path)
+    return made

@@ -1,0 +1,71 @@
+"""What BN-only training does to gamma: per-layer distributions, the fraction of channels it
+switches off (|gamma| < threshold), and the ablation that zeroes those channels."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from bnonly_dist import checkpoint, data, models, modes
+from bnonly_dist.analysis.runs import RunRecord
+from bnonly_dist.engines.base import Engine
+from bnonly_dist.evaluate import evaluate
+from bnonly_dist.metrics import bn_parameters
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GammaReport:
+    layers: dict[str, torch.Tensor]  # BN layer name -> its gammas
+    betas: dict[str, torch.Tensor]
+    small_frac: float  # over all channels
+    small_frac_per_layer: dict[str, float]
+    top1: float | None = None  # evaluated here, as loaded
+    ablated_top1: float | None = None  # small-|gamma| channels zeroed
+    ablated_channels: int = 0
+
+
+def load_model(record: RunRecord) -> torch.nn.Module:
+    """The run's final model: frozen weights from the seed, the rest from its newest checkpoint."""
+    cfg = record.cfg
+    model = models.build(cfg.model.arch, record.num_classes, cfg.seed, cfg.model.bn_init)
+    modes.apply(model, cfg.mode, cfg.seed)
+    path = checkpoint.latest(record.run_dir)
+    if path is None:
+        raise checkpoint.CheckpointError(f"{record.run_dir} has no complete checkpoint to read gammas from")
+    if checkpoint.read_commit(path)["engine"] == "deepspeed":
+        raise checkpoint.CheckpointError(f"{path} is a DeepSpeed checkpoint; analysis reads ddp/fsdp (DCP) ones")
+    checkpoint.load(path, Engine(model, None, {}, 0.0), 0, 1, checkpoint.frozen_digest(model))
+    return model.eval()
+
+
+@torch.no_grad()
+def zero_small_channels(model: torch.nn.Module, threshold: float) -> int:
+    """Set gamma and beta to 0 where |gamma| < threshold: the channel's output becomes 0."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            off = module.weight.abs() < threshold
+            module.weight[off] = 0
+            module.bias[off] = 0
+            count += int(off.sum())
+    return count
+
+
+def analyze(record: RunRecord, threshold: float, ablate: bool, device: torch.device) -> GammaReport:
+    model = load_model(record)
+    params = bn_parameters(model)
+    layers = {n.removesuffix(".weight"): p.detach().clone() for n, p in params.items() if n.endswith(".weight")}
+    betas = {n.removesuffix(".bias"): p.detach().clone() for n, p in params.items() if n.endswith(".bias")}
+    every = torch.cat([g for g in layers.values()])
+    report = GammaReport(layers, betas, (every.abs() < threshold).float().mean().item(),
+                         {n: (g.abs() < threshold).float().mean().item() for n, g in layers.items()})
+    if ablate:
+        source = data.build(record.cfg, 0, 1, device)
+        model.to(device)
+        report.top1 = evaluate(model, source.eval_batches(), device)["top1"]
+        report.ablated_channels = zero_small_channels(model, threshold)
+        report.ablated_top1 = evaluate(model, source.eval_batches(), device)["top1"]
+    return report

@@ -1,0 +1,85 @@
+"""Finding run directories and reading what a finished run left: config, summary, metrics."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from bnonly_dist import config, models
+from bnonly_dist.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunRecord:
+    run_dir: Path
+    cfg: config.Config
+    summary: dict
+    last_eval: dict  # the final `kind: eval` row of metrics.jsonl
+
+    @property
+    def arch(self) -> models.Arch:
+        return models.parse_arch(self.cfg.model.arch)
+
+    @property
+    def num_classes(self) -> int:
+        """As the run trained it (summary.json), else from the config or its data set."""
+        cfg = self.cfg
+        if self.summary.get("num_classes") or cfg.model.num_classes:
+            return self.summary.get("num_classes") or cfg.model.num_classes
+        if cfg.data.name == "synthetic":
+            return cfg.data.synthetic_classes
+        if cfg.data.name == "cifar10":
+            return 10
+        from bnonly_dist.data.layout import imagenet_index
+        return len(imagenet_index(cfg.data.root)[0])
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """(dataset, arch, mode): the runs of a key differ only in their seed."""
+        return self.cfg.data.name, self.cfg.model.arch, self.cfg.mode
+
+
+def _run_dirs(path: Path) -> list[Path]:
+    if path.is_file():  # a sweep file: its points' run directories
+        from bnonly_dist import sweep
+        return [p.run_dir for p in sweep.load(path).points]
+    if (path / "config.yaml").is_file():
+        return [path]
+    if path.is_dir():  # a folder of runs (e.g. runs/)
+        return sorted(p.parent for p in path.glob("*/config.yaml"))
+    raise ConfigError(f"{path} is neither a run directory, a folder of runs nor a sweep file")
+
+
+def read(run_dir: Path) -> RunRecord | None:
+    """The finished run in run_dir, or None (with a log line) if it has not finished."""
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        log.warning("skipping %s: no summary.json (not finished; its job may still be running)", run_dir)
+        return None
+    summary = json.loads(summary_path.read_text())
+    if not summary.get("finished"):
+        log.warning("skipping %s: stopped at step %s before its last step", run_dir, summary.get("step"))
+        return None
+    cfg = config.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    return RunRecord(run_dir, cfg, summary, evals[-1] if evals else summary["final"])
+
+
+def collect(paths: list[str | Path]) -> list[RunRecord]:
+    """Every finished run under the given run directories, folders of runs or sweep files."""
+    seen, records = set(), []
+    for path in paths:
+        for run_dir in _run_dirs(Path(path)):
+            if run_dir.resolve() in seen:
+                continue
+            seen.add(run_dir.resolve())
+            record = read(run_dir)
+            if record:
+                records.append(record)
+    return records

@@ -1,0 +1,98 @@
+"""Results tables: one row per (data set, model, mode), mean +- std over seeds."""
+from __future__ import annotations
+
+import csv
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from bnonly_dist.analysis import paper
+from bnonly_dist.analysis.gamma import GammaReport
+from bnonly_dist.analysis.runs import RunRecord
+from bnonly_dist.modes import MODES
+
+MODE_ORDER = {m: i for i, m in enumerate(MODES)}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float] | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def rows(records: list[RunRecord], gammas: dict[str, GammaReport], threshold: float) -> list[dict]:
+    groups: dict[tuple, list[RunRecord]] = defaultdict(list)
+    for record in records:
+        groups[record.key].append(record)
+    out = []
+    for (dataset, arch_name, mode), runs in groups.items():
+        arch = runs[0].arch
+        reports = [gammas.get(str(r.run_dir)) for r in runs]
+        row = {"dataset": dataset, "arch": arch_name, "family": arch.family, "depth": arch.depth,
+               "width": arch.width, "mode": mode, "trainable_params": runs[0].summary["trainable_params"],
+               "runs": len(runs), "seeds": sorted(r.cfg.seed for r in runs),
+               "top1": _mean_std([r.summary["final"]["top1"] for r in runs]),
+               "top5": _mean_std([r.summary["final"]["top5"] for r in runs]),
+               "paper_top1": paper.top1(dataset, arch_name, mode),
+               "gamma_small_frac": _mean_std([_small_frac(r, rep, threshold) for r, rep in zip(runs, reports)]),
+               "ablated_top1": _mean_std([rep.ablated_top1 if rep else None for rep in reports]),
+               "ablation_change": _mean_std([rep.ablated_top1 - rep.top1 if rep and rep.ablated_top1 is not None
+                                             else None for rep in reports])}
+        out.append(row)
+    return sorted(out, key=lambda r: (r["dataset"], r["family"], r["width"], r["depth"], MODE_ORDER[r["mode"]]))
+
+
+def _small_frac(record: RunRecord, report: GammaReport | None, threshold: float) -> float | None:
+    """From the checkpoint if analysed, else as logged at the end of training (same threshold only)."""
+    if report is not None:
+        return report.small_frac
+    return record.last_eval.get("gamma_small_frac") if record.cfg.train.gamma_threshold == threshold else None
+
+
+def _fmt(pair, digits: int = 2, scale: float = 1.0) -> str:
+    if pair is None:
+        return ""
+    mean, std = pair
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def write(rows_: list[dict], folder: Path, threshold: float) -> tuple[Path, Path]:
+    """results.md and results.csv."""
+    folder.mkdir(parents=True, exist_ok=True)
+    md, csv_path = folder / "results.md", folder / "results.csv"
+    with open(csv_path, "w", newline="") as f:
+        fields = ["dataset", "arch", "depth", "width", "mode", "trainable_params", "runs", "seeds", "top1_mean",
+                  "top1_std", "top5_mean", "top5_std", "paper_top1", "gamma_small_frac_mean", "gamma_small_frac_std",
+                  "ablated_top1_mean", "ablation_change_mean", "ablation_change_std"]
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        for r in rows_:
+            flat = {k: r[k] for k in ("dataset", "arch", "depth", "width", "mode", "trainable_params", "runs",
+                                      "paper_top1")}
+            flat["seeds"] = " ".join(map(str, r["seeds"]))
+            for key in ("top1", "top5", "gamma_small_frac", "ablation_change", "ablated_top1"):
+                if r[key] is not None:
+                    flat[f"{key}_mean"] = r[key][0]
+                    if f"{key}_std" in fields:
+                        flat[f"{key}_std"] = r[key][1]
+            writer.writerow(flat)
+    lines = []
+    for dataset in sorted({r["dataset"] for r in rows_}):
+        imagenet = dataset == "imagenet"
+        lines += [f"## {dataset}", "",
+                  "Test accuracy in %, mean ± std over seeds; paper: the published number where there is one "
+                  "(±1–2, read off its figure); \\|γ\\| < t: the fraction of BN channels with \\|γ\\| below the threshold; "
+                  "zeroed: top-1 after setting those channels' gamma and beta to 0, and the change.", "",
+                  "| model | mode | trainable | runs | top-1 | " + ("top-5 | " if imagenet else "paper | ")
+                  + f"\\|γ\\| < {threshold} | zeroed top-1 | change |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in (r for r in rows_ if r["dataset"] == dataset):
+            third = _fmt(r["top5"]) if imagenet else ("" if r["paper_top1"] is None else f"{r['paper_top1']:g}")
+            lines.append(f"| {r['arch']} | {r['mode']} | {r['trainable_params']:,} | {r['runs']} | {_fmt(r['top1'])} | "
+                         f"{third} | {_fmt(r['gamma_small_frac'], 1, 100).replace(' ±', '% ±')}"
+                         f"{'%' if r['gamma_small_frac'] else ''} | {_fmt(r['ablated_top1'])} | "
+                         f"{_fmt(r['ablation_change'])} |")
+        lines.append("")
+    md.write_text("\n".join(lines))
+    return md, csv_path
