@@ -17,6 +17,7 @@ from bnonly_dist.data.layout import DataError
 def _train(args) -> None:
     from bnonly_dist import train
     train.run(load(args.config, args.overrides), args.run_dir)
+    dist.teardown()
 
 
 def _analyze(args) -> None:

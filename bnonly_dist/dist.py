@@ -17,10 +17,6 @@ import torch
 import torch.distributed as dist
 
 
-class DistributedError(RuntimeError):
-    """The ranks lost each other: one died, hung, or could not be reached."""
-
-
 @dataclass(frozen=True)
 class Context:
     rank: int
