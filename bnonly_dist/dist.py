@@ -88,12 +88,14 @@ def init(device_preference: str = "auto", timeout_s: int = 600) -> Context:
     """
     global _control_group
     env = environment()
-    os.environ.update(env)  # init_process_group's env:// reads MASTER_ADDR/PORT from here
     rank, world, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
     device = choose_device(device_preference, local_rank)
     if device.type == "cpu" and os.environ.get("SLURM_CPUS_PER_TASK"):
         torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))  # not every core of a shared node
     if world > 1 and not dist.is_initialized():
+        # A process of a group: init_process_group's env:// (and DeepSpeed) read these.
+        # A single process leaves the environment alone, so the jobs it launches see none.
+        os.environ.update(env)
         timeout = datetime.timedelta(seconds=timeout_s)
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,

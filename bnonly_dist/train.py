@@ -5,6 +5,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,8 +24,8 @@ from bnonly_dist.stop import StopRequest
 log = logging.getLogger("bnonly")
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path, is_main: bool) -> None:
-    """Create the run directory, or check that an existing one ran this same config."""
+def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
+    """Create the run directory, or check that an existing one ran this same config (one process)."""
     saved = run_dir / "config.yaml"
     if saved.is_file():
         old = from_dict(yaml.safe_load(saved.read_text())).identity()
@@ -34,9 +35,10 @@ def prepare_run_dir(cfg: Config, run_dir: Path, is_main: bool) -> None:
             key = changed[0]
             raise ConfigError(f"{run_dir} holds a run with {key}={old.get(key)!r}, not {new.get(key)!r}; "
                               "pass a new --run-dir or the original settings")
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save(cfg, saved)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".config.yaml.tmp"
+    save(cfg, tmp)
+    os.replace(tmp, saved)  # never a half-written config.yaml for a later resume to trip on
 
 
 def numerics(cfg: Config, device: torch.device):
@@ -54,8 +56,16 @@ class Run:
     def __init__(self, cfg: Config, run_dir: Path | None = None):
         self.cfg, self.ctx = cfg, dist.init(cfg.train.device, cfg.dist.timeout_s)
         self.run_dir = Path(run_dir) if run_dir else Path(cfg.runs_root) / cfg.run_name()
-        prepare_run_dir(cfg, self.run_dir, self.ctx.is_main)
-        dist.barrier()
+        # Rank 0 checks and writes; every rank gets its verdict.
+        refusal = None
+        if self.ctx.is_main:
+            try:
+                prepare_run_dir(cfg, self.run_dir)
+            except ConfigError as err:
+                refusal = str(err)
+        refusal = dist.broadcast_object(refusal)
+        if refusal:
+            raise ConfigError(refusal)
         setup_logging(self.run_dir, self.ctx.rank)
         torch.use_deterministic_algorithms(cfg.train.deterministic)
         torch.backends.cudnn.benchmark = not cfg.train.deterministic

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
             print(cluster.sbatch_script(job_dir, res, name))
             print(f"# run directory: {run_dir}")
             return 0
-        prepare_run_dir(cfg, run_dir, is_main=True)  # refuses a run dir that holds another config
+        prepare_run_dir(cfg, run_dir)  # refuses a run dir that holds another config
         executor = cluster.executor(job_dir, res, name, local=args.local)
         job = executor.submit(TrainJob(cfg.to_dict(), run_dir))
     except (config.ConfigError, DataError) as err:

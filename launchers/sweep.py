@@ -54,7 +54,7 @@ def main(argv=None) -> int:
             print(f"nothing to submit: all {len(spec.points)} points are finished or in the queue")
             return 0
         for point in todo:
-            prepare_run_dir(point.cfg, point.run_dir, is_main=True)
+            prepare_run_dir(point.cfg, point.run_dir)
         executor = cluster.executor(job_dir, res, name, local=args.local)
         with executor.batch():  # one job array
             jobs = [executor.submit(TrainJob(p.cfg.to_dict(), p.run_dir)) for p in todo]

@@ -1,4 +1,6 @@
 """Where a process learns its rank, world and master: torchrun's variables or Slurm's."""
+import os
+
 import pytest
 
 from bnonly_dist import dist
@@ -35,3 +37,11 @@ def test_torchrun_variables_win_and_one_task_is_one_process():
     assert dist.environment(torchrun)["RANK"] == "1"
     assert dist.environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})["WORLD_SIZE"] == "1"
     assert dist.environment({})["WORLD_SIZE"] == "1"
+
+
+def test_a_single_process_leaves_the_environment_alone(monkeypatch):
+    """Else jobs it launches (sbatch inherits the environment) would each think they are rank 0 of 1."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    ctx = dist.init("cpu")
+    assert ctx.world == 1 and "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
