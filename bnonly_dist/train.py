@@ -72,9 +72,9 @@ class Run:
         self.autocast, self.memory_format = numerics(cfg, self.ctx.device)
 
         self.source = data.build(cfg, self.ctx.rank, self.ctx.world, self.ctx.device)
-        num_classes = cfg.model.num_classes or self.source.num_classes
+        self.num_classes = cfg.model.num_classes or self.source.num_classes
         # Every rank builds the same frozen weights from the seed; engines may then shard them.
-        self.model = models.build(cfg.model.arch, num_classes, cfg.seed, cfg.model.bn_init)
+        self.model = models.build(cfg.model.arch, self.num_classes, cfg.seed, cfg.model.bn_init)
         masks = modes.apply(self.model, cfg.mode, cfg.seed)
         self.frozen_sha = checkpoint.frozen_digest(self.model)
         self.trainable = modes.trainable_count(self.model, masks)
@@ -194,7 +194,7 @@ class Run:
                    "seed": self.cfg.seed, "dataset": self.cfg.data.name, "step": self.step,
                    "epoch": self.step / self.steps_per_epoch, "finished": self.step >= self.total,
                    "world": self.ctx.world, "engine": self.engine.name, "trainable_params": self.trainable,
-                   "num_classes": self.cfg.model.num_classes or self.source.num_classes,
+                   "num_classes": self.num_classes,
                    "final": final, "fingerprint": checkpoint.fingerprint(self.engine.full_state_dict()),
                    "wall_time_s": wall_time_s}
         if self.ctx.is_main:
