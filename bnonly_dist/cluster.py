@@ -14,9 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 
-from bnonly_dist.config import ConfigError
+from bnonly_dist.config import ConfigError, read_mapping
 
 RESOURCE_KEYS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "partition", "account", "qos", "time",
                  "mem", "constraint", "exclude", "setup", "max_requeues", "signal_delay_s")
@@ -70,7 +69,7 @@ def resources(args: argparse.Namespace, extra: dict | None = None) -> dict:
     merged = dict(DEFAULTS)
     path = cluster_file()
     if path.is_file():
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = read_mapping(path, "")
         unknown = sorted(set(loaded) - set(RESOURCE_KEYS))
         if unknown:
             raise ConfigError(f"{path}: unknown key {unknown[0]!r}; the keys are {', '.join(RESOURCE_KEYS)}")

@@ -150,18 +150,24 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(f"{path}: base files form a cycle; remove the loop of `base:` keys")
+def read_mapping(path: Path, missing: str) -> dict:
+    """A YAML file holding a mapping (empty file: {}); ConfigError naming the file otherwise."""
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass a path to a YAML file in configs/")
+        raise ConfigError(missing)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: base files form a cycle; remove the loop of `base:` keys")
+    data = read_mapping(path, f"config file {path} does not exist; pass a path to a YAML file in configs/")
     base = data.pop("base", None)
     if base is None:
         return data

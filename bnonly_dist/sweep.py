@@ -52,12 +52,7 @@ def _override(key: str, value) -> str:
 
 def load(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {path} does not exist; see configs/sweeps/")
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
+    spec = config.read_mapping(path, f"sweep file {path} does not exist; see configs/sweeps/")
     unknown = sorted(set(spec) - {"config", "grid", "overrides", "slurm"})
     if (unknown or "config" not in spec or not isinstance(spec.get("grid"), dict) or not spec["grid"]
             or not isinstance(spec.get("overrides", {}), dict)):

@@ -78,3 +78,13 @@ def test_sweep_expands_the_grid_into_distinct_run_dirs(tmp_path):
     spec.write_text("config: x.yaml\ngrid: {seed: 3}\n")
     with pytest.raises(ConfigError, match="grid.seed must be a non-empty list"):
         sweep.load(spec)
+
+
+def test_malformed_cluster_file_is_named(tmp_path):
+    bad = tmp_path / "cluster.yaml"
+    bad.write_text("partition: [gpu\n")
+    out = submit("--dry-run", "configs/demo.yaml", env={**os.environ, "BNONLY_CLUSTER_FILE": str(bad)})
+    assert out.returncode == 2 and "not valid YAML" in out.stderr and out.stderr.count("\n") == 1
+    bad.write_text("- gpu\n")
+    out = submit("--dry-run", "configs/demo.yaml", env={**os.environ, "BNONLY_CLUSTER_FILE": str(bad)})
+    assert out.returncode == 2 and "must hold a mapping" in out.stderr
