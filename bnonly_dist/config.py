@@ -21,7 +21,7 @@ from bnonly_dist.modes import MODES
 NON_IDENTITY_KEYS = frozenset({
     "train.max_steps", "train.log_every", "train.progress", "train.checkpoint_every",
     "train.keep_checkpoints", "train.eval_every", "train.compile", "data.num_threads", "runs_root", "name",
-    "dist.timeout_s", "dist.save_frozen",
+    "dist.timeout_s", "dist.save_frozen", "train.activation_checkpointing",
 })
 
 
@@ -95,6 +95,22 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(default=2, gt=0)
     gamma_threshold: float = Field(default=0.01, gt=0)  # |gamma| below this = channel off
     progress: Literal["auto", "bar", "lines"] = "auto"  # auto: a bar on a terminal
+    # Frozen convolutions save only their weight, BN(+ReLU) saves x_hat and a 1-bit mask
+    # (models/layers.py). auto: on for modes whose convolutions are frozen.
+    lean_autograd: bool | Literal["auto"] = "auto"
+    # Residual stages (1 = layer1) recomputed in backward instead of keeping their
+    # activations; same bits, about one extra forward (for ResNet-866, ResNet-200 at large batch).
+    activation_checkpointing: list[int] = []
+    # bf16: frozen conv/linear weights stored in bf16 (half the memory and FSDP all-gather
+    # bytes); needs bf16 autocast, i.e. train.precision=bf16 or auto on a GPU.
+    frozen_dtype: Literal["fp32", "bf16"] = "fp32"
+
+    @field_validator("activation_checkpointing")
+    @classmethod
+    def _stages_valid(cls, stages: list[int]) -> list[int]:
+        if any(s < 1 or s > 4 for s in stages) or len(set(stages)) != len(stages):
+            raise ValueError("must list distinct residual stages between 1 and 4, e.g. [1, 2]")
+        return sorted(stages)
 
 
 class DistConfig(_Section):
@@ -117,6 +133,17 @@ class Config(_Section):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     dist: DistConfig = DistConfig()
+
+    @model_validator(mode="after")
+    def _train_options_fit(self) -> "Config":
+        from bnonly_dist.models import parse_arch
+        stages = 3 if parse_arch(self.model.arch).family == "cifar" else 4
+        if any(s > stages for s in self.train.activation_checkpointing):
+            raise ValueError(f"train.activation_checkpointing lists a stage {self.model.arch} does not have; "
+                             f"its residual stages are 1 to {stages}")
+        if self.train.frozen_dtype == "bf16" and self.train.precision == "fp32":
+            raise ValueError("train.frozen_dtype=bf16 needs bf16 autocast; set train.precision=bf16 (or auto on a GPU)")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -209,11 +236,26 @@ def parse_args(parser, argv=None):
     return args
 
 
+def _key(loc: tuple) -> str:
+    """The dotted config key of an error location (without list indices or union member tags)."""
+    section, parts = Config, []
+    for part in loc:
+        fields = getattr(section, "model_fields", {})
+        if part not in fields:
+            break
+        parts.append(part)
+        section = fields[part].annotation
+    return ".".join(parts) or str(loc[0])
+
+
 def _describe(err: ValidationError) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if not first["loc"]:  # a check across sections: its message names the keys
+        return first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
+        key = ".".join(str(p) for p in first["loc"])
         return f"unknown config key '{key}'; check its spelling against bnonly_dist/config.py"
+    key = _key(first["loc"])
     got = first.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"config key '{key}': {first['msg']}{shown}; fix it in the YAML or with {key}=..."

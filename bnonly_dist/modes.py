@@ -36,6 +36,12 @@ MODES = {
 }
 
 
+def freezes_convolutions(mode_name: str) -> bool:
+    """Whether the mode leaves every 3x3/1x1 body convolution frozen (the lean path's default)."""
+    mode = MODES[mode_name]
+    return "conv" not in mode.trains and not mode.random_per_channel
+
+
 def random_channel_mask(weight: torch.Tensor, k: int, seed: int, name: str) -> torch.Tensor:
     """k distinct random positions per output channel, a pure function of (seed, name)."""
     out_channels, fan_in = weight.shape[0], weight[0].numel()

@@ -50,6 +50,21 @@ def numerics(cfg: Config, device: torch.device):
     return autocast, torch.channels_last if channels_last else torch.contiguous_format
 
 
+def lean_autograd(cfg: Config) -> bool:
+    setting = cfg.train.lean_autograd
+    return modes.freezes_convolutions(cfg.mode) if setting == "auto" else setting
+
+
+def frozen_dtype(cfg: Config, autocast) -> torch.dtype | None:
+    """bf16 for frozen weights if configured; they are only usable under bf16 autocast."""
+    if cfg.train.frozen_dtype == "fp32":
+        return None
+    if autocast is contextlib.nullcontext:
+        raise ConfigError("train.frozen_dtype=bf16 needs bf16 autocast, which is off on the CPU by default; "
+                          "set train.precision=bf16")
+    return torch.bfloat16
+
+
 class Run:
     """One training run: the pieces built from the config, the loop, checkpoints, summary."""
 
@@ -76,6 +91,9 @@ class Run:
         # Every rank builds the same frozen weights from the seed; engines may then shard them.
         self.model = models.build(cfg.model.arch, self.num_classes, cfg.seed, cfg.model.bn_init)
         masks = modes.apply(self.model, cfg.mode, cfg.seed)
+        self.lean = lean_autograd(cfg)
+        models.set_memory_options(self.model, self.lean, cfg.train.activation_checkpointing,
+                                  frozen_dtype(cfg, self.autocast))
         self.frozen_sha = checkpoint.frozen_digest(self.model)
         self.trainable = modes.trainable_count(self.model, masks)
         self.total_params = sum(p.numel() for p in self.model.parameters())
@@ -147,6 +165,8 @@ class Run:
         log.info("run %s: %s mode=%s, %d trainable of %d parameters, %d steps/epoch, steps %d -> %d on %s x%d (%s)",
                  self.run_dir, cfg.model.arch, cfg.mode, self.trainable, self.total_params, spe, self.step, self.end,
                  self.ctx.device, self.ctx.world, self.engine.name)
+        log.info("lean autograd %s, activation checkpointing in stages %s, frozen weights %s",
+                 "on" if self.lean else "off", cfg.train.activation_checkpointing or "none", cfg.train.frozen_dtype)
         log.info("this rank holds %d of the %d parameter numbers (%s)", self.engine.local_numel(), self.total_params,
                  self.engine.name)
         self.bar = tqdm(total=self.end, initial=self.step, dynamic_ncols=True,

@@ -14,6 +14,7 @@ from torch import nn
 from bnonly_dist.models.cifar_resnet import CifarResNet
 from bnonly_dist.models.imagenet_resnet import STAGE_BLOCKS, ImageNetResNet
 from bnonly_dist.models.init import initialize
+from bnonly_dist.models.layers import set_lean
 
 ROLES = ("conv", "shortcut", "bn", "output")
 
@@ -55,6 +56,22 @@ def build(name: str, num_classes: int, seed: int, bn_init: str = "uniform") -> n
     model = create(name, num_classes)
     initialize(model, seed, bn_init)
     return model
+
+
+@torch.no_grad()
+def set_memory_options(model: nn.Module, lean: bool, checkpointed_stages=(), frozen_dtype: torch.dtype | None = None,
+                       ) -> None:
+    """Lean autograd on or off, activation checkpointing for the listed stages (1-based), and
+    frozen conv/linear weights cast to frozen_dtype. Call after modes.apply (it decides what is frozen)."""
+    set_lean(model, lean)
+    for number, stage in enumerate(model.stages(), 1):
+        stage.checkpointed = number in checkpointed_stages
+    if frozen_dtype is not None:
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                for param in module.parameters(recurse=False):
+                    if not param.requires_grad:
+                        param.data = param.data.to(frozen_dtype)
 
 
 def parameter_roles(model: nn.Module) -> dict[str, str]:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from bnonly_dist.models.blocks import BasicBlock
+from bnonly_dist.models.layers import BatchNorm2d, Conv2d, Stage
 
 
 class CifarResNet(nn.Module):
@@ -19,9 +20,8 @@ class CifarResNet(nn.Module):
         if (depth - 2) % 6 or depth < 8:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
         blocks = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
+        self.conv1 = Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = BatchNorm2d(width)
         f_in = width
         for stage, f_out in enumerate((width, 2 * width, 4 * width)):
             layers = []
@@ -29,15 +29,15 @@ class CifarResNet(nn.Module):
                 stride = 2 if stage > 0 and i == 0 else 1
                 layers.append(BasicBlock(f_in, f_out, stride))
                 f_in = f_out
-            self.add_module(f"layer{stage + 1}", nn.Sequential(*layers))
+            self.add_module(f"layer{stage + 1}", Stage(*layers))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(f_in, num_classes)
 
-    def stages(self) -> list[nn.Sequential]:
+    def stages(self) -> list[Stage]:
         return [m for name, m in self.named_children() if name.startswith("layer")]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.bn1(self.conv1(x), relu=True)
         for stage in self.stages():
             x = stage(x)
         return self.fc(torch.flatten(self.pool(x), 1))

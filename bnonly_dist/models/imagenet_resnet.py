@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from bnonly_dist.models.blocks import BasicBlock, downsample
+from bnonly_dist.models.layers import BatchNorm2d, Conv2d, ReLU, Stage
 
 STAGE_BLOCKS = {
     18: ("basic", (2, 2, 2, 2)),
@@ -26,18 +27,18 @@ class Bottleneck(nn.Module):
     def __init__(self, f_in: int, planes: int, stride: int):
         super().__init__()
         f_out = planes * self.expansion
-        self.conv1 = nn.Conv2d(f_in, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, f_out, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(f_out)
-        self.relu = nn.ReLU(inplace=True)
+        self.conv1 = Conv2d(f_in, planes, 1, bias=False)
+        self.bn1 = BatchNorm2d(planes)
+        self.conv2 = Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = BatchNorm2d(planes)
+        self.conv3 = Conv2d(planes, f_out, 1, bias=False)
+        self.bn3 = BatchNorm2d(f_out)
+        self.relu = ReLU()
         self.downsample = downsample(f_in, f_out, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn1(self.conv1(x), relu=True)
+        out = self.bn2(self.conv2(out), relu=True)
         out = self.bn3(self.conv3(out))
         out = out + (x if self.downsample is None else self.downsample(x))
         return self.relu(out)
@@ -50,9 +51,8 @@ class ImageNetResNet(nn.Module):
             raise ValueError(f"ImageNet ResNet depth must be one of {sorted(STAGE_BLOCKS)}, got {depth}")
         kind, counts = STAGE_BLOCKS[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
-        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
+        self.conv1 = Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = BatchNorm2d(width)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         f_in = width
         for stage, count in enumerate(counts):
@@ -61,15 +61,15 @@ class ImageNetResNet(nn.Module):
             for i in range(count):
                 layers.append(block(f_in, planes, 2 if stage > 0 and i == 0 else 1))
                 f_in = planes * block.expansion
-            self.add_module(f"layer{stage + 1}", nn.Sequential(*layers))
+            self.add_module(f"layer{stage + 1}", Stage(*layers))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(f_in, num_classes)
 
-    def stages(self) -> list[nn.Sequential]:
+    def stages(self) -> list[Stage]:
         return [m for name, m in self.named_children() if name.startswith("layer")]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.bn1(self.conv1(x), relu=True))
         for stage in self.stages():
             x = stage(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))

@@ -1,0 +1,212 @@
+"""Conv2d, BatchNorm2d and ReLU with a lean autograd path for frozen convolutions.
+
+Plain autograd saves every convolution input even when the weight is frozen (so that
+it could compute a weight gradient nobody asked for; pytorch/pytorch#133566). With
+`lean` on (see set_lean):
+
+- a Conv2d whose weight is frozen saves only that weight: its input gradient is a
+  transposed convolution of the output gradient and needs no activation;
+- a BatchNorm2d in training saves its normalised input x_hat (in the compute dtype) and,
+  when it ends in a ReLU, that ReLU's sign as 1 bit per element;
+- a ReLU saves only its 1-bit sign.
+
+A BasicBlock then keeps about two activations instead of four. Gradients equal plain
+autograd's up to rounding (tests/test_lean.py). Eval mode and no-grad use the plain path.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_recompute = threading.local()  # set while activation checkpointing recomputes a segment
+
+# Bit tricks on int64 words of 8 mask bytes (little-endian): one multiply gathers the low
+# bit of each byte into the top byte; the reverse spreads bit k back into byte k.
+_GATHER = 0x0102040810204080
+_REPEAT = 0x0101010101010101
+_SELECT = 0x8040201008040201 - (1 << 64)  # byte k keeps bit k (as a signed int64)
+_SEVENS = 0x7F7F7F7F7F7F7F7F  # a non-zero byte + 0x7F sets that byte's top bit
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor of any dense layout as uint8, 8 elements per byte, in memory order."""
+    flat = mask.as_strided((mask.numel(),), (1,)).view(torch.uint8)
+    if flat.numel() % 8:
+        flat = F.pad(flat, (0, -flat.numel() % 8))
+    return ((flat.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: torch.Size, stride: tuple[int, ...]) -> torch.Tensor:
+    """The mask pack_bits took, as uint8 0/1 (multiplies faster than bool) with its shape and strides."""
+    words = packed.to(torch.int64).mul_(_REPEAT).bitwise_and_(_SELECT).add_(_SEVENS)
+    flat = words.bitwise_right_shift_(7).bitwise_and_(_REPEAT).view(torch.uint8)
+    return flat[:shape.numel()].as_strided(shape, stride)
+
+
+class FrozenConv2dFunction(torch.autograd.Function):
+    """conv2d with a frozen weight: saves the weight, returns only the input gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding, dilation, groups):
+        out = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        ctx.save_for_backward(weight)
+        ctx.conv = (x.shape, stride, padding, dilation, groups)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (weight,) = ctx.saved_tensors
+        shape, stride, padding, dilation, groups = ctx.conv
+        # The input gradient is the transposed convolution; output_padding restores the rows
+        # and columns a strided forward dropped. Autocast ran the forward in grad_out's dtype;
+        # autograd casts the result back to x's.
+        kept = [(out - 1) * s - 2 * p + d * (k - 1) + 1
+                for out, s, p, d, k in zip(grad_out.shape[2:], stride, padding, dilation, weight.shape[2:])]
+        extra = [size - k for size, k in zip(shape[2:], kept)]
+        grad_in = F.conv_transpose2d(grad_out, weight.to(grad_out.dtype), None, stride, padding, extra, groups,
+                                     dilation)
+        return grad_in, None, None, None, None, None
+
+
+class BatchNormReLUFunction(torch.autograd.Function):
+    """Training-mode batch norm, optionally followed by ReLU, saving its input and a 1-bit mask."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, relu):
+        # The same kernel as nn.BatchNorm2d: same output, same running-statistics update.
+        out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        positive = out.relu_().bool() if relu else None  # after ReLU non-zero means positive (fast on CPU)
+        ctx.save_for_backward(x, pack_bits(positive) if relu else None, weight, mean, invstd)
+        ctx.relu, ctx.eps = relu, eps
+        ctx.mask_layout = (positive.shape, positive.stride()) if relu else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, mask, weight, mean, invstd = ctx.saved_tensors
+        if ctx.relu:
+            grad_out = grad_out * unpack_bits(mask, *ctx.mask_layout)
+        needs = ctx.needs_input_grad
+        grad_in, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, [needs[0], needs[1], needs[2]])
+        return grad_in, grad_weight, grad_bias, None, None, None, None, None
+
+
+class ReLUMaskFunction(torch.autograd.Function):
+    """ReLU that saves its sign as 1 bit per element."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = x.relu_()  # in place, as nn.ReLU(inplace=True): x is the block's fresh sum
+        ctx.mark_dirty(out)
+        positive = out.bool()
+        ctx.save_for_backward(pack_bits(positive))
+        ctx.layout = positive.shape, positive.stride()
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (mask,) = ctx.saved_tensors
+        return grad_out * unpack_bits(mask, *ctx.layout)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that, when lean and frozen, saves only its weight for backward."""
+
+    lean = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean and not self.weight.requires_grad and self.bias is None and x.requires_grad \
+                and self.padding_mode == "zeros" and torch.is_grad_enabled():
+            return FrozenConv2dFunction.apply(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
+        return super().forward(x)
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d with an optional fused ReLU (`bn(x, relu=True)`) and the lean path."""
+
+    lean = False
+
+    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        if not (self.training and self.track_running_stats):
+            out = super().forward(x)
+            return F.relu(out, inplace=True) if relu else out
+        if getattr(_recompute, "active", False):
+            # Recomputed for activation checkpointing: the same computation, but the running
+            # statistics were updated by the first forward, so throwaway copies take this one.
+            running_mean, running_var, momentum = self.running_mean.clone(), self.running_var.clone(), 0.0
+        else:
+            running_mean, running_var = self.running_mean, self.running_var
+            self.num_batches_tracked.add_(1)
+            # nn.BatchNorm2d's update factor (momentum=None: a cumulative average)
+            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        if self.lean and torch.is_grad_enabled():
+            return BatchNormReLUFunction.apply(x, self.weight, self.bias, running_mean, running_var, momentum,
+                                               self.eps, relu)
+        out = F.batch_norm(x, running_mean, running_var, self.weight, self.bias, True, momentum, self.eps)
+        return F.relu(out, inplace=True) if relu else out
+
+
+class ReLU(nn.ReLU):
+    """nn.ReLU(inplace=True) that, when lean, saves a 1-bit sign instead of its output."""
+
+    lean = False
+
+    def __init__(self):
+        super().__init__(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean and x.requires_grad and torch.is_grad_enabled():
+            return ReLUMaskFunction.apply(x)
+        return super().forward(x)
+
+
+def set_lean(model: nn.Module, enabled: bool) -> None:
+    """Switch the lean autograd path of every layer in model on or off."""
+    for module in model.modules():
+        if isinstance(module, (Conv2d, BatchNorm2d, ReLU)):
+            module.lean = enabled
+
+
+@contextlib.contextmanager
+def _recomputing():
+    _recompute.active = True
+    try:
+        yield
+    finally:
+        _recompute.active = False
+
+
+class Stage(nn.Sequential):
+    """A residual stage: its blocks in order, optionally under activation checkpointing.
+
+    checkpointed: only the inputs of about sqrt(blocks) segments are kept, and each
+    segment is recomputed during backward, so a stage holds O(sqrt(blocks)) blocks'
+    activations at a time (for ResNet-866-deep stages) for about one extra forward.
+    """
+
+    checkpointed = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.checkpointed and torch.is_grad_enabled()):
+            return super().forward(x)
+        blocks = list(self)
+        size = max(1, round(len(blocks) ** 0.5))
+        for start in range(0, len(blocks), size):
+            x = torch.utils.checkpoint.checkpoint(_run_blocks, blocks[start:start + size], x, use_reentrant=False,
+                                                  context_fn=_checkpoint_contexts)
+        return x
+
+
+def _run_blocks(blocks: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        x = block(x)
+    return x
+
+
+def _checkpoint_contexts():
+    return contextlib.nullcontext(), _recomputing()
