@@ -82,7 +82,10 @@ def _data(args) -> None:
     if args.data_command == "fake-cifar10":
         out = fake.write_cifar10(args.dir, args.train_size, args.test_size, args.seed)
     elif args.data_command == "fake-imagenet":
-        out = fake.write_imagenet(args.dir, args.classes, args.train_per_class, args.val_per_class, args.seed)
+        if not 8 <= args.min_side < args.max_side:
+            raise ConfigError(f"--min-side {args.min_side} --max-side {args.max_side}: need 8 <= min < max")
+        out = fake.write_imagenet(args.dir, args.classes, args.train_per_class, args.val_per_class, args.seed,
+                                  (args.min_side, args.max_side))
     else:
         print(json.dumps(layout.check(args.dir, decode=args.decode)))
         return
@@ -156,6 +159,8 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--train-per-class", type=int, default=32)
     i.add_argument("--val-per-class", type=int, default=10)
     i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--min-side", type=int, default=64, help="image sides are drawn from [min, max)")
+    i.add_argument("--max-side", type=int, default=160, help="real ImageNet: about 333 to 500 (for decode speed)")
     k = dsub.add_parser("check", help="validate a CIFAR-10 or ImageNet layout")
     k.add_argument("dir")
     k.add_argument("--decode", action="store_true", help="decode every image to find corrupt ones")

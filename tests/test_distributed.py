@@ -59,6 +59,26 @@ def test_engines_follow_the_ddp_loss_curve(engine, reference):
     assert summary["final"]["top1"] == pytest.approx(ddp["final"]["top1"])
 
 
+@pytest.mark.parametrize("engine, extra", [("ddp", []), ("fsdp", ["dist.fsdp_unit=stage"]), ("zero3", [])])
+def test_activation_checkpointing_follows_the_same_loss_curve(engine, extra, overrides, reference, tmp_path):
+    """Every engine with stages recomputed in backward (lean autograd on, the bn default)."""
+    summary = run(2, overrides(engine, "train.activation_checkpointing=[1,2,3]", *extra), tmp_path / "run")
+    assert summary["finished"]
+    np.testing.assert_allclose(train_losses(tmp_path / "run"), train_losses(reference("ddp")[1]), rtol=1e-5)
+    if engine == "ddp":  # same bits: recomputation changes nothing
+        assert summary["fingerprint"] == reference("ddp")[0]["fingerprint"]
+
+
+def test_bf16_frozen_weights_shard_and_train_alike(overrides, tmp_path):
+    """FSDP all-gathers frozen weights stored in bf16 (half the bytes) and matches DDP."""
+    bf16 = ["train.precision=bf16", "train.frozen_dtype=bf16"]
+    ddp = run(2, overrides("ddp", *bf16), tmp_path / "ddp")
+    fsdp = run(2, overrides("fsdp", *bf16), tmp_path / "fsdp")
+    assert ddp["finished"] and fsdp["finished"]
+    np.testing.assert_allclose(train_losses(tmp_path / "fsdp"), train_losses(tmp_path / "ddp"), rtol=1e-4)
+    assert "frozen weights bf16" in (tmp_path / "fsdp" / "logs" / "rank0.log").read_text()
+
+
 @pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero1", "zero3"])
 def test_killing_one_rank_then_rerunning_ends_bit_identical(engine, overrides, reference, tmp_path):
     run_dir = tmp_path / "run"

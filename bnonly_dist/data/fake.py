@@ -57,8 +57,8 @@ def write_cifar10(root: str | Path, train_size: int = 2560, test_size: int = 100
 
 
 def write_imagenet(root: str | Path, num_classes: int = 10, train_per_class: int = 32,
-                   val_per_class: int = 10, seed: int = 0) -> Path:
-    """train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (class-folder layout), images of varied sizes."""
+                   val_per_class: int = 10, seed: int = 0, sides: tuple[int, int] = (64, 160)) -> Path:
+    """train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (class-folder layout), image sides drawn from [sides)."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     wnids = [f"n{10000000 + 1111 * c:08d}" for c in range(num_classes)]
@@ -67,7 +67,7 @@ def write_imagenet(root: str | Path, num_classes: int = 10, train_per_class: int
             folder = root / split / wnid
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
-                height, width = rng.integers(64, 160, size=2)
+                height, width = rng.integers(*sides, size=2)
                 image = _class_images(rng, np.array([label]), int(height), int(width), num_classes)[0]
                 buffer = io.BytesIO()
                 Image.fromarray(image).save(buffer, format="JPEG", quality=90)
