@@ -1,8 +1,8 @@
 """`bnonly bench`: speed and memory of full training vs BN-only, plain and lean autograd, side by side.
 
 Variants, one process, the same synthetic batch: all (mode=all), bn-plain (mode=bn,
-plain autograd) and bn-lean (mode=bn, lean autograd). For each: median step time (the
-variants take turns step by step),
+plain autograd) and bn-lean (mode=bn, lean autograd), each in a fresh process. For
+each: median step time,
 images/s, FLOPs per step (and the fraction of the GPU's peak), bytes autograd saves for
 backward (saved-tensor hooks), peak memory and the largest batch that fits (GPU). With
 --data, the data pipeline alone (images/s of the configured source) tells whether
@@ -11,7 +11,9 @@ loading or compute bounds a step.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -113,44 +115,46 @@ def largest_batch(setup: Setup, variant: str, start: int, limit: int) -> int:
     return good
 
 
-def _allocated(device: torch.device) -> int:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-
-
-def profile_variant(setup: Setup, variant: str, engine: Engine, images, labels, baseline: int) -> dict:
-    """Everything but the timing: counts, FLOPs, saved activations, peak memory of one step."""
-    cfg, device = setup.cfg, setup.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with FlopCounterMode(display=False) as counter:
+def measure(cfg: Config, variant: str, steps: int, warmup: int, max_batch_limit: int) -> dict:
+    """One variant, alone in its process: counts, FLOPs, saved activations, peak memory, median
+    step time and (GPU) the largest batch."""
+    setup = Setup(cfg)
+    device = setup.device
+    images, labels = setup.batch(cfg.data.batch_size)
+    engine = setup.engine(variant)
+    for _ in range(warmup):
         engine.train_step(images, labels, setup.autocast)
     _sync(device)
-    # The variants built before this one stay resident for the interleaved timing: not counted.
-    peak = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.train_step(images, labels, setup.autocast)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    median = sorted(times)[len(times) // 2]
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    with FlopCounterMode(display=False) as counter:
+        engine.train_step(images, labels, setup.autocast)
     model = engine.model
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     saved = saved_activation_bytes(model, images, labels, setup.autocast)
-    return {
+    result = {
         "variant": variant, "mode": VARIANTS[variant][0], "lean": VARIANTS[variant][1],
-        "trainable_params": modes.trainable_count(model, engine.masks), "flops_per_step": counter.get_total_flops(),
+        "trainable_params": modes.trainable_count(model, engine.masks),
+        "step_time_s": median, "images_per_s": len(labels) / median,
+        "flops_per_step": counter.get_total_flops(), "achieved_tflops": counter.get_total_flops() / median / 1e12,
         "saved_activation_bytes": saved, "saved_activation_bytes_per_image": saved / len(labels),
         "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         "grad_and_momentum_bytes": grad_bytes * (2 if cfg.optim.momentum > 0 else 1),
         "peak_memory_bytes": peak, "max_batch": None,
     }
-
-
-def time_interleaved(setup: Setup, engines: dict, images, labels, steps: int) -> dict[str, float]:
-    """Median step time per variant; the variants take turns so that drift in the machine's
-    speed (other load, clocks) hits them alike."""
-    times = {variant: [] for variant in engines}
-    for _ in range(steps):
-        for variant, engine in engines.items():
-            start = time.perf_counter()
-            engine.train_step(images, labels, setup.autocast)
-            _sync(setup.device)
-            times[variant].append(time.perf_counter() - start)
-    return {variant: sorted(t)[len(t) // 2] for variant, t in times.items()}
+    del engine, model
+    if device.type == "cuda" and max_batch_limit:
+        torch.cuda.empty_cache()
+        result["max_batch"] = largest_batch(setup, variant, cfg.data.batch_size, max_batch_limit)
+    return result
 
 
 def pipeline_rate(cfg: Config, device: torch.device, steps: int, warmup: int) -> dict:
@@ -179,26 +183,17 @@ def pipeline_rate(cfg: Config, device: torch.device, steps: int, warmup: int) ->
 
 def run(cfg: Config, steps: int = 10, warmup: int = 3, variants=tuple(VARIANTS), with_data: bool = False,
         max_batch_limit: int = 4096) -> dict:
-    torch.manual_seed(cfg.seed)
-    setup = Setup(cfg)
-    device = setup.device
-    on_gpu = device.type == "cuda"
-    images, labels = setup.batch(cfg.data.batch_size)
-    engines, results = {}, []
+    """Each variant in a fresh process, one after the other, as a training run holds one model
+    per process: another variant's tensors would shape the allocator and caches (on the CPU,
+    mode=all ran 35% faster after the BN-only variants had run in the same process) and
+    share the GPU's memory."""
+    results = []
     for variant in variants:
-        baseline = _allocated(device)
-        engines[variant] = engine = setup.engine(variant)
-        for _ in range(warmup):
-            engine.train_step(images, labels, setup.autocast)
-        results.append(profile_variant(setup, variant, engine, images, labels, baseline))
-    medians = time_interleaved(setup, engines, images, labels, steps)
-    engines.clear()
-    for result in results:
-        median = medians[result["variant"]]
-        result.update(step_time_s=median, images_per_s=len(labels) / median,
-                      achieved_tflops=result["flops_per_step"] / median / 1e12)
-        if on_gpu and max_batch_limit:
-            result["max_batch"] = largest_batch(setup, result["variant"], cfg.data.batch_size, max_batch_limit)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results.append(pool.submit(measure, cfg, variant, steps, warmup, max_batch_limit).result())
+    device = choose_device(cfg.train.device, 0)
+    on_gpu = device.type == "cuda"
+    setup = Setup(cfg)
     name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     report = {"arch": cfg.model.arch, "batch": cfg.data.batch_size, "image_size": setup.size, "device": str(device),
               "device_name": name, "threads": torch.get_num_threads(),

@@ -99,6 +99,26 @@ def test_bn_relu_saves_its_input_and_a_one_bit_mask():
     assert sum(t.numel() for t in saved if t.numel() < x.numel() and t.dtype != torch.uint8) <= 3 * 16
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_max_pool_saves_int32_positions_and_adds_shared_maxima(channels_last):
+    x = torch.randn(2, 4, 9, 10, dtype=torch.float64)
+    x[:, :, 2, 2] = 10  # the maximum of four overlapping windows
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    results = []
+    for lean in [False, True]:
+        pool = layers.MaxPool2d(3, 2, 1)
+        pool.lean = lean
+        x_in = x.clone().requires_grad_()
+        out = pool(x_in)
+        out.backward(grad)
+        results.append((out.detach(), x_in.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    saved = saved_tensors(pool, x.clone().requires_grad_())
+    assert len(saved) == 1 and saved[0].dtype == torch.int32 and saved[0].shape == (2, 4, 5, 5)
+
+
 @pytest.mark.parametrize("shape, channels_last", [((3, 5, 7, 2), False), ((4, 8, 6, 6), True), ((13,), False)])
 def test_bits_round_trip(shape, channels_last):
     mask = torch.rand(shape) > 0.5

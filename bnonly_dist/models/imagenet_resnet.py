@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bnonly_dist.models.blocks import BasicBlock, downsample
-from bnonly_dist.models.layers import BatchNorm2d, Conv2d, ReLU, Stage
+from bnonly_dist.models.layers import BatchNorm2d, Conv2d, MaxPool2d, ReLU, Stage
 
 STAGE_BLOCKS = {
     18: ("basic", (2, 2, 2, 2)),
@@ -53,7 +53,7 @@ class ImageNetResNet(nn.Module):
         block = BasicBlock if kind == "basic" else Bottleneck
         self.conv1 = Conv2d(3, width, 7, 2, 3, bias=False)
         self.bn1 = BatchNorm2d(width)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.maxpool = MaxPool2d(3, 2, 1)
         f_in = width
         for stage, count in enumerate(counts):
             planes = width * 2**stage

@@ -6,12 +6,16 @@ it could compute a weight gradient nobody asked for; pytorch/pytorch#133566). Wi
 
 - a Conv2d whose weight is frozen saves only that weight: its input gradient is a
   transposed convolution of the output gradient and needs no activation;
-- a BatchNorm2d in training saves its normalised input x_hat (in the compute dtype) and,
-  when it ends in a ReLU, that ReLU's sign as 1 bit per element;
-- a ReLU saves only its 1-bit sign.
+- a BatchNorm2d in training saves one full tensor, its input (in the compute dtype),
+  and, when it ends in a ReLU (`bn(x, relu=True)`), that ReLU's sign as 1 bit per
+  element instead of the ReLU's output;
+- a ReLU saves only its 1-bit sign;
+- a max pool saves its argmax positions as int32, not its input and int64 positions.
 
-A BasicBlock then keeps about two activations instead of four. Gradients equal plain
-autograd's up to rounding (tests/test_lean.py). Eval mode and no-grad use the plain path.
+The BN keeps its input rather than the normalised input x_hat: the same bytes, but
+forward and backward then run nn.BatchNorm2d's own kernels, with no extra pass to form
+x_hat and the same gradients. A BasicBlock keeps about two activations instead of four
+(tests/test_lean.py checks gradients and bytes). Eval mode and no-grad use the plain path.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     flat = mask.as_strided((mask.numel(),), (1,)).view(torch.uint8)
     if flat.numel() % 8:
         flat = F.pad(flat, (0, -flat.numel() % 8))
-    return ((flat.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
+    return (flat.view(torch.int64) * _GATHER).view(torch.uint8)[7::8].clone()  # each word's top byte
 
 
 def unpack_bits(packed: torch.Tensor, shape: torch.Size, stride: tuple[int, ...]) -> torch.Tensor:
@@ -114,6 +118,26 @@ class ReLUMaskFunction(torch.autograd.Function):
         return grad_out * unpack_bits(mask, *ctx.layout)
 
 
+class MaxPoolFunction(torch.autograd.Function):
+    """max_pool2d that saves only the argmax positions, as int32, not its input."""
+
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, padding):
+        out, argmax = torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding)
+        ctx.save_for_backward(argmax.to(torch.int32))  # positions within a plane: H * W < 2**31
+        ctx.shape = x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (argmax,) = ctx.saved_tensors
+        n, c, h, w = ctx.shape
+        # Overlapping windows may share a maximum: add, as max_pool2d's own backward does.
+        grad_in = grad_out.new_zeros((n, c, h * w))
+        grad_in.scatter_add_(2, argmax.reshape(n, c, -1).long(), grad_out.reshape(n, c, -1))
+        return grad_in.view(n, c, h, w), None, None, None
+
+
 class Conv2d(nn.Conv2d):
     """nn.Conv2d that, when lean and frozen, saves only its weight for backward."""
 
@@ -165,10 +189,22 @@ class ReLU(nn.ReLU):
         return super().forward(x)
 
 
+class MaxPool2d(nn.MaxPool2d):
+    """nn.MaxPool2d that, when lean, saves int32 argmax positions instead of its input and int64 ones."""
+
+    lean = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean and x.requires_grad and torch.is_grad_enabled() and self.dilation == 1 \
+                and not self.ceil_mode and not self.return_indices:
+            return MaxPoolFunction.apply(x, self.kernel_size, self.stride, self.padding)
+        return super().forward(x)
+
+
 def set_lean(model: nn.Module, enabled: bool) -> None:
     """Switch the lean autograd path of every layer in model on or off."""
     for module in model.modules():
-        if isinstance(module, (Conv2d, BatchNorm2d, ReLU)):
+        if isinstance(module, (Conv2d, BatchNorm2d, ReLU, MaxPool2d)):
             module.lean = enabled
 
 
