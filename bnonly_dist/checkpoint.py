@@ -131,6 +131,9 @@ def save(run_dir: Path, engine, rank: int, meta: dict, data_state: dict, keep: i
                               f"permissions in {folder} and start again: it resumes from {latest(run_dir) or 'scratch'}")
     if rank == 0:
         _write_commit(tmp, {**meta, "frozen_included": include_frozen, "torch": torch.__version__})
+        if final.exists():  # no commit marker (checked above): not a checkpoint resume would ever use
+            log.warning("replacing %s, which has no %s", final, COMMIT)
+            shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(folder)
         for old in complete_checkpoints(run_dir)[:-keep]:

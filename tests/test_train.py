@@ -88,9 +88,12 @@ def test_resume_skips_a_damaged_checkpoint_and_unfinished_saves(tiny_cfg, tmp_pa
     shard = next(ckpts[-1].glob("state/*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])  # truncated after it was committed
     (part / "checkpoints" / ".tmp-step_00000014").mkdir()  # a save killed before its commit
+    (part / "checkpoints" / "step_00000016").mkdir()  # no commit marker (a foreign or legacy folder)
+    (part / "checkpoints" / "step_00000016" / "junk").write_text("x")
     resumed = train.run(tiny_cfg(), part)
     assert resumed["fingerprint"] == whole["fingerprint"]
     assert "trying the one before" in (part / "logs" / "rank0.log").read_text()
+    assert (part / "checkpoints" / "step_00000016" / "commit.json").is_file()  # saved over it
 
 
 def test_frozen_weight_mismatch_is_an_error(tiny_cfg, tmp_path):
