@@ -16,12 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bnonly_dist.modes import MODES
 
-# Keys that change how a run is watched or paced, not what it computes: a run directory
-# may be resumed with other values for them, and they do not enter its derived name.
+# Keys that change how a run is watched, paced or held in memory, not what it computes
+# (beyond float rounding): a run directory may be resumed with other values for them, and
+# they do not enter its derived name.
 NON_IDENTITY_KEYS = frozenset({
     "train.max_steps", "train.log_every", "train.progress", "train.checkpoint_every",
     "train.keep_checkpoints", "train.eval_every", "train.compile", "data.num_threads", "runs_root", "name",
-    "dist.timeout_s", "dist.save_frozen", "train.activation_checkpointing",
+    "dist.timeout_s", "dist.save_frozen", "train.lean_autograd", "train.activation_checkpointing",
+    "train.frozen_dtype",
 })
 
 

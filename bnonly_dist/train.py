@@ -91,10 +91,11 @@ class Run:
         # Every rank builds the same frozen weights from the seed; engines may then shard them.
         self.model = models.build(cfg.model.arch, self.num_classes, cfg.seed, cfg.model.bn_init)
         masks = modes.apply(self.model, cfg.mode, cfg.seed)
+        # Digest before any bf16 cast: the weights the seed defines, whatever the storage dtype.
+        self.frozen_sha = checkpoint.frozen_digest(self.model)
         self.lean = lean_autograd(cfg)
         models.set_memory_options(self.model, self.lean, cfg.train.activation_checkpointing,
                                   frozen_dtype(cfg, self.autocast))
-        self.frozen_sha = checkpoint.frozen_digest(self.model)
         self.trainable = modes.trainable_count(self.model, masks)
         self.total_params = sum(p.numel() for p in self.model.parameters())
         self.model.to(self.ctx.device, memory_format=self.memory_format)

@@ -79,6 +79,17 @@ def test_resume_is_bit_exact(tiny_cfg, tmp_path):
     assert resumed["final"]["top1"] == whole["final"]["top1"]
 
 
+def test_memory_options_may_change_on_resume(tiny_cfg, tmp_path):
+    """Lean autograd, checkpointed stages and the frozen dtype change memory, not the run."""
+    part = tmp_path / "part"
+    first = train.run(tiny_cfg("train.precision=bf16", "train.lean_autograd=false", "train.max_steps=13"), part)
+    resumed = train.run(tiny_cfg("train.precision=bf16", "train.frozen_dtype=bf16",
+                                 "train.activation_checkpointing=[1]"), part)
+    assert first["step"] == 13 and resumed["finished"] and resumed["trainable_params"] == first["trainable_params"]
+    log_text = (part / "logs" / "rank0.log").read_text()
+    assert "resumed from" in log_text and "lean autograd on, activation checkpointing in stages [1]" in log_text
+
+
 def test_resume_skips_a_damaged_checkpoint_and_unfinished_saves(tiny_cfg, tmp_path):
     whole = train.run(tiny_cfg(), tmp_path / "whole")
     part = tmp_path / "part"
