@@ -97,7 +97,7 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(default=2, gt=0)
     gamma_threshold: float = Field(default=0.01, gt=0)  # |gamma| below this = channel off
     progress: Literal["auto", "bar", "lines"] = "auto"  # auto: a bar on a terminal
-    # Frozen convolutions save only their weight, BN(+ReLU) saves x_hat and a 1-bit mask
+    # Frozen convolutions save only their weight, BN(+ReLU) its input and a 1-bit ReLU mask
     # (models/layers.py). auto: on for modes whose convolutions are frozen.
     lean_autograd: bool | Literal["auto"] = "auto"
     # Residual stages (1 = layer1) recomputed in backward instead of keeping their

@@ -1,4 +1,6 @@
 """The lean autograd path, activation checkpointing and bf16 frozen weights change memory, not math."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,15 @@ def grads(arch, size, mode, dtype, lean, checkpointed=(), batch=8, memory_format
     out = {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
     out.update({n: b.double() for n, b in model.named_buffers()})
     return out
+
+
+def saved_bytes(arch, size, mode, lean, checkpointed=()):
+    """Bytes autograd keeps for backward after one forward of a batch of 4."""
+    model = models.build(arch, 10, seed=0)
+    modes.apply(model, mode, seed=0)
+    models.set_memory_options(model, lean, checkpointed)
+    images, labels = torch.randn(4, 3, size, size), torch.randint(0, 10, (4,))
+    return bench.saved_activation_bytes(model, images, labels, contextlib.nullcontext)
 
 
 def relative_error(got: dict, want: dict) -> float:
@@ -131,13 +142,8 @@ def test_bits_round_trip(shape, channels_last):
 
 @pytest.mark.parametrize("arch, size, target", [("cifar_resnet_20", 32, 0.6), ("imagenet_resnet_50_16", 64, 0.6)])
 def test_lean_bn_saves_at_most_six_tenths_of_full_training(arch, size, target):
-    images, labels = torch.randn(4, 3, size, size), torch.randint(0, 10, (4,))
-    saved = {}
-    for name, mode, lean in [("all", "all", False), ("plain", "bn", False), ("lean", "bn", True)]:
-        model = models.build(arch, 10, seed=0)
-        modes.apply(model, mode, seed=0)
-        models.set_memory_options(model, lean)
-        saved[name] = bench.saved_activation_bytes(model, images, labels, train.contextlib.nullcontext)
+    saved = {name: saved_bytes(arch, size, mode, lean)
+             for name, mode, lean in [("all", "all", False), ("plain", "bn", False), ("lean", "bn", True)]}
     assert saved["plain"] > 0.95 * saved["all"]  # plain autograd keeps what full training keeps
     assert saved["lean"] <= target * saved["all"]
 
@@ -154,13 +160,7 @@ def test_activation_checkpointing_keeps_the_bits(lean):
 
 
 def test_activation_checkpointing_saves_memory():
-    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    saved = {}
-    for stages in [(), (1, 2, 3)]:
-        model = models.build("cifar_resnet_56", 10, seed=0)
-        modes.apply(model, "bn", seed=0)
-        models.set_memory_options(model, True, stages)
-        saved[stages] = bench.saved_activation_bytes(model, images, labels, train.contextlib.nullcontext)
+    saved = {stages: saved_bytes("cifar_resnet_56", 32, "bn", True, stages) for stages in [(), (1, 2, 3)]}
     # 9 blocks per stage in segments of 3: only the segments' inputs stay.
     assert saved[(1, 2, 3)] < 0.4 * saved[()]
 
@@ -194,4 +194,4 @@ def test_lean_default_follows_the_mode():
     with pytest.raises(ConfigError, match="residual stages are 1 to 3"):
         cfg("train.activation_checkpointing=[4]")
     with pytest.raises(ConfigError, match="train.precision=bf16"):
-        train.frozen_dtype(cfg("train.frozen_dtype=bf16"), train.contextlib.nullcontext)
+        train.frozen_dtype(cfg("train.frozen_dtype=bf16"), contextlib.nullcontext)
