@@ -19,6 +19,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
@@ -206,3 +207,49 @@ def resume(run_dir: Path, engine, rank: int, world: int, frozen_sha: str):
         raise CheckpointError(f"none of the {len(names)} checkpoints in {folder} can be read (see logs/rank*.log); "
                               "restore them, or move them aside to start this run from scratch")
     return None
+
+
+class Resumed(NamedTuple):
+    path: Path  # the checkpoint loaded
+    step: int  # optimizer steps done
+    world: int  # ranks that wrote it
+    frozen_sha: str  # the run's frozen-weight digest from now on (the stored weights' if they were saved)
+
+
+class Checkpointer:
+    """A run's checkpoints: built once from the run directory and what a checkpoint holds.
+
+    The loop only says maybe_save(step) after each step, save(step, final=True) at the
+    end or on a stop signal, and resume() at the start; when to save, what goes into the
+    commit marker, retention and damaged checkpoints are decided here.
+    """
+
+    def __init__(self, run_dir: Path, rank: int, world: int, engine, source, frozen_sha: str, *, every: int,
+                 keep: int, save_frozen: bool, steps_per_epoch: int, identity: dict):
+        self.run_dir, self.rank, self.world = Path(run_dir), rank, world
+        self.engine, self.source, self.frozen_sha = engine, source, frozen_sha
+        self.every, self.keep, self.save_frozen = every, keep, save_frozen
+        self.steps_per_epoch, self.identity = steps_per_epoch, identity
+
+    def maybe_save(self, step: int) -> Path | None:
+        """Save if step is on the train.checkpoint_every grid (collective on those steps)."""
+        return self.save(step) if step % self.every == 0 else None
+
+    def save(self, step: int, final: bool = False) -> Path:
+        """A checkpoint of step (collective: every rank calls it after the same step)."""
+        self.engine.sync_buffers()  # collective: rank 0's BN running statistics on every rank
+        meta = {"step": step, "epoch": step // self.steps_per_epoch, "world": self.world,
+                "engine": self.engine.name, "frozen_sha256": self.frozen_sha, "final": final,
+                "identity": self.identity}
+        return save(self.run_dir, self.engine, self.rank, meta, self.source.state(), self.keep, self.save_frozen)
+
+    def resume(self) -> Resumed | None:
+        """Load the newest usable checkpoint into the engine and the data source (collective)."""
+        restored = resume(self.run_dir, self.engine, self.rank, self.world, self.frozen_sha)
+        if not restored:
+            return None
+        path, meta, data_state = restored
+        if meta["frozen_included"]:
+            self.frozen_sha = meta["frozen_sha256"]  # the stored frozen weights are the run's now
+        self.source.load_state(data_state)
+        return Resumed(path, meta["step"], meta["world"], self.frozen_sha)

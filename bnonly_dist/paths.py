@@ -1,0 +1,60 @@
+"""Every file of a run directory, named in one place.
+
+    RUN/config.yaml      the resolved config (written first, atomically)
+    RUN/metrics.jsonl    one JSON object per logged step and per evaluation
+    RUN/eval.jsonl       evaluations asked for with `bnonly eval` (never mixed into metrics.jsonl)
+    RUN/summary.json     final metrics and the fingerprint of the final model
+    RUN/tb/              TensorBoard events
+    RUN/logs/            each rank's text log
+    RUN/checkpoints/     step_XXXXXXXX/ folders (see checkpoint.py)
+    RUN/.lock            held by the trainer that owns the run directory
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def eval_metrics(self) -> Path:
+        return self.root / "eval.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def tb(self) -> Path:
+        return self.root / "tb"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def rank_log(self, rank: int) -> Path:
+        return self.logs / f"rank{rank}.log"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+
+def run_dir(cfg, override: str | Path | None = None) -> Path:
+    """The run directory of a config: --run-dir if given, else runs_root/<name derived from the config>."""
+    return Path(override) if override else Path(cfg.runs_root) / cfg.run_name()
