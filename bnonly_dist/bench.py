@@ -10,7 +10,6 @@ loading or compute bounds a step.
 """
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -24,7 +23,7 @@ from bnonly_dist.data.layout import DataError
 from bnonly_dist.dist import choose_device
 from bnonly_dist.engines.base import Engine
 from bnonly_dist.optim import make_optimizer
-from bnonly_dist.train import frozen_dtype, numerics
+from bnonly_dist.plan import resolve
 
 VARIANTS = {"all": ("all", False), "bn-plain": ("bn", False), "bn-lean": ("bn", True)}  # name -> (mode, lean)
 
@@ -65,7 +64,8 @@ class Setup:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.device = choose_device(cfg.train.device, 0)
-        self.autocast, self.memory_format = numerics(cfg, self.device)
+        self.plan = resolve(cfg, self.device)
+        self.autocast, self.memory_format = self.plan.autocast, self.plan.memory_format
         arch = models.parse_arch(cfg.model.arch)
         self.size = 32 if arch.family == "cifar" else cfg.data.image_size
         self.classes = cfg.model.num_classes or (10 if arch.family == "cifar" else 1000)
@@ -81,7 +81,7 @@ class Setup:
         mode, lean = VARIANTS[variant]
         model = models.build(cfg.model.arch, self.classes, cfg.seed, cfg.model.bn_init)
         masks = modes.apply(model, mode, cfg.seed)
-        models.set_memory_options(model, lean, cfg.train.activation_checkpointing, frozen_dtype(cfg, self.autocast))
+        models.set_memory_options(model, lean, cfg.train.activation_checkpointing, self.plan.frozen_dtype)
         model.to(self.device, memory_format=self.memory_format)
         masks = {n: m.to(self.device) for n, m in masks.items()}
         engine = Engine(model, make_optimizer(model, masks, cfg.optim), masks, cfg.optim.weight_decay)
@@ -197,7 +197,7 @@ def run(cfg: Config, steps: int = 10, warmup: int = 3, variants=tuple(VARIANTS),
     name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     report = {"arch": cfg.model.arch, "batch": cfg.data.batch_size, "image_size": setup.size, "device": str(device),
               "device_name": name, "threads": torch.get_num_threads(),
-              "precision": "fp32" if setup.autocast is contextlib.nullcontext else "bf16",
+              "precision": setup.plan.precision,
               "channels_last": setup.memory_format == torch.channels_last,
               "activation_checkpointing": cfg.train.activation_checkpointing, "frozen_dtype": cfg.train.frozen_dtype,
               "steps": steps, "peak_tflops": peak_tflops(name) if on_gpu else None, "results": results}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from bnonly_dist import checkpoint, dist, engines, models, modes
+from bnonly_dist import checkpoint, dist, engines, models, modes, plan
 from bnonly_dist.config import Config
 
 
@@ -32,7 +32,7 @@ def run(cfg: Config, out_dir: Path, repeats: int = 3) -> dict:
     regenerate_s = time.perf_counter() - start
     total_params, trainable = sum(p.numel() for p in model.parameters()), modes.trainable_count(model, masks)
     model.to(device)
-    engine = engines.wrap(cfg, model, {n: m.to(device) for n, m in masks.items()}, ctx)
+    engine = engines.wrap(cfg, plan.resolve(cfg, device), model, {n: m.to(device) for n, m in masks.items()}, ctx)
     # One real step, so the optimizer holds its momentum buffers as in any saved run.
     images, labels = torch.randn(2, 3, size, size, device=device), torch.randint(0, classes, (2,), device=device)
     engine.train_step(images, labels, contextlib.nullcontext)

@@ -23,7 +23,7 @@ NON_IDENTITY_KEYS = frozenset({
     "train.max_steps", "train.log_every", "train.progress", "train.checkpoint_every",
     "train.keep_checkpoints", "train.eval_every", "train.compile", "data.num_threads", "runs_root", "name",
     "dist.timeout_s", "dist.save_frozen", "train.lean_autograd", "train.activation_checkpointing",
-    "train.frozen_dtype",
+    "train.frozen_dtype", "train.stop_check_every",
 })
 
 
@@ -97,6 +97,9 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(default=2, gt=0)
     gamma_threshold: float = Field(default=0.01, gt=0)  # |gamma| below this = channel off
     progress: Literal["auto", "bar", "lines"] = "auto"  # auto: a bar on a terminal
+    # Steps between the ranks' agreement on a stop signal (a host-side all-reduce); all
+    # ranks still stop after the same step.
+    stop_check_every: int = Field(default=10, gt=0)
     # Frozen convolutions save only their weight, BN(+ReLU) its input and a 1-bit ReLU mask
     # (models/layers.py). auto: on for modes whose convolutions are frozen.
     lean_autograd: bool | Literal["auto"] = "auto"

@@ -56,6 +56,11 @@ def default_channels_last(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def default_lean(mode: str) -> bool:
+    """train.lean_autograd=auto: on where the mode leaves the convolutions frozen."""
+    return modes.freezes_convolutions(mode)
+
+
 def resolve(cfg: Config, device: torch.device) -> Plan:
     """The Plan of cfg on device; ConfigError naming the key if the device cannot run it."""
     train, on_gpu = cfg.train, device.type == "cuda"
@@ -64,7 +69,7 @@ def resolve(cfg: Config, device: torch.device) -> Plan:
         raise ConfigError("train.frozen_dtype=bf16 needs bf16 autocast, which is off on the CPU by default; "
                           "set train.precision=bf16")
     channels_last = default_channels_last(device) if train.channels_last == "auto" else train.channels_last
-    lean = modes.freezes_convolutions(cfg.mode) if train.lean_autograd == "auto" else train.lean_autograd
+    lean = default_lean(cfg.mode) if train.lean_autograd == "auto" else train.lean_autograd
     decode = None
     if cfg.data.name == "imagenet":
         decode = cfg.data.decode if cfg.data.decode != "auto" else ("mixed" if on_gpu else "cpu")

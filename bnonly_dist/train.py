@@ -1,68 +1,24 @@
 """One training run: build everything from the config, train, evaluate, checkpoint, resume."""
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
-from bnonly_dist import checkpoint, data, dist, engines, models, modes
-from bnonly_dist.config import Config, ConfigError, from_dict, save
+from bnonly_dist import checkpoint, data, dist, engines, network, rundir
+from bnonly_dist import plan as plan_mod
+from bnonly_dist.config import Config, ConfigError
 from bnonly_dist.evaluate import evaluate
 from bnonly_dist.metrics import Metrics, StepMeter, gamma_stats, setup_logging
 from bnonly_dist.optim import lr_at
 from bnonly_dist.stop import StopRequest
 
 log = logging.getLogger("bnonly")
-
-
-def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
-    """Create the run directory, or check that an existing one ran this same config (one process)."""
-    saved = run_dir / "config.yaml"
-    if saved.is_file():
-        old = from_dict(yaml.safe_load(saved.read_text())).identity()
-        new = cfg.identity()
-        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        if changed:
-            key = changed[0]
-            raise ConfigError(f"{run_dir} holds a run with {key}={old.get(key)!r}, not {new.get(key)!r}; "
-                              "pass a new --run-dir or the original settings")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".config.yaml.tmp"
-    save(cfg, tmp)
-    os.replace(tmp, saved)  # never a half-written config.yaml for a later resume to trip on
-
-
-def numerics(cfg: Config, device: torch.device):
-    """(autocast context factory, memory format): bf16 and channels_last on GPU unless configured off."""
-    on_gpu = device.type == "cuda"
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu)
-    autocast = functools.partial(torch.autocast, device.type, torch.bfloat16) if bf16 else contextlib.nullcontext
-    channels_last = cfg.train.channels_last is True or (cfg.train.channels_last == "auto" and on_gpu)
-    return autocast, torch.channels_last if channels_last else torch.contiguous_format
-
-
-def lean_autograd(cfg: Config) -> bool:
-    setting = cfg.train.lean_autograd
-    return modes.freezes_convolutions(cfg.mode) if setting == "auto" else setting
-
-
-def frozen_dtype(cfg: Config, autocast) -> torch.dtype | None:
-    """bf16 for frozen weights if configured; they are only usable under bf16 autocast."""
-    if cfg.train.frozen_dtype == "fp32":
-        return None
-    if autocast is contextlib.nullcontext:
-        raise ConfigError("train.frozen_dtype=bf16 needs bf16 autocast, which is off on the CPU by default; "
-                          "set train.precision=bf16")
-    return torch.bfloat16
 
 
 class Run:
@@ -75,7 +31,7 @@ class Run:
         refusal = None
         if self.ctx.is_main:
             try:
-                prepare_run_dir(cfg, self.run_dir)
+                rundir.prepare(cfg, self.run_dir)
             except ConfigError as err:
                 refusal = str(err)
         refusal = dist.broadcast_object(refusal)
@@ -84,23 +40,17 @@ class Run:
         setup_logging(self.run_dir, self.ctx.rank)
         torch.use_deterministic_algorithms(cfg.train.deterministic)
         torch.backends.cudnn.benchmark = not cfg.train.deterministic
-        self.autocast, self.memory_format = numerics(cfg, self.ctx.device)
+        self.plan = plan_mod.resolve(cfg, self.ctx.device)
+        self.autocast, self.memory_format = self.plan.autocast, self.plan.memory_format
 
         self.source = data.build(cfg, self.ctx.rank, self.ctx.world, self.ctx.device)
-        self.num_classes = cfg.model.num_classes or self.source.num_classes
+        self.num_classes = network.num_classes(cfg, self.source)
         # Every rank builds the same frozen weights from the seed; engines may then shard them.
-        self.model = models.build(cfg.model.arch, self.num_classes, cfg.seed, cfg.model.bn_init)
-        masks = modes.apply(self.model, cfg.mode, cfg.seed)
-        # Digest before any bf16 cast: the weights the seed defines, whatever the storage dtype.
-        self.frozen_sha = checkpoint.frozen_digest(self.model)
-        self.lean = lean_autograd(cfg)
-        models.set_memory_options(self.model, self.lean, cfg.train.activation_checkpointing,
-                                  frozen_dtype(cfg, self.autocast))
-        self.trainable = modes.trainable_count(self.model, masks)
-        self.total_params = sum(p.numel() for p in self.model.parameters())
-        self.model.to(self.ctx.device, memory_format=self.memory_format)
-        masks = {n: m.to(self.ctx.device) for n, m in masks.items()}
-        self.engine = engines.wrap(cfg, self.model, masks, self.ctx)
+        net = network.build(cfg, self.plan, self.num_classes)
+        self.model, masks, self.frozen_sha = net.model, net.masks, net.frozen_sha
+        self.lean = self.plan.lean
+        self.trainable, self.total_params = net.trainable, net.total
+        self.engine = engines.wrap(cfg, self.plan, self.model, masks, self.ctx)
         if cfg.train.compile:
             self.engine.compile()
 

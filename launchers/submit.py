@@ -17,7 +17,7 @@ from bnonly_dist import cluster, config
 from bnonly_dist.config import parse_args
 from bnonly_dist.data.layout import DataError
 from bnonly_dist.jobs import TrainJob
-from bnonly_dist.train import prepare_run_dir
+from bnonly_dist.rundir import prepare as prepare_run_dir
 
 
 def parse(argv):

@@ -17,7 +17,7 @@ from pathlib import Path
 from bnonly_dist import cluster, sweep
 from bnonly_dist.config import ConfigError, parse_args
 from bnonly_dist.jobs import TrainJob
-from bnonly_dist.train import prepare_run_dir
+from bnonly_dist.rundir import prepare as prepare_run_dir
 
 
 def parse(argv):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnonly_dist import bench, config, models, modes, train
+from bnonly_dist import bench, config, models, modes, plan
 from bnonly_dist.config import ConfigError
 from bnonly_dist.models import layers
 
@@ -188,10 +188,11 @@ def test_frozen_bf16_weights_give_the_same_gradients_under_autocast():
 
 def test_lean_default_follows_the_mode():
     cfg = lambda *o: config.load("configs/cifar10_resnet20.yaml", list(o))  # noqa: E731
-    assert train.lean_autograd(cfg("mode=bn")) and train.lean_autograd(cfg("mode=output"))
-    assert not train.lean_autograd(cfg("mode=all")) and not train.lean_autograd(cfg("mode=random_per_channel"))
-    assert not train.lean_autograd(cfg("mode=bn", "train.lean_autograd=false"))
+    lean = lambda c: plan.resolve(c, torch.device("cpu")).lean  # noqa: E731
+    assert lean(cfg("mode=bn")) and lean(cfg("mode=output"))
+    assert not lean(cfg("mode=all")) and not lean(cfg("mode=random_per_channel"))
+    assert not lean(cfg("mode=bn", "train.lean_autograd=false"))
     with pytest.raises(ConfigError, match="residual stages are 1 to 3"):
         cfg("train.activation_checkpointing=[4]")
     with pytest.raises(ConfigError, match="train.precision=bf16"):
-        train.frozen_dtype(cfg("train.frozen_dtype=bf16"), contextlib.nullcontext)
+        plan.resolve(cfg("train.frozen_dtype=bf16"), torch.device("cpu"))

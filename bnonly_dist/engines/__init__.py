@@ -6,10 +6,13 @@ import torch
 from bnonly_dist.config import Config
 from bnonly_dist.dist import Context
 from bnonly_dist.engines.base import Engine
+from bnonly_dist.plan import Plan
 
 
-def wrap(cfg: Config, model: torch.nn.Module, masks: dict, ctx: Context) -> Engine:
-    """Wrap a model that is on its device and has its mode applied; builds the optimizer."""
+def wrap(cfg: Config, plan: Plan, model: torch.nn.Module, masks: dict, ctx: Context) -> Engine:
+    """Wrap a model that is on its device and has its mode applied; builds the optimizer.
+
+    plan carries the resolved precision and device (DeepSpeed must be told about bf16)."""
     if cfg.dist.engine == "fsdp":
         from bnonly_dist.engines.fsdp import FSDPEngine
         return FSDPEngine(model, masks, cfg, ctx)
