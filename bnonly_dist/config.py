@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from bnonly_dist.modes import MODES
+from bnonly_dist.catalog import MODES, parse_arch
 
 # Keys that change how a run is watched, paced or held in memory, not what it computes
 # (beyond float rounding): a run directory may be resumed with other values for them, and
@@ -45,7 +45,6 @@ class ModelConfig(_Section):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, arch: str) -> str:
-        from bnonly_dist.models import parse_arch
         parse_arch(arch)  # raises ValueError with the reason
         return arch
 
@@ -141,7 +140,6 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _train_options_fit(self) -> "Config":
-        from bnonly_dist.models import parse_arch
         stages = 3 if parse_arch(self.model.arch).family == "cifar" else 4
         if any(s > stages for s in self.train.activation_checkpointing):
             raise ValueError(f"train.activation_checkpointing lists a stage {self.model.arch} does not have; "

@@ -1,45 +1,16 @@
-"""Training modes as data: which parameters learn (OpenLTH's --others_frozen etc.).
+"""Training modes applied to a model: which parameters learn (OpenLTH's --others_frozen etc.).
 
-A mode names the parameter roles that learn (see models.parameter_roles). Two modes
-add to that: bn_fixed pins every BN to gamma = 1, beta = 0 (frozen), and
-random_per_channel learns k random weights per output channel of every convolution,
-k = 2 so that the count equals the BN parameter count (2 per channel).
+The modes themselves are data in catalog.py (MODES); this module sets requires_grad,
+draws the element masks of random_per_channel and confines their gradients.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from bnonly_dist.catalog import MODES, freezes_convolutions  # noqa: F401  (re-exported)
 from bnonly_dist.models import parameter_roles
 from bnonly_dist.models.init import name_seed
-
-
-@dataclass(frozen=True)
-class Mode:
-    trains: frozenset[str]
-    bn_fixed: bool = False
-    random_per_channel: int = 0
-
-
-MODES = {
-    "all": Mode(frozenset({"conv", "shortcut", "bn", "output"})),
-    "bn": Mode(frozenset({"bn"})),
-    "bn_output": Mode(frozenset({"bn", "output"})),
-    "bn_shortcut_output": Mode(frozenset({"bn", "shortcut", "output"})),
-    "shortcut_output": Mode(frozenset({"shortcut", "output"})),
-    "output": Mode(frozenset({"output"})),
-    "none": Mode(frozenset()),
-    "random_per_channel": Mode(frozenset(), random_per_channel=2),
-    "bn_fixed": Mode(frozenset({"conv", "shortcut", "output"}), bn_fixed=True),
-}
-
-
-def freezes_convolutions(mode_name: str) -> bool:
-    """Whether the mode leaves every 3x3/1x1 body convolution frozen (the lean path's default)."""
-    mode = MODES[mode_name]
-    return "conv" not in mode.trains and not mode.random_per_channel
 
 
 def random_channel_mask(weight: torch.Tensor, k: int, seed: int, name: str) -> torch.Tensor:

@@ -15,18 +15,14 @@ from bnonly_dist import checkpoint, models, modes
 from bnonly_dist.config import Config
 from bnonly_dist.plan import Plan
 
-DATASET_CLASSES = {"cifar10": 10, "imagenet": 1000}
-
-
 def num_classes(cfg: Config, source=None) -> int:
-    """model.num_classes if set, else the data source's count, else the data set's usual count."""
+    """model.num_classes if set, else the data source's count, else the architecture family's
+    data set's (CIFAR-10: 10, ImageNet: 1000; what bench and bench-checkpoint build without data)."""
     if cfg.model.num_classes:
         return cfg.model.num_classes
     if source is not None:
         return source.num_classes
-    if cfg.data.name == "synthetic":
-        return cfg.data.synthetic_classes
-    return DATASET_CLASSES[cfg.data.name]
+    return models.DEFAULT_CLASSES[models.parse_arch(cfg.model.arch).family]
 
 
 @dataclass

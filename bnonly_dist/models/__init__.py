@@ -1,46 +1,17 @@
-"""Model registry: OpenLTH-style names -> modules, parameter roles and counts.
-
-Names: cifar_resnet_N, cifar_resnet_N_W (W = base width, 16 by default: cifar_resnet_14_64
-is WRN-14-4), imagenet_resnet_D, imagenet_resnet_D_W (W = base width, 64 by default).
-"""
+"""Model registry: OpenLTH-style names (catalog.parse_arch) -> modules, parameter roles and counts."""
 from __future__ import annotations
-
-import re
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from bnonly_dist.models.cifar_resnet import CifarResNet
-from bnonly_dist.models.imagenet_resnet import STAGE_BLOCKS, ImageNetResNet
+from bnonly_dist.catalog import Arch, parse_arch  # noqa: F401  (re-exported)
+from bnonly_dist.models.imagenet_resnet import ImageNetResNet
 from bnonly_dist.models.init import initialize
 from bnonly_dist.models.layers import set_lean
 
 ROLES = ("conv", "shortcut", "bn", "output")
-
-
-class Arch(NamedTuple):
-    family: str  # cifar | imagenet
-    depth: int
-    width: int
-
-
-_ARCH = re.compile(r"^(cifar|imagenet)_resnet_(\d+)(?:_(\d+))?$")
-
-
-def parse_arch(name: str) -> Arch:
-    match = _ARCH.match(name)
-    if not match:
-        raise ValueError(f"unknown architecture {name!r}: use cifar_resnet_N[_W] or imagenet_resnet_D[_W]")
-    family, depth, width = match.group(1), int(match.group(2)), match.group(3)
-    width = int(width) if width else (16 if family == "cifar" else 64)
-    if width < 1:
-        raise ValueError(f"{name}: width must be positive")
-    if family == "cifar" and ((depth - 2) % 6 or depth < 8):
-        raise ValueError(f"{name}: CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 56, 110, ...), got {depth}")
-    if family == "imagenet" and depth not in STAGE_BLOCKS:
-        raise ValueError(f"{name}: ImageNet ResNet depth must be one of {sorted(STAGE_BLOCKS)}, got {depth}")
-    return Arch(family, depth, width)
+DEFAULT_CLASSES = {"cifar": 10, "imagenet": 1000}  # the data set each family was made for
 
 
 def create(name: str, num_classes: int, device: torch.device | str = "cpu") -> nn.Module:
@@ -103,7 +74,7 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 def info(name: str, num_classes: int | None = None) -> dict:
     """Parameter counts of an architecture, built on the meta device (no memory used)."""
     arch = parse_arch(name)
-    classes = num_classes or (10 if arch.family == "cifar" else 1000)
+    classes = num_classes or DEFAULT_CLASSES[arch.family]
     counts = parameter_counts(create(name, classes, device="meta"))
     return {"arch": name, "family": arch.family, "depth": arch.depth, "width": arch.width,
             "num_classes": classes, **counts}

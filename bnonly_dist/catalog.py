@@ -1,0 +1,92 @@
+"""What a run can train, as plain data (no torch, so the CLI and the config load fast).
+
+Architectures, OpenLTH's names: cifar_resnet_N (N = 6n+2) and cifar_resnet_N_W (W = base
+width, 16 by default: cifar_resnet_14_64 is WRN-14-4); imagenet_resnet_D and
+imagenet_resnet_D_W (W = base width, 64 by default, torchvision's).
+
+Modes name the parameter roles that learn (see models.parameter_roles). Two add to that:
+bn_fixed pins every BN to gamma = 1, beta = 0 (frozen), and random_per_channel learns k
+random weights per output channel of every convolution, k = 2 so that the count equals
+the BN parameter count (2 per channel). modes.py applies them to a model.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import NamedTuple
+
+# ImageNet depth -> (block kind, residual blocks per stage), He et al. 2016 / torchvision.
+STAGE_BLOCKS = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+    200: ("bottleneck", (3, 24, 36, 3)),
+}
+
+
+class Arch(NamedTuple):
+    family: str  # cifar | imagenet
+    depth: int
+    width: int
+
+    @property
+    def stages(self) -> int:
+        return 3 if self.family == "cifar" else 4
+
+
+_ARCH = re.compile(r"^(cifar|imagenet)_resnet_(\d+)(?:_(\d+))?$")
+ARCH_FORMS = "cifar_resnet_N[_W] (N = 6n+2) or imagenet_resnet_D[_W] (D in 18, 34, 50, 101, 152, 200)"
+
+
+def parse_arch(name: str) -> Arch:
+    """The one place that decides whether an architecture name is valid (ValueError with the reason)."""
+    match = _ARCH.match(name)
+    if not match:
+        raise ValueError(f"unknown architecture {name!r}: use cifar_resnet_N[_W] or imagenet_resnet_D[_W]")
+    family, depth, width = match.group(1), int(match.group(2)), match.group(3)
+    width = int(width) if width else (16 if family == "cifar" else 64)
+    if width < 1:
+        raise ValueError(f"{name}: width must be positive")
+    if family == "cifar" and ((depth - 2) % 6 or depth < 8):
+        raise ValueError(f"{name}: CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 56, 110, ...), got {depth}")
+    if family == "imagenet" and depth not in STAGE_BLOCKS:
+        raise ValueError(f"{name}: ImageNet ResNet depth must be one of {sorted(STAGE_BLOCKS)}, got {depth}")
+    return Arch(family, depth, width)
+
+
+@dataclass(frozen=True)
+class Mode:
+    trains: frozenset[str]
+    bn_fixed: bool = False
+    random_per_channel: int = 0
+
+
+MODES = {
+    "all": Mode(frozenset({"conv", "shortcut", "bn", "output"})),
+    "bn": Mode(frozenset({"bn"})),
+    "bn_output": Mode(frozenset({"bn", "output"})),
+    "bn_shortcut_output": Mode(frozenset({"bn", "shortcut", "output"})),
+    "shortcut_output": Mode(frozenset({"shortcut", "output"})),
+    "output": Mode(frozenset({"output"})),
+    "none": Mode(frozenset()),
+    "random_per_channel": Mode(frozenset(), random_per_channel=2),
+    "bn_fixed": Mode(frozenset({"conv", "shortcut", "output"}), bn_fixed=True),
+}
+
+
+def freezes_convolutions(mode_name: str) -> bool:
+    """Whether the mode leaves every 3x3/1x1 body convolution frozen (the lean path's default)."""
+    mode = MODES[mode_name]
+    return "conv" not in mode.trains and not mode.random_per_channel
+
+
+def masks_gradients(mode_name: str) -> bool:
+    """Whether the mode trains parts of tensors (element masks on gradients)."""
+    return MODES[mode_name].random_per_channel > 0
+
+
+def trains_nothing(mode_name: str) -> bool:
+    mode = MODES[mode_name]
+    return not mode.trains and not mode.random_per_channel
