@@ -1,4 +1,6 @@
-"""`bnonly train|bench|model-info|data ...`: the command-line front door."""
+"""`bnonly train|eval|config|analyze|bench|bench-checkpoint|model-info|run-dir|sweep-points|data`:
+the command-line front door. Heavy imports (torch, DALI, DeepSpeed) happen inside the
+commands, so every --help answers at once."""
 from __future__ import annotations
 
 import argparse
@@ -8,16 +10,29 @@ import os
 import sys
 from pathlib import Path
 
-from bnonly_dist import dist
-from bnonly_dist.checkpoint import CheckpointError
-from bnonly_dist.config import ConfigError, load, parse_args
-from bnonly_dist.data.layout import DataError
+from bnonly_dist.catalog import ARCH_FORMS, MODES
+from bnonly_dist.config import ConfigError, load, load_with_sources, parse_args
 
 
 def _train(args) -> None:
-    from bnonly_dist import train
+    from bnonly_dist import dist, train
     train.run(load(args.config, args.overrides), args.run_dir)
     dist.teardown()
+
+
+def _eval(args) -> None:
+    from bnonly_dist import dist, eval_run
+    eval_run.run(args.run_dir, args.overrides)
+    dist.teardown()
+
+
+def _config(args) -> None:
+    from bnonly_dist import config_reference
+    if args.keys or args.config is None:
+        print(config_reference.key_list())
+        return
+    cfg, sources = load_with_sources(args.config, args.overrides)
+    print(config_reference.resolved(cfg, sources))
 
 
 def _analyze(args) -> None:
@@ -92,15 +107,35 @@ def _data(args) -> None:
     print(f"wrote {out}")
 
 
+TRAIN_EPILOG = f"""modes (mode=...): {", ".join(MODES)}
+architectures (model.arch=...): {ARCH_FORMS}
+every config key with its meaning: bnonly config --keys; a config resolved: bnonly config CONFIG [key=value ...]
+"""
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bnonly", description="BatchNorm-only training of random-feature ResNets")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train one run (resumes if its run directory has a checkpoint)")
+    t = sub.add_parser("train", help="train one run (resumes if its run directory has a checkpoint)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EPILOG)
     t.add_argument("config", help="YAML config, e.g. configs/cifar10_resnet56.yaml")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.2 mode=bn")
     t.add_argument("--run-dir", type=Path, help="run directory (default: runs/<derived from the config>)")
     t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="evaluate a run's newest checkpoint: top-1, top-5, per-class accuracy "
+                       "(written to RUN/eval.jsonl)")
+    e.add_argument("run_dir", type=Path, help="a run directory (holds config.yaml and checkpoints/)")
+    e.add_argument("overrides", nargs="*", help="data.*, train.device and train.precision overrides, "
+                   "e.g. data.root=/other/copy/of/cifar10")
+    e.set_defaults(func=_eval)
+
+    g = sub.add_parser("config", help="print a config resolved, each key with its value, source and meaning")
+    g.add_argument("config", nargs="?", help="YAML config (omit with --keys)")
+    g.add_argument("overrides", nargs="*", help="key=value overrides")
+    g.add_argument("--keys", action="store_true", help="list every config key with its meaning")
+    g.set_defaults(func=_config)
 
     a = sub.add_parser("analyze", help="tables and figures from finished runs (run dirs, folders of runs, sweeps)")
     a.add_argument("paths", nargs="+", help="run directories, folders of runs (runs/) or sweep files")
@@ -135,8 +170,8 @@ def parser() -> argparse.ArgumentParser:
     bc = sub.add_parser("bench-checkpoint", help="checkpoint size and save/load time, frozen weights out vs in")
     bc.add_argument("config")
     bc.add_argument("overrides", nargs="*")
-    bc.add_argument("--dir", type=Path, default=Path("runs/bench-checkpoint"), help="where to write (put it on "
-                    "the file system your runs use)")
+    bc.add_argument("--dir", type=Path, default=Path("runs/bench-checkpoint"), help="where to write its "
+                    "checkpoints, removed after each timing (put it on the file system your runs use)")
     bc.add_argument("--repeats", type=int, default=3)
     bc.add_argument("--json", help="also write the report as JSON here")
     bc.set_defaults(func=_bench_checkpoint)
@@ -169,6 +204,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run_errors() -> tuple[type[Exception], ...]:
+    """Errors about data or checkpoints (imported only once one is raised: they pull in torch)."""
+    from bnonly_dist.checkpoint import CheckpointError
+    from bnonly_dist.data.layout import DataError
+    from bnonly_dist.train import Diverged
+    return DataError, CheckpointError, Diverged
+
+
+def _lost_contact(err: BaseException) -> bool:
+    from bnonly_dist import dist
+    return dist.lost_contact(err)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(parser(), argv)
     try:
@@ -176,17 +224,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"bnonly: config error: {err}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError) as err:
+    except _run_errors() as err:  # an except clause's expression runs only when an exception arrives
         print(f"bnonly: error: {err}", file=sys.stderr)
         return 1
     except RuntimeError as err:
-        if not dist.lost_contact(err):
+        if not _lost_contact(err):
             raise
         message = (f"rank {os.environ.get('RANK', '0')} lost contact with the other ranks "
                    f"({str(err).splitlines()[0]}): one died or hung longer than dist.timeout_s, or the "
                    "master could not be reached; see RUN/logs/rank*.log, then start the same command again "
                    "to resume from the last checkpoint")
-        logging.getLogger("bnonly").error(message)
+        logging.getLogger(__name__).error(message)
         logging.shutdown()
         print(f"bnonly: error: {message}", file=sys.stderr, flush=True)
         os._exit(1)  # the process group cannot be torn down cleanly with a peer gone

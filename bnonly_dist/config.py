@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from bnonly_dist.catalog import MODES, parse_arch
+from bnonly_dist.catalog import ARCH_FORMS, MODES, masks_gradients, parse_arch, trains_nothing
 
 # Keys that change how a run is watched, paced or held in memory, not what it computes
 # (beyond float rounding): a run directory may be resumed with other values for them, and
@@ -31,16 +32,24 @@ class ConfigError(ValueError):
     """A bad config: the message is one line naming the key and the fix."""
 
 
+def _field(default, description: str, *, only_for: tuple[str, ...] = (), **limits):
+    """A config key: its default, its documentation (shown by `bnonly config` and docs/config.md)
+    and, for data keys, the data sets it applies to (others leave it out of config.yaml)."""
+    extra = {"only_for": list(only_for)} if only_for else None
+    return Field(default=default, description=description, json_schema_extra=extra, **limits)
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # strict: no silent str->int coercion; allow_inf_nan: inf/nan are never a valid setting.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
-    arch: str = "cifar_resnet_20"
-    # BN init, OpenLTH's names: uniform (gamma ~ U[0, 1], beta = 0), fixed (1, 0),
-    # oneone (1, 1), positivenegative (gamma ~ U[-1, 1], beta = 0).
-    bn_init: Literal["uniform", "fixed", "oneone", "positivenegative"] = "uniform"
-    num_classes: int | None = Field(default=None, gt=1)  # None: the data set's
+    arch: str = _field("cifar_resnet_20", f"architecture: {ARCH_FORMS}; `bnonly model-info ARCH` counts its parameters")
+    bn_init: Literal["uniform", "fixed", "oneone", "positivenegative"] = _field(
+        "uniform", "BN init, OpenLTH's names: uniform (gamma ~ U[0, 1], beta = 0), fixed (1, 0), oneone (1, 1), "
+        "positivenegative (gamma ~ U[-1, 1], beta = 0)")
+    num_classes: int | None = _field(None, "output classes; null: the data set's (must cover every label)", gt=1)
 
     @field_validator("arch")
     @classmethod
@@ -49,32 +58,40 @@ class ModelConfig(_Section):
         return arch
 
 
+_IMAGENET, _SYNTHETIC = ("imagenet",), ("synthetic",)
+
+
 class DataConfig(_Section):
-    name: Literal["cifar10", "imagenet", "synthetic"] = "cifar10"
-    root: str | None = None
-    batch_size: int = Field(default=128, gt=0)  # global, over all ranks
-    eval_batch_size: int = Field(default=256, gt=0)  # global
-    decode: Literal["auto", "cpu", "mixed"] = "auto"  # DALI JPEG decode; auto = mixed on GPU
-    num_threads: int = Field(default=4, gt=0)  # DALI CPU threads per rank
-    image_size: int = Field(default=224, gt=0)  # ImageNet train/eval crop
-    resize_size: int = Field(default=256, gt=0)  # ImageNet eval resize before crop
-    min_area: float = Field(default=0.1, gt=0, le=1)  # RandomResizedCrop scale
-    # synthetic data (benchmarks): samples per epoch and image shape
-    synthetic_samples: int = Field(default=1024, gt=0)
-    synthetic_image_size: int = Field(default=32, gt=0)
-    synthetic_classes: int = Field(default=10, gt=1)
+    name: Literal["cifar10", "imagenet", "synthetic"] = _field(
+        "cifar10", "data set: cifar10 (cifar-10-batches-py, held on the device), imagenet (class folders of JPEGs, "
+        "read by DALI), synthetic (random tensors, for benchmarks)")
+    root: str | None = _field(None, "folder holding the data set (cifar10: the folder with cifar-10-batches-py/; "
+                              "imagenet: the folder with train/ and val/)")
+    batch_size: int = _field(128, "global training batch over all ranks (each rank takes batch_size / world)", gt=0)
+    eval_batch_size: int = _field(256, "global evaluation batch over all ranks", gt=0)
+    decode: Literal["auto", "cpu", "mixed"] = _field(
+        "auto", "DALI JPEG decode: mixed (on the GPU), cpu; auto = mixed on a GPU", only_for=_IMAGENET)
+    num_threads: int = _field(4, "DALI CPU threads per rank", gt=0, only_for=_IMAGENET)
+    image_size: int = _field(224, "training crop and evaluation crop side", gt=0, only_for=_IMAGENET)
+    resize_size: int = _field(256, "evaluation resize (shorter side) before the centre crop", gt=0,
+                              only_for=_IMAGENET)
+    min_area: float = _field(0.1, "RandomResizedCrop's smallest area fraction", gt=0, le=1, only_for=_IMAGENET)
+    synthetic_samples: int = _field(1024, "synthetic images per epoch", gt=0, only_for=_SYNTHETIC)
+    synthetic_image_size: int = _field(32, "synthetic image side", gt=0, only_for=_SYNTHETIC)
+    synthetic_classes: int = _field(10, "synthetic label count", gt=1, only_for=_SYNTHETIC)
 
 
 class OptimConfig(_Section):
-    lr: float = Field(default=0.1, gt=0)
-    momentum: float = Field(default=0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(default=1e-4, ge=0)
-    epochs: int = Field(default=160, gt=0)
-    schedule: Literal["step", "cosine", "constant"] = "step"
-    milestones: list[int] = [80, 120]  # epochs where lr is multiplied by lr_decay
-    lr_decay: float = Field(default=0.1, gt=0, le=1)
-    warmup_epochs: float = Field(default=0.0, ge=0)
+    lr: float = _field(0.1, "peak learning rate of SGD (for the global batch)", gt=0)
+    momentum: float = _field(0.9, "SGD momentum", ge=0, lt=1)
+    nesterov: bool = _field(False, "Nesterov momentum")
+    weight_decay: float = _field(1e-4, "L2 weight decay on the parameters that learn", ge=0)
+    epochs: int = _field(160, "training length in epochs", gt=0)
+    schedule: Literal["step", "cosine", "constant"] = _field(
+        "step", "lr schedule after warm-up: step (x lr_decay at each milestone), cosine (to 0), constant")
+    milestones: list[int] = _field([80, 120], "epochs where a step schedule multiplies lr by lr_decay")
+    lr_decay: float = _field(0.1, "factor of the step schedule", gt=0, le=1)
+    warmup_epochs: float = _field(0.0, "linear warm-up from 0 to lr over this many epochs", ge=0)
 
     @model_validator(mode="after")
     def _milestones_sorted(self) -> "OptimConfig":
@@ -84,30 +101,33 @@ class OptimConfig(_Section):
 
 
 class TrainConfig(_Section):
-    max_steps: int | None = Field(default=None, gt=0)  # cap on optimizer steps (smoke runs)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU
-    channels_last: bool | Literal["auto"] = "auto"  # auto: true on GPU
-    compile: bool = False
-    deterministic: bool = False
-    log_every: int = Field(default=50, gt=0)  # steps between metric lines
-    eval_every: int = Field(default=1, gt=0)  # epochs between evaluations
-    checkpoint_every: int = Field(default=1000, gt=0)  # steps between checkpoints
-    keep_checkpoints: int = Field(default=2, gt=0)
-    gamma_threshold: float = Field(default=0.01, gt=0)  # |gamma| below this = channel off
-    progress: Literal["auto", "bar", "lines"] = "auto"  # auto: a bar on a terminal
-    # Steps between the ranks' agreement on a stop signal (a host-side all-reduce); all
-    # ranks still stop after the same step.
-    stop_check_every: int = Field(default=10, gt=0)
-    # Frozen convolutions save only their weight, BN(+ReLU) its input and a 1-bit ReLU mask
-    # (models/layers.py). auto: on for modes whose convolutions are frozen.
-    lean_autograd: bool | Literal["auto"] = "auto"
-    # Residual stages (1 = layer1) recomputed in backward instead of keeping their
-    # activations; same bits, about one extra forward (for ResNet-866, ResNet-200 at large batch).
-    activation_checkpointing: list[int] = []
-    # bf16: frozen conv/linear weights stored in bf16 (half the memory and FSDP all-gather
-    # bytes); needs bf16 autocast, i.e. train.precision=bf16 or auto on a GPU.
-    frozen_dtype: Literal["fp32", "bf16"] = "fp32"
+    max_steps: int | None = _field(None, "stop after this many optimizer steps (smoke runs); null: all epochs", gt=0)
+    device: Literal["auto", "cpu", "cuda"] = _field("auto", "auto: a GPU if one is visible, else the CPU")
+    precision: Literal["auto", "fp32", "bf16"] = _field("auto", "autocast dtype; auto: bf16 on a GPU, fp32 on the CPU")
+    channels_last: bool | Literal["auto"] = _field(
+        "auto", "NHWC memory format; auto: the faster layout measured for the device (docs/benchmarks.md)")
+    compile: bool = _field(False, "wrap the model in torch.compile")
+    deterministic: bool = _field(False, "deterministic kernels (bit-identical resume on a GPU; slower)")
+    log_every: int = _field(50, "steps between metric lines (and at least one line every 30 s)", gt=0)
+    eval_every: int = _field(1, "epochs between evaluations (the last epoch is always evaluated)", gt=0)
+    checkpoint_every: int = _field(1000, "steps between checkpoints", gt=0)
+    keep_checkpoints: int = _field(2, "complete checkpoints kept (older ones are deleted after a newer one commits)",
+                                   gt=0)
+    gamma_threshold: float = _field(0.01, "|gamma| below this counts as a switched-off channel in the statistics",
+                                    gt=0)
+    progress: Literal["auto", "bar", "lines"] = _field("auto", "console output: a progress bar or log lines; "
+                                                       "auto: a bar on a terminal")
+    stop_check_every: int = _field(10, "steps between the ranks' agreement on a stop signal (a host-side "
+                                   "all-reduce); all ranks still stop after the same step", gt=0)
+    lean_autograd: bool | Literal["auto"] = _field(
+        "auto", "frozen convolutions keep only their weight for backward, BN(+ReLU) its input and a 1-bit ReLU "
+        "mask (models/layers.py); auto: on where the mode freezes the convolutions")
+    activation_checkpointing: list[int] = _field(
+        [], "residual stages (1 = layer1) recomputed in backward instead of keeping their activations; same bits, "
+        "about one extra forward")
+    frozen_dtype: Literal["fp32", "bf16"] = _field(
+        "fp32", "storage dtype of frozen conv/linear weights; bf16 halves their memory and FSDP all-gather bytes "
+        "and needs bf16 autocast")
 
     @field_validator("activation_checkpointing")
     @classmethod
@@ -118,20 +138,23 @@ class TrainConfig(_Section):
 
 
 class DistConfig(_Section):
-    # ddp: replicate, all-reduce the (tiny) BN gradients. fsdp: FSDP2 fully_shard per
-    # fsdp_unit, frozen weights sharded too. deepspeed: ZeRO zero_stage (3 shards all weights).
-    engine: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
-    fsdp_unit: Literal["block", "stage"] = "block"  # residual block or whole stage per shard group
-    zero_stage: Literal[1, 2, 3] = 1
-    timeout_s: int = Field(default=600, gt=0)  # a collective waiting longer fails the run (dead/hung rank)
-    save_frozen: bool = False  # also store frozen weights (else regenerated from the seed and verified)
+    engine: Literal["ddp", "fsdp", "deepspeed"] = _field(
+        "ddp", "ddp: replicate, all-reduce the (tiny) BN gradients; fsdp: FSDP2 fully_shard per fsdp_unit, frozen "
+        "weights sharded too; deepspeed: ZeRO zero_stage (3 shards all weights)")
+    fsdp_unit: Literal["block", "stage"] = _field("block", "FSDP shard group: a residual block or a whole stage")
+    zero_stage: Literal[1, 2, 3] = _field(1, "DeepSpeed ZeRO stage (1: optimizer state, 2: + gradients, "
+                                          "3: + parameters)")
+    timeout_s: int = _field(600, "a collective waiting longer fails the run (a dead or hung rank)", gt=0)
+    save_frozen: bool = _field(False, "also store frozen weights in checkpoints (else regenerated from the seed "
+                               "and verified by their sha256)")
 
 
 class Config(_Section):
-    mode: Literal[tuple(MODES)] = "bn"  # type: ignore[valid-type]  # see modes.py
-    seed: int = 0
-    runs_root: str = "runs"
-    name: str | None = None  # run name; None derives one from the hyperparameters
+    mode: Literal[tuple(MODES)] = _field(  # type: ignore[valid-type]
+        "bn", "which parameters learn: " + ", ".join(MODES) + " (catalog.py)")
+    seed: int = _field(0, "seed of the frozen weights, BN init, data order and augmentation", ge=0)
+    runs_root: str = _field("runs", "folder of run directories")
+    name: str | None = _field(None, "run directory name; null derives one from the hyperparameters")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
@@ -139,17 +162,33 @@ class Config(_Section):
     dist: DistConfig = DistConfig()
 
     @model_validator(mode="after")
-    def _train_options_fit(self) -> "Config":
-        stages = 3 if parse_arch(self.model.arch).family == "cifar" else 4
+    def _settings_fit_together(self) -> "Config":
+        """Every rule across keys that holds on any device (plan.resolve checks the device-dependent rest)."""
+        stages = parse_arch(self.model.arch).stages
         if any(s > stages for s in self.train.activation_checkpointing):
             raise ValueError(f"train.activation_checkpointing lists a stage {self.model.arch} does not have; "
                              f"its residual stages are 1 to {stages}")
         if self.train.frozen_dtype == "bf16" and self.train.precision == "fp32":
             raise ValueError("train.frozen_dtype=bf16 needs bf16 autocast; set train.precision=bf16 (or auto on a GPU)")
+        if self.dist.engine == "deepspeed" and masks_gradients(self.mode):
+            raise ValueError(f"mode={self.mode} masks gradients inside tensors, which ZeRO's flat buffers do not "
+                             "allow; use dist.engine=ddp or fsdp")
+        if self.dist.engine == "deepspeed" and trains_nothing(self.mode):
+            raise ValueError(f"mode={self.mode} trains nothing, so there is nothing for ZeRO to do; "
+                             "use dist.engine=ddp")
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        """Every key, including those that do not apply to the data set (what identity() hashes)."""
         return self.model_dump(mode="json")
+
+    def to_saved_dict(self) -> dict[str, Any]:
+        """The keys that apply to this run: what config.yaml holds (no ImageNet keys for CIFAR)."""
+        out = self.to_dict()
+        fields = DataConfig.model_fields
+        out["data"] = {k: v for k, v in out["data"].items()
+                       if self.data.name in ((fields[k].json_schema_extra or {}).get("only_for") or [self.data.name])}
+        return out
 
     def identity(self) -> dict[str, Any]:
         """The flattened keys that determine what the run computes."""
@@ -185,7 +224,9 @@ def read_mapping(path: Path, missing: str) -> dict:
     if not path.is_file():
         raise ConfigError(missing)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
     if not isinstance(data, dict):
@@ -193,15 +234,28 @@ def read_mapping(path: Path, missing: str) -> dict:
     return data
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+def leaves(data: dict, prefix: str = ""):
+    """The dotted keys of a nested mapping's values (a list counts as one value)."""
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from leaves(value, dotted + ".")
+        else:
+            yield dotted
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = (), sources: dict | None = None) -> dict:
+    """The file merged over its `base:` chain; sources (if given) gets the file each key came from."""
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: base files form a cycle; remove the loop of `base:` keys")
     data = read_mapping(path, f"config file {path} does not exist; pass a path to a YAML file in configs/")
     base = data.pop("base", None)
-    if base is None:
-        return data
-    return _merge(_read_yaml(path.parent / base, seen + (path,)), data)
+    merged = data if base is None else _merge(_read_yaml(path.parent / base, seen + (path,), sources), data)
+    if sources is not None:
+        shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else str(path)
+        sources.update({key: f"{'base ' if seen else 'file '}{shown}" for key in leaves(data)})
+    return merged
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -257,7 +311,7 @@ def _describe(err: ValidationError) -> str:
         return first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         key = ".".join(str(p) for p in first["loc"])
-        return f"unknown config key '{key}'; check its spelling against bnonly_dist/config.py"
+        return f"unknown config key '{key}'; `bnonly config --keys` lists every key"
     key = _key(first["loc"])
     got = first.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
@@ -272,9 +326,17 @@ def from_dict(data: dict) -> Config:
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    data = _read_yaml(Path(path)) if path is not None else {}
-    return from_dict(apply_overrides(data, list(overrides)))
+    return load_with_sources(path, overrides)[0]
+
+
+def load_with_sources(path: str | Path | None, overrides: list[str] = ()) -> tuple[Config, dict[str, str]]:
+    """The config and, per dotted key set anywhere, where it was set: a file's path or "override"."""
+    sources: dict[str, str] = {}
+    data = _read_yaml(Path(path), sources=sources) if path is not None else {}
+    data = apply_overrides(data, list(overrides))
+    sources.update({".".join(parse_override(text)[0]): "override" for text in overrides})
+    return from_dict(data), sources
 
 
 def save(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    path.write_text(yaml.safe_dump(cfg.to_saved_dict(), sort_keys=False))

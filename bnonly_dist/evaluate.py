@@ -11,11 +11,13 @@ from bnonly_dist import dist
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches, device: torch.device, autocast=contextlib.nullcontext,
-             memory_format=torch.contiguous_format) -> dict:
-    """Labels of -1 mark padding and are not counted. Returns top1, top5 (%), loss, count."""
+             memory_format=torch.contiguous_format, num_classes: int | None = None) -> dict:
+    """Labels of -1 mark padding and are not counted. Returns top1, top5 (%), loss, count, and with
+    num_classes also per_class_top1 (%, one per class; NaN where a class has no image)."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss, count
+    per_class = torch.zeros(2, num_classes or 0, dtype=torch.float64, device=device)  # correct, images
     for images, labels in batches:
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
@@ -27,8 +29,15 @@ def evaluate(model: torch.nn.Module, batches, device: torch.device, autocast=con
         hits = top == labels[:, None]
         sums += torch.stack([hits[:, :1].sum(), hits.sum(),
                              F.cross_entropy(logits, labels, reduction="sum"), labels.new_tensor(len(labels))]).double()
+        if num_classes:
+            per_class[0].index_add_(0, labels, hits[:, 0].double())
+            per_class[1].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
     model.train(was_training)
     top1, top5, loss, count = dist.all_reduce_sum(sums).tolist()
     count = int(count)
-    return {"top1": 100 * top1 / max(1, count), "top5": 100 * top5 / max(1, count),
-            "loss": loss / max(1, count), "count": count}
+    result = {"top1": 100 * top1 / max(1, count), "top5": 100 * top5 / max(1, count),
+              "loss": loss / max(1, count), "count": count}
+    if num_classes:
+        correct, images = dist.all_reduce_sum(per_class).tolist()  # collective
+        result["per_class_top1"] = [100 * c / n if n else float("nan") for c, n in zip(correct, images)]
+    return result

@@ -15,7 +15,8 @@ SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 
 class StopRequest:
-    def __init__(self):
+    def __init__(self, every: int = 1):
+        self.every = every
         self.signal_name: str | None = None
         self._previous = {}
         if threading.current_thread() is threading.main_thread():  # handlers live in the main thread
@@ -25,9 +26,9 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
         log.warning("received %s: stopping after this step with a checkpoint", self.signal_name)
 
-    def agreed(self) -> bool:
-        """True on every rank once any rank has received a stop signal (collective)."""
-        return dist.any_rank(self.signal_name is not None)
+    def agreed(self, step: int) -> bool:
+        """True on every rank once any rank has received a stop signal (collective every `every` steps)."""
+        return step % self.every == 0 and dist.any_rank(self.signal_name is not None)
 
     def hand_over(self) -> None:
         """Pass the received signal to the Python handler that was installed before ours, if any."""

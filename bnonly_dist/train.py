@@ -1,8 +1,14 @@
-"""One training run: build everything from the config, train, evaluate, checkpoint, resume."""
+"""One training run: build it from the config, then step, log, maybe evaluate, maybe save, stop if agreed.
+
+Flow: config -> dist.init (rank, world, device) -> plan.resolve (every auto setting) ->
+data.build -> rundir.prepare (config.yaml, lock) -> network.build -> engines.wrap ->
+Checkpointer.resume -> the loop below -> summary.json.
+"""
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -10,15 +16,59 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bnonly_dist import checkpoint, data, dist, engines, network, rundir
-from bnonly_dist import plan as plan_mod
+from bnonly_dist import data, dist, engines, network, paths, rundir
+from bnonly_dist import plan as plans
+from bnonly_dist.bn_stats import gamma_stats
+from bnonly_dist.checkpoint import Checkpointer, fingerprint
 from bnonly_dist.config import Config, ConfigError
 from bnonly_dist.evaluate import evaluate
-from bnonly_dist.metrics import Metrics, StepMeter, gamma_stats, setup_logging
+from bnonly_dist.logs import setup_logging
+from bnonly_dist.meter import StepMeter
+from bnonly_dist.metrics import Metrics
 from bnonly_dist.optim import lr_at
 from bnonly_dist.stop import StopRequest
 
-log = logging.getLogger("bnonly")
+log = logging.getLogger(__name__)
+QUIET_LIMIT_S = 30.0  # never leave the console silent longer than this, whatever train.log_every says
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or inf: the run stops without saving over its last good checkpoint."""
+
+
+class Cadence:
+    """When the loop logs and evaluates (checkpoint timing belongs to the Checkpointer)."""
+
+    def __init__(self, cfg: Config, steps_per_epoch: int, end: int):
+        self.log_every, self.eval_every = cfg.train.log_every, cfg.train.eval_every
+        self.steps_per_epoch, self.end = steps_per_epoch, end
+        self.last_line = time.monotonic()
+
+    def log_due(self, step: int) -> bool:
+        """A metrics row and log line (identical on every rank: it may run collectives)."""
+        return step % self.log_every == 0 or step == self.end
+
+    def console_due(self, first: bool) -> bool:
+        """A console line only (rank-local, no collective): the first step, or nothing printed for QUIET_LIMIT_S."""
+        return first or time.monotonic() - self.last_line >= QUIET_LIMIT_S
+
+    def printed(self) -> None:
+        self.last_line = time.monotonic()
+
+    def eval_due(self, step: int) -> bool:
+        epochs, rest = divmod(step, self.steps_per_epoch)
+        return rest == 0 and epochs % self.eval_every == 0
+
+
+def finished_summary(run_paths: paths.RunPaths, cfg: Config) -> dict | None:
+    """The summary of a run that already reached its end under cfg (nothing left to do), else None."""
+    try:
+        summary = json.loads(run_paths.summary.read_text())
+    except (OSError, ValueError):
+        return None
+    cap = cfg.train.max_steps
+    done = summary.get("finished") or (cap is not None and summary.get("step", 0) >= cap)
+    return summary if done else None
 
 
 class Run:
@@ -26,136 +76,169 @@ class Run:
 
     def __init__(self, cfg: Config, run_dir: Path | None = None):
         self.cfg, self.ctx = cfg, dist.init(cfg.train.device, cfg.dist.timeout_s)
-        self.run_dir = Path(run_dir) if run_dir else Path(cfg.runs_root) / cfg.run_name()
-        # Rank 0 checks and writes; every rank gets its verdict.
-        refusal = None
-        if self.ctx.is_main:
-            try:
-                rundir.prepare(cfg, self.run_dir)
-            except ConfigError as err:
-                refusal = str(err)
-        refusal = dist.broadcast_object(refusal)
-        if refusal:
-            raise ConfigError(refusal)
+        self.paths = paths.RunPaths(paths.run_dir(cfg, run_dir))
+        self.run_dir = self.paths.root
+        # Everything that can refuse the run does so before anything is written.
+        self.plan = plans.resolve(cfg, self.ctx.device)
+        self._on_rank0(rundir.check, cfg, self.run_dir)
+        self.done = dist.broadcast_object(finished_summary(self.paths, cfg) if self.ctx.is_main else None)
+        if self.done:
+            return
+        self.source = data.build(cfg, self.plan, self.ctx.rank, self.ctx.world)
+        self.lock = self._on_rank0(rundir.prepare, cfg, self.run_dir)
         setup_logging(self.run_dir, self.ctx.rank)
-        torch.use_deterministic_algorithms(cfg.train.deterministic)
-        torch.backends.cudnn.benchmark = not cfg.train.deterministic
-        self.plan = plan_mod.resolve(cfg, self.ctx.device)
-        self.autocast, self.memory_format = self.plan.autocast, self.plan.memory_format
+        torch.use_deterministic_algorithms(self.plan.deterministic)
+        torch.backends.cudnn.benchmark = not self.plan.deterministic
 
-        self.source = data.build(cfg, self.ctx.rank, self.ctx.world, self.ctx.device)
         self.num_classes = network.num_classes(cfg, self.source)
         # Every rank builds the same frozen weights from the seed; engines may then shard them.
         net = network.build(cfg, self.plan, self.num_classes)
-        self.model, masks, self.frozen_sha = net.model, net.masks, net.frozen_sha
-        self.lean = self.plan.lean
         self.trainable, self.total_params = net.trainable, net.total
-        self.engine = engines.wrap(cfg, self.plan, self.model, masks, self.ctx)
-        if cfg.train.compile:
+        self.engine = engines.wrap(cfg, self.plan, net.model, net.masks, self.ctx)
+        if self.plan.compile:
             self.engine.compile()
 
         self.step = 0
         self.steps_per_epoch = self.source.steps_per_epoch
         self.total = cfg.optim.epochs * self.steps_per_epoch
         self.end = min(self.total, cfg.train.max_steps or self.total)
+        self.ckpt = Checkpointer(self.run_dir, self.ctx.rank, self.ctx.world, self.engine, self.source,
+                                 net.frozen_sha, every=cfg.train.checkpoint_every, keep=cfg.train.keep_checkpoints,
+                                 save_frozen=cfg.dist.save_frozen, steps_per_epoch=self.steps_per_epoch,
+                                 identity=cfg.identity())
+        self.cadence = Cadence(cfg, self.steps_per_epoch, self.end)
+        self.meter = StepMeter(self.plan.device, cfg.data.batch_size)
+        self.evaluations: dict[int, dict] = {}
         self.metrics = Metrics(self.run_dir, self.ctx.is_main)
         self.bar_enabled = cfg.train.progress == "bar" or (cfg.train.progress == "auto" and sys.stdout.isatty())
 
+    def _on_rank0(self, check, *args):
+        """Run check on rank 0 only and give every rank its verdict (a ConfigError is raised on all)."""
+        refusal, result = None, None
+        if self.ctx.is_main:
+            try:
+                result = check(*args)
+            except ConfigError as err:
+                refusal = str(err)
+        refusal = dist.broadcast_object(refusal)  # collective (host side)
+        if refusal:
+            raise ConfigError(refusal)
+        return result
+
+    # --- the loop ------------------------------------------------------------------------
+    def train(self) -> dict:
+        if self.done:
+            return self.nothing_to_do()
+        self.resume()
+        self.announce()
+        stop = StopRequest(self.cfg.train.stop_check_every)
+        self.bar = tqdm(total=self.end, initial=self.step, dynamic_ncols=True,
+                        disable=not (self.bar_enabled and self.ctx.is_main))
+        started, first = time.perf_counter(), True
+        try:
+            while self.step < self.end:
+                epoch, offset = divmod(self.step, self.steps_per_epoch)
+                batches = iter(self.source.train_epoch(epoch, offset))
+                while self.step < self.end and (batch := self.meter.next_batch(batches)) is not None:
+                    self.train_step(*batch)
+                    if self.cadence.log_due(self.step):
+                        self.log_train()  # syncs the GPU (.item() of the meter's sums)
+                    elif self.cadence.console_due(first):
+                        self.log_progress(first)  # syncs the GPU; rank-local, no collective
+                    first = False
+                    self.ckpt.maybe_save(self.step)  # collective on checkpoint steps
+                    if stop.agreed(self.step):  # host-side all-reduce every train.stop_check_every steps
+                        return self.stopped(stop)
+                if self.cadence.eval_due(self.step):
+                    self.evaluate()  # collective: all-reduced sums
+        finally:
+            stop.close()
+            self.bar.close()
+        self.ckpt.save(self.step, final=True)  # collective
+        final = self.evaluations.get(self.step) or self.evaluate()
+        return self.finish(final, time.perf_counter() - started)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        # non_blocking: the copy overlaps the step when the host tensors are pinned (no-op if already on device)
+        images = images.to(self.plan.device, non_blocking=True).contiguous(memory_format=self.plan.memory_format)
+        labels = labels.to(self.plan.device, non_blocking=True)
+        self.engine.set_lr(lr_at(self.step, self.steps_per_epoch, self.cfg.optim))
+        loss, top1 = self.engine.train_step(images, labels, self.plan.autocast)  # DDP/FSDP/ZeRO collectives inside
+        self.step += 1
+        self.meter.add(loss, top1)  # device-side sums: no sync
+        self.bar.update(1)
+
+    # --- around the loop -----------------------------------------------------------------
     def resume(self) -> None:
-        restored = checkpoint.resume(self.run_dir, self.engine, self.ctx.rank, self.ctx.world, self.frozen_sha)
-        if not restored:
+        resumed = self.ckpt.resume()  # collective
+        if not resumed:
             return
-        path, meta, data_state = restored
-        self.step = meta["step"]
-        if meta["frozen_included"]:
-            self.frozen_sha = meta["frozen_sha256"]  # the stored frozen weights are the run's now
-        self.source.load_state(data_state)
-        log.info("resumed from %s at step %d", path, self.step)
-        if meta["world"] != self.ctx.world:
+        self.step = resumed.step
+        log.info("resumed from %s at step %d", resumed.path, self.step)
+        if resumed.world != self.ctx.world:
             batch = self.cfg.data.batch_size
             log.warning("checkpoint written by %d ranks, resuming on %d: the data position is global (epoch %d, "
                         "step %d), so the remaining global batches are the same and each rank takes its slice; BN "
-                        "batch statistics now come from %d images per rank instead of %d", meta["world"],
+                        "batch statistics now come from %d images per rank instead of %d", resumed.world,
                         self.ctx.world, self.step // self.steps_per_epoch, self.step % self.steps_per_epoch,
-                        batch // self.ctx.world, batch // meta["world"])
+                        batch // self.ctx.world, batch // resumed.world)
 
-    def save_checkpoint(self) -> Path:
-        self.engine.sync_buffers()
-        meta = {"step": self.step, "epoch": self.step // self.steps_per_epoch, "world": self.ctx.world,
-                "engine": self.engine.name, "frozen_sha256": self.frozen_sha}
-        return checkpoint.save(self.run_dir, self.engine, self.ctx.rank, meta, self.source.state(),
-                               self.cfg.train.keep_checkpoints, self.cfg.dist.save_frozen)
+    def announce(self) -> None:
+        cfg = self.cfg
+        log.info("run %s: %s mode=%s, %d trainable of %d parameters, %d steps/epoch, steps %d -> %d on %s x%d",
+                 self.run_dir, cfg.model.arch, cfg.mode, self.trainable, self.total_params, self.steps_per_epoch,
+                 self.step, self.end, self.plan.device, self.ctx.world)
+        log.info(self.plan.describe())
+        log.info(data.describe(cfg, self.plan))
+        log.info("this rank holds %d of the %d parameter numbers (%s)", self.engine.local_numel(), self.total_params,
+                 self.engine.name)  # collective under FSDP (reshard)
 
     def evaluate(self) -> dict:
-        self.engine.sync_buffers()
-        result = evaluate(self.engine.net, self.source.eval_batches(), self.ctx.device, self.autocast,
-                          self.memory_format)
-        bn_params = self.engine.bn_parameters()
+        self.engine.sync_buffers()  # collective: rank 0's BN running statistics everywhere
+        result = evaluate(self.engine.net, self.source.eval_batches(), self.plan.device, self.plan.autocast,
+                          self.plan.memory_format)
+        bn_params = self.engine.bn_parameters()  # collective under FSDP / ZeRO-3
         result.update(epoch=self.step / self.steps_per_epoch, **gamma_stats(bn_params, self.cfg.train.gamma_threshold))
         self.metrics.log("eval", self.step, result)
         self.metrics.histograms(self.step, bn_params)
         log.info("eval step %d epoch %.2f: top1 %.2f%% top5 %.2f%% loss %.4f (%d images)", self.step,
                  result["epoch"], result["top1"], result["top5"], result["loss"], result["count"])
+        self.cadence.printed()
+        self.evaluations[self.step] = result
         return result
 
-    def log_train(self, values: dict) -> None:
+    def log_train(self) -> None:
+        values = self.meter.report()  # syncs the GPU
+        if dist.any_rank(not math.isfinite(values["loss"])):  # host-side all-reduce: every rank stops together
+            raise Diverged(f"the training loss became {values['loss']} at step {self.step} (diverged); the last "
+                           f"good checkpoint in {self.paths.checkpoints} is kept: lower optim.lr or add "
+                           "optim.warmup_epochs and start a new --run-dir")
         values.update(lr=lr_at(self.step - 1, self.steps_per_epoch, self.cfg.optim),
                       epoch=self.step / self.steps_per_epoch)
         # Watch gammas switch channels off as it happens, not only at evaluations.
-        values.update(gamma_stats(self.engine.bn_parameters(), self.cfg.train.gamma_threshold))
+        values.update(gamma_stats(self.engine.bn_parameters(), self.cfg.train.gamma_threshold))  # collective if sharded
         self.metrics.log("train", self.step, values)
         self.bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.3g}")
         if not self.bar_enabled:
             log.info("step %d/%d epoch %.2f loss %.4f top1 %.1f%% lr %.4g %.0f img/s data-wait %.0f%%", self.step,
                      self.end, values["epoch"], values["loss"], values["top1"], values["lr"],
                      values["images_per_s"], 100 * values["data_wait_frac"])
+        self.cadence.printed()
 
-    def train(self) -> dict:
-        cfg, spe = self.cfg, self.steps_per_epoch
-        self.resume()
-        log.info("run %s: %s mode=%s, %d trainable of %d parameters, %d steps/epoch, steps %d -> %d on %s x%d (%s)",
-                 self.run_dir, cfg.model.arch, cfg.mode, self.trainable, self.total_params, spe, self.step, self.end,
-                 self.ctx.device, self.ctx.world, self.engine.name)
-        log.info("lean autograd %s, activation checkpointing in stages %s, frozen weights %s",
-                 "on" if self.lean else "off", cfg.train.activation_checkpointing or "none", cfg.train.frozen_dtype)
-        log.info("this rank holds %d of the %d parameter numbers (%s)", self.engine.local_numel(), self.total_params,
-                 self.engine.name)
-        self.bar = tqdm(total=self.end, initial=self.step, dynamic_ncols=True,
-                        disable=not (self.bar_enabled and self.ctx.is_main))
-        started, meter, last_eval = time.perf_counter(), StepMeter(self.ctx.device, cfg.data.batch_size), None
-        stop = StopRequest()
-        try:
-            while self.step < self.end:
-                batches = iter(self.source.train_epoch(self.step // spe, self.step % spe))
-                while self.step < self.end and (batch := meter.next_batch(batches)) is not None:
-                    images = batch[0].to(self.ctx.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-                    labels = batch[1].to(self.ctx.device, non_blocking=True)
-                    self.engine.set_lr(lr_at(self.step, spe, cfg.optim))
-                    loss, top1 = self.engine.train_step(images, labels, self.autocast)
-                    self.step += 1
-                    meter.add(loss, top1)
-                    self.bar.update(1)
-                    if self.step % cfg.train.log_every == 0 or self.step == self.end:
-                        self.log_train(meter.report())
-                    if self.step % cfg.train.checkpoint_every == 0:
-                        self.save_checkpoint()
-                    if stop.agreed():
-                        return self.stopped(stop)
-                if self.step % spe == 0 and (self.step // spe) % cfg.train.eval_every == 0:
-                    last_eval = (self.step, self.evaluate())
-        finally:
-            stop.close()
-            self.bar.close()
-        self.save_checkpoint()
-        final = last_eval[1] if last_eval and last_eval[0] == self.step else self.evaluate()
-        return self.finish(final, time.perf_counter() - started)
+    def log_progress(self, first: bool) -> None:
+        """A console line between metric rows (rank-local; the averages go on to the next row)."""
+        values = self.meter.report(reset=False)  # syncs the GPU
+        what = "first step done (includes warm-up)" if first else "progress"
+        log.info("%s: step %d/%d loss %.4f %.0f img/s data-wait %.0f%%", what, self.step, self.end, values["loss"],
+                 values["images_per_s"], 100 * values["data_wait_frac"])
+        self.cadence.printed()
 
     def stopped(self, stop: StopRequest) -> dict:
         """All ranks agreed to stop on a signal: save together and leave without a summary."""
-        path = self.save_checkpoint()
+        path = self.ckpt.save(self.step, final=True)  # collective
         log.warning("stopped at step %d by %s; checkpoint %s; run the same command to resume", self.step,
                     stop.signal_name or "a signal to another rank", path)
-        self.metrics.close()
+        self.close()
         stop.hand_over()  # under submitit: requeue the job
         return {"run_dir": str(self.run_dir), "step": self.step, "finished": False, "stopped": True,
                 "checkpoint": str(path)}
@@ -166,15 +249,27 @@ class Run:
                    "epoch": self.step / self.steps_per_epoch, "finished": self.step >= self.total,
                    "world": self.ctx.world, "engine": self.engine.name, "trainable_params": self.trainable,
                    "num_classes": self.num_classes,
-                   "final": final, "fingerprint": checkpoint.fingerprint(self.engine.full_state_dict()),
+                   "final": final, "fingerprint": fingerprint(self.engine.full_state_dict()),  # collective if sharded
                    "wall_time_s": wall_time_s}
         if self.ctx.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.paths.summary.write_text(json.dumps(summary, indent=2))
             log.info("done: top1 %.2f%% top5 %.2f%%; summary %s; TensorBoard: tensorboard --logdir %s",
-                     final["top1"], final["top5"], self.run_dir / "summary.json", self.run_dir / "tb")
-        self.metrics.close()
-        dist.barrier()
+                     final["top1"], final["top5"], self.paths.summary, self.paths.tb)
+        self.close()
+        dist.barrier()  # host side: rank 0 has written summary.json
         return summary
+
+    def nothing_to_do(self) -> dict:
+        summary = self.done
+        if self.ctx.is_main:
+            print(f"{self.run_dir}: finished at step {summary['step']} (top-1 {summary['final']['top1']:.2f} %); "
+                  "nothing to do (bnonly eval RUN_DIR evaluates it again)", flush=True)
+        return summary
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def run(cfg: Config, run_dir: Path | None = None) -> dict:

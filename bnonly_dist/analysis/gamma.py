@@ -11,7 +11,7 @@ from bnonly_dist import checkpoint, data, models, modes
 from bnonly_dist.analysis.runs import RunRecord
 from bnonly_dist.engines.base import Engine
 from bnonly_dist.evaluate import evaluate
-from bnonly_dist.metrics import bn_parameters
+from bnonly_dist.bn_stats import bn_parameters
 
 log = logging.getLogger(__name__)
 

@@ -6,14 +6,13 @@ for padding, and state()/load_state() for what a resume needs beyond (epoch, ste
 """
 from __future__ import annotations
 
-import torch
-
 from bnonly_dist.config import Config
 from bnonly_dist.data.layout import DataError
+from bnonly_dist.plan import Plan
 
 
-def build(cfg: Config, rank: int, world: int, device: torch.device):
-    data = cfg.data
+def build(cfg: Config, plan: Plan, rank: int, world: int):
+    data, device = cfg.data, plan.device
     if data.name == "synthetic":
         from bnonly_dist.data.synthetic import SyntheticSource
         return SyntheticSource(data.synthetic_samples, data.synthetic_image_size, data.synthetic_classes,
@@ -24,8 +23,17 @@ def build(cfg: Config, rank: int, world: int, device: torch.device):
         from bnonly_dist.data.cifar import CifarSource
         return CifarSource(data.root, data.batch_size, data.eval_batch_size, rank, world, cfg.seed, device)
     from bnonly_dist.data.dali import DaliImageNetSource
-    decode = data.decode if data.decode != "auto" else ("mixed" if device.type == "cuda" else "cpu")
-    if decode == "mixed" and device.type != "cuda":
-        raise DataError("data.decode=mixed decodes on the GPU but this run is on the CPU; use data.decode=cpu")
     return DaliImageNetSource(data.root, data.batch_size, data.eval_batch_size, rank, world, cfg.seed, device,
-                              decode, data.num_threads, data.image_size, data.resize_size, data.min_area)
+                              plan.decode, data.num_threads, data.image_size, data.resize_size, data.min_area)
+
+
+def describe(cfg: Config, plan: Plan) -> str:
+    """The data path in use, for the start-up log."""
+    data = cfg.data
+    if data.name == "synthetic":
+        return f"data: synthetic images drawn on {plan.device} from (seed, step)"
+    if data.name == "cifar10":
+        return (f"data: CIFAR-10 from {data.root}, held on {plan.device} as uint8; crop and flip on "
+                f"{plan.device}")
+    return (f"data: ImageNet from {data.root} via DALI, JPEG decode {plan.decode} "
+            f"({'GPU' if plan.decode == 'mixed' else 'CPU'}), {data.num_threads} CPU threads per rank")

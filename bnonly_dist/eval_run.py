@@ -1,0 +1,73 @@
+"""`bnonly eval RUN_DIR`: evaluate the newest checkpoint of a finished or stopped run.
+
+Top-1, top-5 and per-class accuracy over the whole validation set (every image once
+across ranks), appended to RUN/eval.jsonl; metrics.jsonl, summary.json and TensorBoard
+stay as the run left them. Overrides may point at another copy of the data or device.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import yaml
+
+from bnonly_dist import data, dist, engines, network
+from bnonly_dist import plan as plans
+from bnonly_dist.checkpoint import Checkpointer, CheckpointError
+from bnonly_dist.config import ConfigError, apply_overrides, from_dict, parse_override
+from bnonly_dist.evaluate import evaluate
+from bnonly_dist.paths import RunPaths
+
+log = logging.getLogger(__name__)
+# What may differ from the run's own config: where the data is and how evaluation runs, not what was trained.
+ALLOWED_PREFIXES = ("data.root", "data.eval_batch_size", "data.num_threads", "data.decode", "train.device",
+                    "train.precision", "train.channels_last", "dist.timeout_s")
+
+
+def load_run_config(run_paths: RunPaths, overrides: list[str]):
+    if not run_paths.config.is_file():
+        raise ConfigError(f"{run_paths.root} has no config.yaml: pass the directory of a run (bnonly train wrote it)")
+    for text in overrides:
+        key = ".".join(parse_override(text)[0])
+        if key not in ALLOWED_PREFIXES:
+            raise ConfigError(f"bnonly eval: {key} cannot change after training; only {', '.join(ALLOWED_PREFIXES)}")
+    try:
+        saved = yaml.safe_load(run_paths.config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{run_paths.config} is corrupt ({str(err).splitlines()[0]}); restore it") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{run_paths.config} is corrupt (not a mapping); restore it")
+    return from_dict(apply_overrides(saved, list(overrides)))
+
+
+def run(run_dir: Path, overrides: list[str] = ()) -> dict:
+    run_paths = RunPaths(Path(run_dir))
+    cfg = load_run_config(run_paths, list(overrides))
+    ctx = dist.init(cfg.train.device, cfg.dist.timeout_s)
+    plan = plans.resolve(cfg, ctx.device)
+    source = data.build(cfg, plan, ctx.rank, ctx.world)
+    classes = network.num_classes(cfg, source)
+    net = network.build(cfg, plan, classes)
+    engine = engines.wrap(cfg, plan, net.model, net.masks, ctx)
+    ckpt = Checkpointer(run_paths.root, ctx.rank, ctx.world, engine, source, net.frozen_sha, every=1, keep=1,
+                        save_frozen=False, steps_per_epoch=source.steps_per_epoch, identity=cfg.identity())
+    resumed = ckpt.resume()  # collective
+    if resumed is None:
+        raise CheckpointError(f"{run_paths.checkpoints} holds no complete checkpoint to evaluate")
+    engine.sync_buffers()  # collective
+    started = time.perf_counter()
+    result = evaluate(engine.net, source.eval_batches(), plan.device, plan.autocast, plan.memory_format,
+                      num_classes=classes)  # collective: all-reduced sums
+    record = {"kind": "eval", "step": resumed.step, "checkpoint": str(resumed.path), "world": ctx.world,
+              "eval_s": time.perf_counter() - started, **result}
+    if ctx.is_main:
+        with open(run_paths.eval_metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"{run_paths.root} step {resumed.step}: top1 {result['top1']:.2f}% top5 {result['top5']:.2f}% "
+              f"loss {result['loss']:.4f} ({result['count']} images); written to {run_paths.eval_metrics}")
+        per_class = result["per_class_top1"]
+        worst = sorted(range(len(per_class)), key=lambda c: per_class[c])[:5]
+        print("per-class top-1 (worst 5): " + ", ".join(f"class {c} {per_class[c]:.1f}%" for c in worst))
+    return record

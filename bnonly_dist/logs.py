@@ -1,0 +1,26 @@
+"""Text logs: the console on rank 0 and one file per rank in RUN/logs/."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from bnonly_dist.paths import RunPaths
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    """Console on rank 0, and a text log per rank in RUN/logs/."""
+    paths = RunPaths(run_dir)
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = [logging.FileHandler(paths.rank_log(rank))]
+    if rank == 0:
+        handlers.append(logging.StreamHandler(sys.stdout))
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
