@@ -80,3 +80,57 @@ def test_run_name_ignores_pacing_keys():
     b = config.load("configs/cifar10_resnet14.yaml", ["train.log_every=7"])
     c = config.load("configs/cifar10_resnet14.yaml", ["optim.lr=0.2"])
     assert a.run_name() == b.run_name() != c.run_name()
+
+
+def test_docs_config_md_is_generated_from_the_schema():
+    from bnonly_dist import config_reference
+    with open("docs/config.md") as f:
+        assert f.read() == config_reference.generate_markdown(), \
+            "docs/config.md is stale: python -m bnonly_dist.config_reference > docs/config.md"
+    names = [k.name for k in config_reference.keys()]
+    assert "optim.lr" in names and "data.image_size" in names and len(names) == len(set(names))
+    assert all(k.description for k in config_reference.keys())  # every key documented
+
+
+def test_bnonly_config_shows_value_source_and_meaning():
+    proc = subprocess.run([sys.executable, "-m", "bnonly_dist.cli", "config", "configs/cifar10_resnet56.yaml",
+                           "optim.lr=0.2"], capture_output=True, text=True, check=True)
+    lines = proc.stdout.splitlines()
+    assert "optim.lr = 0.2    [override; default 0.1]" in lines
+    assert "model.arch = cifar_resnet_56    [file configs/cifar10_resnet56.yaml; default cifar_resnet_20]" in lines
+    assert "optim.epochs = 160    [base configs/base/cifar10.yaml; default 160]" in lines
+    assert "train.lean_autograd = auto    [default]" in lines
+    assert not any(line.startswith("data.image_size") for line in lines)  # an ImageNet key
+    keys = subprocess.run([sys.executable, "-m", "bnonly_dist.cli", "config", "--keys"], capture_output=True,
+                          text=True, check=True).stdout
+    assert len(keys.splitlines()) == len(config.Config.model_fields) - 5 + sum(
+        len(s.annotation.model_fields) for n, s in config.Config.model_fields.items()
+        if n in ("model", "data", "optim", "train", "dist"))
+
+
+def test_saved_config_holds_only_keys_of_its_data_set(tmp_path):
+    cifar = config.load("configs/cifar10_resnet20.yaml")
+    config.save(cifar, tmp_path / "c.yaml")
+    saved = yaml.safe_load((tmp_path / "c.yaml").read_text())
+    assert set(saved["data"]) == {"name", "root", "batch_size", "eval_batch_size"}
+    assert config.from_dict(saved).run_name() == cifar.run_name()  # same identity, same derived name
+    imagenet = config.load("configs/imagenet_resnet50.yaml")
+    config.save(imagenet, tmp_path / "i.yaml")
+    assert "image_size" in yaml.safe_load((tmp_path / "i.yaml").read_text())["data"]
+
+
+@pytest.mark.parametrize("override, words", [
+    ("optim.lr=.inf", "optim.lr"), ("optim.lr=.nan", "optim.lr"), ("optim.momentum=.nan", "optim.momentum"),
+    ("seed=-1", "seed"), ("data.min_area=.nan", "data.min_area"),
+])
+def test_non_finite_floats_and_negative_seeds_are_refused(override, words):
+    with pytest.raises(ConfigError, match=words):
+        config.load("configs/demo.yaml", [override])
+
+
+def test_a_config_file_that_is_not_utf8_gets_one_line(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("mode: bn  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8") as err:
+        config.load(bad)
+    assert "\n" not in str(err.value)

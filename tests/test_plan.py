@@ -1,0 +1,68 @@
+"""The Plan resolves every auto setting once; cross-key rules fail at load; one model builder."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bnonly_dist import config, network, plan
+from bnonly_dist.config import ConfigError
+
+CPU = torch.device("cpu")
+
+
+def cfg(*overrides, path="configs/cifar10_resnet20.yaml"):
+    return config.load(path, list(overrides))
+
+
+def test_auto_settings_resolve_once_for_the_device():
+    p = plan.resolve(cfg(), CPU)
+    assert (p.device, p.bf16, p.precision, p.frozen_dtype, p.engine) == (CPU, False, "fp32", None, "ddp")
+    assert p.channels_last == plan.default_channels_last(CPU) and p.lean == plan.default_lean("bn")
+    assert p.decode is None and p.checkpointed_stages == ()
+    explicit = plan.resolve(cfg("train.precision=bf16", "train.channels_last=true", "train.lean_autograd=false",
+                                "train.frozen_dtype=bf16", "train.activation_checkpointing=[3,1]"), CPU)
+    assert (explicit.bf16, explicit.channels_last, explicit.lean) == (True, True, False)
+    assert explicit.frozen_dtype == torch.bfloat16 and explicit.checkpointed_stages == (1, 3)
+    assert explicit.memory_format == torch.channels_last
+    line = explicit.describe()
+    assert "\n" not in line and "bf16" in line and "checkpointed stages 1,3" in line
+
+
+def test_imagenet_decode_resolves_per_device_and_refuses_gpu_decode_on_cpu():
+    imagenet = "configs/imagenet_resnet18.yaml"
+    assert plan.resolve(cfg(path=imagenet), CPU).decode == "cpu"
+    with pytest.raises(ConfigError, match="data.decode=mixed"):
+        plan.resolve(cfg("data.decode=mixed", path=imagenet), CPU)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["dist.engine=deepspeed", "mode=random_per_channel"], "masks gradients inside tensors"),
+    (["dist.engine=deepspeed", "mode=none"], "trains nothing"),
+    (["train.frozen_dtype=bf16", "train.precision=fp32"], "train.frozen_dtype=bf16 needs bf16"),
+    (["train.activation_checkpointing=[4]"], "residual stages are 1 to 3"),
+])
+def test_rules_across_keys_fail_when_the_config_loads(overrides, words):
+    with pytest.raises(ConfigError, match=words):
+        cfg(*overrides)
+
+
+def test_network_build_is_the_one_recipe():
+    c = cfg()
+    plain = network.build(c, plan.resolve(c, CPU), 10)
+    c16 = cfg("train.precision=bf16", "train.frozen_dtype=bf16", "train.channels_last=true")
+    lean16 = network.build(c16, plan.resolve(c16, CPU), 10)
+    assert plain.frozen_sha == lean16.frozen_sha  # digest of the seed's weights, before the bf16 cast
+    assert lean16.model.conv1.weight.dtype == torch.bfloat16 and plain.model.conv1.weight.dtype == torch.float32
+    assert lean16.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert plain.trainable == 2 * sum(m.num_features for m in plain.model.modules()
+                                      if isinstance(m, torch.nn.BatchNorm2d))
+    assert network.num_classes(c) == 10 and network.num_classes(cfg(path="configs/imagenet_resnet18.yaml")) == 1000
+    assert network.num_classes(cfg("model.num_classes=7")) == 7
+
+
+def test_the_cli_and_config_load_without_torch():
+    code = ("import sys, bnonly_dist.cli, bnonly_dist.config; "
+            "bnonly_dist.config.load('configs/imagenet_resnet200.yaml'); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
