@@ -8,8 +8,8 @@ import torch
 from bnonly_dist import models
 from bnonly_dist.models.init import initialize
 
-# PAPER.md: (arch, total, BN, output, shortcut 1x1 or None)
-PAPER = [
+# docs/paper.md: (arch, total, BN, output, shortcut 1x1 or None)
+PAPER_COUNTS = [
     ("cifar_resnet_14", 175_258, 1_120, 650, 2_560),
     ("cifar_resnet_32", 466_906, 2_464, 650, 2_560),
     ("cifar_resnet_56", 855_770, 4_256, 650, 2_560),
@@ -31,7 +31,7 @@ PAPER = [
 ]
 
 
-@pytest.mark.parametrize("arch, total, bn, output, shortcut", PAPER)
+@pytest.mark.parametrize("arch, total, bn, output, shortcut", PAPER_COUNTS)
 def test_parameter_counts_match_the_paper(arch, total, bn, output, shortcut):
     counts = models.info(arch)
     assert (counts["total"], counts["bn"], counts["output"]) == (total, bn, output)
