@@ -1,9 +1,9 @@
 """`bnonly bench-checkpoint`: size, save and load time of a real checkpoint of one run's
 state, with frozen weights left out (the default) and stored (dist.save_frozen=true).
-Runs under torchrun too, to time the sharded save of any engine."""
+Writes under --dir (runs/bench-checkpoint by default) and removes each checkpoint after
+timing it. Runs under torchrun too, to time the sharded save of any engine."""
 from __future__ import annotations
 
-import contextlib
 import shutil
 import statistics
 import time
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from bnonly_dist import checkpoint, dist, engines, models, modes, plan
+from bnonly_dist import checkpoint, dist, engines, models, network
+from bnonly_dist import plan as plans
 from bnonly_dist.config import Config
 
 
@@ -21,21 +22,18 @@ def _bytes(folder: Path) -> int:
 
 def run(cfg: Config, out_dir: Path, repeats: int = 3) -> dict:
     ctx = dist.init(cfg.train.device, cfg.dist.timeout_s)
-    device = ctx.device
-    arch = models.parse_arch(cfg.model.arch)
-    classes = cfg.model.num_classes or (10 if arch.family == "cifar" else 1000)
-    size = 32 if arch.family == "cifar" else cfg.data.image_size
+    plan = plans.resolve(cfg, ctx.device)
+    classes = network.num_classes(cfg)
+    size = 32 if models.parse_arch(cfg.model.arch).family == "cifar" else cfg.data.image_size
     start = time.perf_counter()  # what a resume without stored frozen weights does instead of reading them
-    model = models.build(cfg.model.arch, classes, cfg.seed, cfg.model.bn_init)
-    masks = modes.apply(model, cfg.mode, cfg.seed)
-    frozen_sha = checkpoint.frozen_digest(model)
+    net = network.build(cfg, plan, classes)
     regenerate_s = time.perf_counter() - start
-    total_params, trainable = sum(p.numel() for p in model.parameters()), modes.trainable_count(model, masks)
-    model.to(device)
-    engine = engines.wrap(cfg, plan.resolve(cfg, device), model, {n: m.to(device) for n, m in masks.items()}, ctx)
+    total_params, trainable, frozen_sha = net.total, net.trainable, net.frozen_sha
+    engine = engines.wrap(cfg, plan, net.model, net.masks, ctx)
+    device = plan.device
     # One real step, so the optimizer holds its momentum buffers as in any saved run.
-    images, labels = torch.randn(2, 3, size, size, device=device), torch.randint(0, classes, (2,), device=device)
-    engine.train_step(images, labels, contextlib.nullcontext)
+    images = torch.randn(2, 3, size, size, device=device).contiguous(memory_format=plan.memory_format)
+    engine.train_step(images, torch.randint(0, classes, (2,), device=device), plan.autocast)
     meta = {"step": 1, "epoch": 0, "world": ctx.world, "engine": engine.name, "frozen_sha256": frozen_sha}
     results = []
     for include_frozen in (False, True):
