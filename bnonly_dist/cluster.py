@@ -13,6 +13,7 @@ pydantic or submitit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -203,6 +204,29 @@ def executor(job_dir: Path, res: dict, job_name: str, target: Target):
     ex.update_parameters(nodes=1, tasks_per_node=target.world, timeout_min=minutes(res["time"]),
                          gpus_per_node=target.gpus_per_node)
     return ex
+
+
+class SubmissionError(RuntimeError):
+    """sbatch (or the local executor) refused a job that passed every check here."""
+
+
+@contextlib.contextmanager
+def created(*run_dirs: Path):
+    """Remove the run directories that did not exist before, if the submission inside fails.
+
+    Only a job that was never submitted is undone: nothing else has written there yet.
+    """
+    new = [Path(d) for d in run_dirs if not Path(d).exists()]
+    try:
+        yield
+    except Exception as err:
+        for run_dir in new:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        from bnonly_dist.config import ConfigError
+        if isinstance(err, ConfigError):
+            raise
+        said = str(err).strip().splitlines()
+        raise SubmissionError(f"the job was not submitted: {said[-1] if said else type(err).__name__}") from err
 
 
 def sbatch_script(job_dir: Path, res: dict, job_name: str, array: int | None = None) -> str:

@@ -55,11 +55,15 @@ def main(argv=None) -> int:
             print(cluster.sbatch_script(job_dir, res, name))
             print(f"# run directory: {paths.root}")
             return 0
-        rundir.prepare(cfg, paths.root)  # the launch goes ahead: now the run directory is created
-        job = cluster.executor(job_dir, res, name, target).submit(TrainJob(cfg.to_dict(), paths.root))
+        with cluster.created(paths.root):  # the launch goes ahead; a failed submission takes the new run dir back
+            rundir.prepare(cfg, paths.root)
+            job = cluster.executor(job_dir, res, name, target).submit(TrainJob(cfg.to_dict(), paths.root))
     except (config.ConfigError, DataError) as err:
         print(f"submit: error: {err}", file=sys.stderr)
         return 2
+    except cluster.SubmissionError as err:
+        print(f"submit: error: {err}", file=sys.stderr)
+        return 1
     cluster.record_job(paths.root, str(job.job_id))
     print(f"job {job.job_id} on {target.where} ({target.world} task{'s' if target.world > 1 else ''})\n"
           f"run directory: {paths.root}\nlogs: {job.paths.stdout} (and .err)"

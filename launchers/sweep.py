@@ -68,14 +68,18 @@ def main(argv=None) -> int:
         if args.dry_run:
             print(cluster.sbatch_script(job_dir, res, name, array=len(todo)))
             return 0
-        for point in todo:  # the launch goes ahead: now the run directories are created
-            rundir.prepare(point.cfg, point.run_dir)
-        executor = cluster.executor(job_dir, res, name, target)
-        with executor.batch():  # one job array
-            jobs = [executor.submit(TrainJob(p.cfg.to_dict(), p.run_dir)) for p in todo]
+        with cluster.created(*(p.run_dir for p in todo)):  # the launch goes ahead; see submit.py
+            for point in todo:
+                rundir.prepare(point.cfg, point.run_dir)
+            executor = cluster.executor(job_dir, res, name, target)
+            with executor.batch():  # one job array
+                jobs = [executor.submit(TrainJob(p.cfg.to_dict(), p.run_dir)) for p in todo]
     except (ConfigError, DataError) as err:
         print(f"sweep: error: {err}", file=sys.stderr)
         return 2
+    except cluster.SubmissionError as err:
+        print(f"sweep: error: {err}", file=sys.stderr)
+        return 1
     for point, job in zip(todo, jobs):
         cluster.record_job(point.run_dir, str(job.job_id))
     print(f"submitted {len(jobs)} of {len(spec.points)} points as job array {jobs[0].job_id.split('_')[0]} "
