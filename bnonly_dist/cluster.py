@@ -103,6 +103,14 @@ def slurm_available() -> bool:
     return shutil.which("sbatch") is not None
 
 
+def slurm_gpus(res: dict) -> int:
+    """GPUs per node of a Slurm job: it must be said (0 for CPU jobs), never guessed."""
+    if res.get("gpus_per_node") is None:
+        raise _config_error("--gpus-per-node is not set (flag, or gpus_per_node in the cluster file "
+                            f"{cluster_file()}); pass --gpus-per-node 0 for a CPU-only job")
+    return res["gpus_per_node"]
+
+
 def tasks_per_node(res: dict) -> int:
     return res["gpus_per_node"] if res.get("gpus_per_node") else res.get("tasks_per_node") or 1
 
@@ -142,10 +150,7 @@ def choose_target(res: dict, device: str, local: bool = False, dry_run: bool = F
     -> bool, given only where a person can answer, may agree to the requested count instead.
     """
     if dry_run or (slurm_available() and not local):
-        if res.get("gpus_per_node") is None:
-            raise _config_error("--gpus-per-node is not set (flag, or gpus_per_node in the cluster file "
-                                f"{cluster_file()}); pass --gpus-per-node 0 for a CPU-only job")
-        return Target(True, res["nodes"], tasks_per_node(res), res["gpus_per_node"]), None
+        return Target(True, res["nodes"], tasks_per_node(res), slurm_gpus(res)), None
     here = 0 if device == "cpu" else local_gpus()
     requested = res["nodes"] * tasks_per_node(res)
     gpus = here if res.get("gpus_per_node") is None else min(here, res["gpus_per_node"])
@@ -156,7 +161,7 @@ def choose_target(res: dict, device: str, local: bool = False, dry_run: bool = F
     what = f"{_plural(held, 'process')}, " + ("one per GPU" if here else "on the CPU")
     why = "no Slurm here (no sbatch on the PATH)"
     if requested == held:
-        return Target(False, 1, held, here), f"{why}: the job runs on this machine as {what}"
+        return Target(False, 1, held, here), f"{why}: running on this machine as {what}"
     if ask is not None and ask(f"{why}: run all {_plural(requested, 'process')} ({asked}) on this machine? [y/N] "):
         return Target(False, 1, requested, gpus), f"running {_plural(requested, 'process')} ({asked}) on this machine"
     return Target(False, 1, held, here), (f"{why}: running {what} (what this machine holds), not the requested "
@@ -178,9 +183,7 @@ def terminal_ask():
 
 def slurm_parameters(res: dict, job_name: str) -> dict:
     """SlurmExecutor parameters (the names of submitit's sbatch writer)."""
-    if res.get("gpus_per_node") is None:
-        raise _config_error("--gpus-per-node is not set (flag, or gpus_per_node in the cluster file "
-                            f"{cluster_file()}); pass --gpus-per-node 0 for a CPU-only job")
+    slurm_gpus(res)
     # stdout and stderr apart, as the local executor keeps them: a failure is read from the .err log.
     params = {"job_name": job_name, "nodes": res["nodes"], "ntasks_per_node": tasks_per_node(res),
               "cpus_per_task": res["cpus_per_task"], "time": minutes(res["time"]),

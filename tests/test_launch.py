@@ -209,3 +209,18 @@ def test_the_documented_dry_run_works_without_a_cluster_file(no_slurm):
     assert "#SBATCH" in out.stdout and "is not visible on this machine" in out.stdout
     run_dir = Path(re.search(r"# run directory: (\S+)", out.stdout).group(1))
     assert not run_dir.exists()
+
+
+def test_without_slurm_a_gpu_machine_runs_one_process_per_gpu(monkeypatch):
+    from bnonly_dist import cluster
+    monkeypatch.setattr(cluster, "slurm_available", lambda: False)
+    monkeypatch.setattr(cluster, "local_gpus", lambda: 4)
+    res = {"nodes": 8, "gpus_per_node": 8}
+    target, line = cluster.choose_target(res, "auto")
+    assert (target.world, target.gpus_per_node, target.slurm) == (4, 4, False)
+    assert "running 4 processes, one per GPU (what this machine holds), not the requested 64" in line
+    asked = []
+    target, _ = cluster.choose_target(res, "auto", ask=lambda q: asked.append(q) or True)
+    assert target.world == 64 and "run all 64 processes (8 node(s) x 8 task(s))" in asked[0]
+    assert cluster.choose_target(res, "cpu")[0].world == 1  # train.device=cpu: one process, GPUs or not
+    assert cluster.choose_target({"nodes": 1, "gpus_per_node": None}, "auto")[0].world == 4
