@@ -132,11 +132,14 @@ def test_a_sweep_completes_and_a_second_submission_submits_nothing(cifar_root, t
     (["--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "8"], "= 16 CPUs per node, but no nodes"),
 ])
 def test_a_request_the_partition_cannot_meet_is_refused_before_sbatch(overrides, tmp_path, flags, message):
-    jobs_before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
-    out = launcher("submit.py", *flags, "configs/cifar10_resnet14.yaml", *overrides, "--run-dir", str(tmp_path / "run"))
+    run_dir = tmp_path / f"refused-{tmp_path.name}"  # the job name bnonly-<run dir name> is this test's alone
+    out = launcher("submit.py", *flags, "configs/cifar10_resnet14.yaml", *overrides, "--run-dir", str(run_dir))
     assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stdout + out.stderr
-    assert not (tmp_path / "run").exists()
-    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == jobs_before
+    assert not run_dir.exists()
+    # -t all: also jobs that already ended, which slurmctld keeps for MinJobAge (300 s)
+    submitted = subprocess.run(["squeue", "-h", "-t", "all", "-n", f"bnonly-{run_dir.name}"], capture_output=True,
+                               text=True, check=True)
+    assert submitted.stdout.strip() == ""
 
 
 def test_a_failed_slurm_job_prints_the_task_error(overrides, tmp_path):
