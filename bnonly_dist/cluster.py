@@ -1,32 +1,44 @@
-"""Submitting runs with submitit: resources from flags over the user's cluster file.
+"""Submitting runs with submitit: resources, where the tasks run, the executor, job records.
 
 Cluster defaults (partition, account, gpus_per_node, setup lines, ...) live in an
 optional YAML file, ~/.config/bnonly/cluster.yaml or $BNONLY_CLUSTER_FILE, with the same
 keys as the flags (underscores), so nobody edits code per cluster. Without `sbatch` on
-the PATH the job runs on this machine with submitit's local executor.
+the PATH the job runs on this machine with submitit's local executor: as one process
+group of the size the machine holds, unless --local (or a confirmation) asks for the
+requested nodes x tasks.
+
+Only the standard library at import: the launchers' --help must not wait for torch,
+pydantic or submitit.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-
-from bnonly_dist.config import ConfigError, read_mapping
+from bnonly_dist.paths import RunPaths
 
 RESOURCE_KEYS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "partition", "account", "qos", "time",
                  "mem", "constraint", "exclude", "setup", "max_requeues", "signal_delay_s")
 DEFAULTS = {"nodes": 1, "cpus_per_task": 4, "time": "24:00:00", "max_requeues": 3, "signal_delay_s": 120}
+ERROR_TAIL_LINES = 12  # of a failed task's stderr log: the traceback's last frames and the error itself
+
+
+def _config_error(message: str) -> Exception:
+    from bnonly_dist.config import ConfigError  # lazily: config loads pydantic (and today torch)
+    return ConfigError(message)
 
 
 def cluster_file() -> Path:
     return Path(os.environ.get("BNONLY_CLUSTER_FILE", "~/.config/bnonly/cluster.yaml")).expanduser()
 
 
-def add_resource_arguments(parser: argparse.ArgumentParser) -> None:
+def add_resource_arguments(parser: argparse.ArgumentParser, job_dir_default: str = "RUN_DIR/slurm") -> None:
     g = parser.add_argument_group("resources (default: the cluster file, then built-in defaults)")
     g.add_argument("--nodes", type=int)
     g.add_argument("--gpus-per-node", type=int, help="one task per GPU; 0 for CPU-only jobs")
@@ -40,9 +52,13 @@ def add_resource_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--constraint")
     g.add_argument("--exclude", help="nodes to avoid, e.g. gpu[03,07]")
     g.add_argument("--max-requeues", type=int, help="times a job may hit its time limit and be requeued")
-    parser.add_argument("--job-dir", type=Path, help="submitit's folder: scripts, logs, pickles (default RUN_DIR/slurm)")
-    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
-    parser.add_argument("--local", action="store_true", help="run on this machine even where Slurm is available")
+    g.add_argument("--signal-delay-s", type=int,
+                   help="seconds before the time limit at which Slurm sends SIGUSR2 (save and requeue; default 120)")
+    parser.add_argument("--job-dir", type=Path, help=f"submitit's folder: scripts, logs, pickles (default {job_dir_default})")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config and data, print the sbatch script, submit and create nothing")
+    parser.add_argument("--local", action="store_true",
+                        help="run all nodes x tasks on this machine (also where Slurm is available)")
 
 
 def minutes(text) -> int:
@@ -61,22 +77,23 @@ def minutes(text) -> int:
             hours, mins, secs = 0, parts[0], parts[1] if len(parts) == 2 else 0
         return int(days or 0) * 1440 + hours * 60 + mins + (1 if secs else 0)
     except ValueError:
-        raise ConfigError(f"--time {text!r} is not minutes, HH:MM:SS or D-HH:MM:SS; write e.g. --time 12:00:00") from None
+        raise _config_error(f"--time {text!r} is not minutes, HH:MM:SS or D-HH:MM:SS; write e.g. --time 12:00:00") from None
 
 
 def resources(args: argparse.Namespace, extra: dict | None = None) -> dict:
     """Built-in defaults < cluster file < extra (a sweep's `slurm:` block) < flags."""
+    from bnonly_dist.config import read_mapping
     merged = dict(DEFAULTS)
     path = cluster_file()
     if path.is_file():
         loaded = read_mapping(path, "")
         unknown = sorted(set(loaded) - set(RESOURCE_KEYS))
         if unknown:
-            raise ConfigError(f"{path}: unknown key {unknown[0]!r}; the keys are {', '.join(RESOURCE_KEYS)}")
+            raise _config_error(f"{path}: unknown key {unknown[0]!r}; the keys are {', '.join(RESOURCE_KEYS)}")
         merged.update(loaded)
     for key, value in (extra or {}).items():
         if key not in RESOURCE_KEYS:
-            raise ConfigError(f"slurm.{key} is not a resource; the keys are {', '.join(RESOURCE_KEYS)}")
+            raise _config_error(f"slurm.{key} is not a resource; the keys are {', '.join(RESOURCE_KEYS)}")
         merged[key] = value
     merged.update({k: v for k, v in vars(args).items() if k in RESOURCE_KEYS and v is not None})
     return merged
@@ -86,18 +103,91 @@ def slurm_available() -> bool:
     return shutil.which("sbatch") is not None
 
 
+def slurm_gpus(res: dict) -> int:
+    """GPUs per node of a Slurm job: it must be said (0 for CPU jobs), never guessed."""
+    if res.get("gpus_per_node") is None:
+        raise _config_error("--gpus-per-node is not set (flag, or gpus_per_node in the cluster file "
+                            f"{cluster_file()}); pass --gpus-per-node 0 for a CPU-only job")
+    return res["gpus_per_node"]
+
+
 def tasks_per_node(res: dict) -> int:
     return res["gpus_per_node"] if res.get("gpus_per_node") else res.get("tasks_per_node") or 1
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where a job's tasks run: Slurm nodes, or one process group on this machine."""
+    slurm: bool
+    nodes: int
+    tasks_per_node: int
+    gpus_per_node: int  # GPUs each node gives its tasks; 0: the tasks run on the CPU
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+    @property
+    def where(self) -> str:
+        return "Slurm" if self.slurm else "this machine"
+
+
+def local_gpus() -> int:
+    import torch  # lazily: only a launch that goes ahead needs it
+    return torch.cuda.device_count()
+
+
+def _plural(count: int, what: str) -> str:
+    return f"{count} {what}{'' if count == 1 else 'es'}"
+
+
+def choose_target(res: dict, device: str, local: bool = False, dry_run: bool = False,
+                  ask=None) -> tuple[Target, str | None]:
+    """The Target of a launch and the line to print about it (None for a plain Slurm job).
+
+    device is the config's train.device. Without Slurm and without --local the job runs as
+    the process group this machine holds (one per GPU, or one on the CPU); ask(question)
+    -> bool, given only where a person can answer, may agree to the requested count instead.
+    """
+    if dry_run or (slurm_available() and not local):
+        return Target(True, res["nodes"], tasks_per_node(res), slurm_gpus(res)), None
+    here = 0 if device == "cpu" else local_gpus()
+    requested = res["nodes"] * tasks_per_node(res)
+    gpus = here if res.get("gpus_per_node") is None else min(here, res["gpus_per_node"])
+    asked = f"{res['nodes']} node(s) x {tasks_per_node(res)} task(s)"
+    if local:
+        return Target(False, 1, requested, gpus), f"--local: {_plural(requested, 'process')} ({asked}) on this machine"
+    held = here or 1
+    what = f"{_plural(held, 'process')}, " + ("one per GPU" if here else "on the CPU")
+    why = "no Slurm here (no sbatch on the PATH)"
+    if requested == held:
+        return Target(False, 1, held, here), f"{why}: running on this machine as {what}"
+    if ask is not None and ask(f"{why}: run all {_plural(requested, 'process')} ({asked}) on this machine? [y/N] "):
+        return Target(False, 1, requested, gpus), f"running {_plural(requested, 'process')} ({asked}) on this machine"
+    return Target(False, 1, held, here), (f"{why}: running {what} (what this machine holds), not the requested "
+                                          f"{requested} ({asked}); pass --local to run all {requested} here")
+
+
+def terminal_ask():
+    """ask() for choose_target where a person is at the terminal; None where nobody can answer (CI, cron)."""
+    if not sys.stdin.isatty():
+        return None
+
+    def ask(question: str) -> bool:
+        try:
+            return input(question).strip().lower() in ("y", "yes")
+        except EOFError:
+            return False
+    return ask
+
+
 def slurm_parameters(res: dict, job_name: str) -> dict:
     """SlurmExecutor parameters (the names of submitit's sbatch writer)."""
-    if res.get("gpus_per_node") is None:
-        raise ConfigError("--gpus-per-node is not set (flag, or gpus_per_node in the cluster file "
-                          f"{cluster_file()}); pass --gpus-per-node 0 for a CPU-only job")
+    slurm_gpus(res)
+    # stdout and stderr apart, as the local executor keeps them: a failure is read from the .err log.
     params = {"job_name": job_name, "nodes": res["nodes"], "ntasks_per_node": tasks_per_node(res),
               "cpus_per_task": res["cpus_per_task"], "time": minutes(res["time"]),
-              "signal_delay_s": res["signal_delay_s"], "stderr_to_stdout": True}
+              "signal_delay_s": res["signal_delay_s"]}
     if res["gpus_per_node"]:
         params["gpus_per_node"] = res["gpus_per_node"]
     for key in ("partition", "account", "qos", "mem", "constraint", "exclude", "setup"):
@@ -106,18 +196,40 @@ def slurm_parameters(res: dict, job_name: str) -> dict:
     return params
 
 
-def executor(job_dir: Path, res: dict, job_name: str, local: bool = False):
-    """A submitit executor: Slurm if sbatch is here (and not local), else this machine."""
+def executor(job_dir: Path, res: dict, job_name: str, target: Target):
+    """A submitit executor for target: Slurm's, or the local one with target.world tasks."""
     import submitit
-    if slurm_available() and not local:
+    if target.slurm:
         ex = submitit.SlurmExecutor(folder=job_dir, max_num_timeout=res["max_requeues"])
         ex.update_parameters(**slurm_parameters(res, job_name))
         return ex
     ex = submitit.LocalExecutor(folder=job_dir)
-    # No Slurm: the nodes' tasks all run here.
-    ex.update_parameters(nodes=1, tasks_per_node=res["nodes"] * tasks_per_node(res), timeout_min=minutes(res["time"]),
-                         gpus_per_node=res.get("gpus_per_node") or 0)
+    ex.update_parameters(nodes=1, tasks_per_node=target.world, timeout_min=minutes(res["time"]),
+                         gpus_per_node=target.gpus_per_node)
     return ex
+
+
+class SubmissionError(RuntimeError):
+    """sbatch (or the local executor) refused a job that passed every check here."""
+
+
+@contextlib.contextmanager
+def created(*run_dirs: Path):
+    """Remove the run directories that did not exist before, if the submission inside fails.
+
+    Only a job that was never submitted is undone: nothing else has written there yet.
+    """
+    new = [Path(d) for d in run_dirs if not Path(d).exists()]
+    try:
+        yield
+    except Exception as err:
+        for run_dir in new:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        from bnonly_dist.config import ConfigError
+        if isinstance(err, ConfigError):
+            raise
+        said = str(err).strip().splitlines()
+        raise SubmissionError(f"the job was not submitted: {said[-1] if said else type(err).__name__}") from err
 
 
 def sbatch_script(job_dir: Path, res: dict, job_name: str, array: int | None = None) -> str:
@@ -130,6 +242,27 @@ def sbatch_script(job_dir: Path, res: dict, job_name: str, array: int | None = N
     return _make_sbatch_string(command=command, folder=job_dir, **params)
 
 
+def failure_report(job, err: BaseException | None = None) -> str:
+    """The failed job's own error: the tail of its first failing task's stderr log.
+
+    submitit's exception only points at the logs ("Submitted job triggered an exception");
+    the traceback and the error are in the task's .err file.
+    """
+    logs = [job.task(t).paths for t in range(job.num_tasks)]
+    failed = []
+    for task, paths in enumerate(logs):
+        text = paths.stderr.read_text(errors="replace") if paths.stderr.is_file() else ""
+        if "Traceback (most recent call last)" in text:
+            failed.append(("lost contact" in text, task, paths.stderr, text))  # a peer's loss is not the cause
+    if not failed:  # killed, cancelled, timed out: submitit's own account, then where to look
+        said = str(err or "").strip().splitlines()
+        return (f"job {job.job_id} failed without a traceback in its logs{': ' + said[0] if said else ''}; "
+                f"see {logs[0].stderr} and {logs[0].stdout}")
+    _, task, path, text = min(failed)
+    tail = "\n".join("  " + line for line in text.rstrip().splitlines()[-ERROR_TAIL_LINES:])
+    return f"job {job.job_id} failed; the end of task {task}'s error log {path}:\n{tail}"
+
+
 def job_alive(job_id: str) -> bool:
     """Whether Slurm still has the job (pending, running, requeued)."""
     if not job_id or not slurm_available():
@@ -139,10 +272,11 @@ def job_alive(job_id: str) -> bool:
 
 
 def record_job(run_dir: Path, job_id: str) -> None:
-    (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
-    (run_dir / "slurm" / "job_id").write_text(job_id + "\n")
+    paths = RunPaths(Path(run_dir))
+    paths.slurm.mkdir(parents=True, exist_ok=True)
+    paths.job_id.write_text(job_id + "\n")
 
 
 def recorded_job(run_dir: Path) -> str:
-    path = run_dir / "slurm" / "job_id"
+    path = RunPaths(Path(run_dir)).job_id
     return path.read_text().strip() if path.is_file() else ""

@@ -7,6 +7,7 @@
     RUN/tb/              TensorBoard events
     RUN/logs/            each rank's text log
     RUN/checkpoints/     step_XXXXXXXX/ folders (see checkpoint.py)
+    RUN/slurm/           submitit's folder of a launched run (scripts, task logs), and job_id
     RUN/.lock            held by the trainer that owns the run directory
 """
 from __future__ import annotations
@@ -49,6 +50,15 @@ class RunPaths:
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
+
+    @property
+    def slurm(self) -> Path:
+        return self.root / "slurm"
+
+    @property
+    def job_id(self) -> Path:
+        """The id of the last job a launcher submitted for this run."""
+        return self.slurm / "job_id"
 
     @property
     def lock(self) -> Path:

@@ -22,6 +22,7 @@ import yaml
 
 from bnonly_dist import config
 from bnonly_dist.config import ConfigError
+from bnonly_dist.paths import RunPaths
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Point:
 
     def finished(self) -> bool:
         """summary.json says the run reached its last step."""
-        summary = self.run_dir / "summary.json"
+        summary = RunPaths(self.run_dir).summary
         return summary.is_file() and json.loads(summary.read_text()).get("finished", False)
 
 

@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""Submit one training run to Slurm with submitit (or run it here if there is no Slurm).
+"""Submit one training run to Slurm with submitit (or run it on this machine if there is no Slurm).
 
     python launchers/submit.py --nodes 8 --gpus-per-node 8 configs/imagenet_resnet200.yaml data.root=/data/imagenet
     python launchers/submit.py configs/demo.yaml            # no Slurm here: runs on this machine
 
-One task per GPU. The job saves and requeues itself on SIGUSR2 (sent --signal seconds
-before the time limit, or on preemption) and resumes from its run directory.
+Before anything is submitted or created, the config, the data set (where its path is
+visible here), the run directory and the request against the cluster's partitions are
+checked; a refusal is one line and exit status 2. One task per GPU. The job saves and
+requeues itself on SIGUSR2 (sent --signal-delay-s seconds before the time limit, or on
+preemption) and resumes from its run directory. Without Slurm the job runs here as the
+process group this machine holds; --local runs all nodes x tasks here.
 """
 from __future__ import annotations
 
@@ -13,11 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bnonly_dist import cluster, config
-from bnonly_dist.config import parse_args
-from bnonly_dist.data.layout import DataError
-from bnonly_dist.jobs import TrainJob
-from bnonly_dist.rundir import prepare as prepare_run_dir
+from bnonly_dist import cluster
 
 
 def parse(argv):
@@ -27,40 +27,54 @@ def parse(argv):
     p.add_argument("--run-dir", type=Path, help="default: RUNS_ROOT/<derived from the config>")
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result (always, without Slurm)")
     cluster.add_resource_arguments(p)
+    p.parse_known_args(argv)  # --help answers here, before the config module (pydantic, torch) loads
+    from bnonly_dist.config import parse_args
     return parse_args(p, argv)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
+    from bnonly_dist import config, preflight, rundir
+    from bnonly_dist.data.layout import DataError
+    from bnonly_dist.jobs import TrainJob
+    from bnonly_dist.paths import RunPaths
     try:
         cfg = config.load(args.config, args.overrides)
-        run_dir = (args.run_dir or Path(cfg.runs_root) / cfg.run_name()).resolve()
-        job_dir = (args.job_dir or run_dir / "slurm").resolve()
+        preflight.require_data(cfg)  # before a question about where to run
         res = cluster.resources(args)
-        name = f"bnonly-{run_dir.name}"[:100]
+        target, line = cluster.choose_target(res, cfg.train.device, args.local, args.dry_run, cluster.terminal_ask())
+        paths = RunPaths((args.run_dir or Path(cfg.runs_root) / cfg.run_name()).resolve())
+        job_dir = (args.job_dir or paths.slurm).resolve()
+        lines = [line]
+        if target.slurm and not args.dry_run:
+            lines.append(preflight.check_capacity(res))  # a job no partition can run would pend forever
+        lines += preflight.check_run(cfg, paths.root, target)
+        print("\n".join(x for x in lines if x))
+        name = f"bnonly-{paths.root.name}"[:100]
         if args.dry_run:
             print(cluster.sbatch_script(job_dir, res, name))
-            print(f"# run directory: {run_dir}")
+            print(f"# run directory: {paths.root}")
             return 0
-        prepare_run_dir(cfg, run_dir)  # refuses a run dir that holds another config
-        executor = cluster.executor(job_dir, res, name, local=args.local)
-        job = executor.submit(TrainJob(cfg.to_dict(), run_dir))
+        with cluster.created(paths.root):  # the launch goes ahead; a failed submission takes the new run dir back
+            rundir.prepare(cfg, paths.root)
+            job = cluster.executor(job_dir, res, name, target).submit(TrainJob(cfg.to_dict(), paths.root))
     except (config.ConfigError, DataError) as err:
         print(f"submit: error: {err}", file=sys.stderr)
         return 2
-    cluster.record_job(run_dir, str(job.job_id))
-    on_slurm = cluster.slurm_available() and not args.local
-    where = "Slurm" if on_slurm else "this machine"
-    print(f"job {job.job_id} on {where}\nrun directory: {run_dir}\nlogs: {job.paths.stdout}"
-          f"\n      {run_dir / 'logs'}/rank*.log\ntensorboard --logdir {run_dir / 'tb'}")
-    if args.wait or not on_slurm:
+    except cluster.SubmissionError as err:
+        print(f"submit: error: {err}", file=sys.stderr)
+        return 1
+    cluster.record_job(paths.root, str(job.job_id))
+    print(f"job {job.job_id} on {target.where} ({target.world} task{'s' if target.world > 1 else ''})\n"
+          f"run directory: {paths.root}\nlogs: {job.paths.stdout} (and .err)"
+          f"\n      {paths.logs}/rank*.log\ntensorboard --logdir {paths.tb}")
+    if args.wait or not target.slurm:
         try:
             job.results()  # every task; rank 0 holds the summary
         except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
-            print(f"job {job.job_id} failed: {str(err).strip().splitlines()[-1]}\nsee {job.paths.stdout}",
-                  file=sys.stderr)
+            print(cluster.failure_report(job, err), file=sys.stderr)
             return 1
-        print(f"job {job.job_id} done: {run_dir / 'summary.json'}")
+        print(f"job {job.job_id} done: {paths.summary}")
     return 0
 
 

@@ -6,7 +6,8 @@
 Idempotent: points whose summary.json says finished are skipped, points whose job is
 still queued or running are skipped, the rest are submitted (and resume from their
 checkpoints if they have any). Run it again after a crash, a preemption storm or an edit
-that adds points.
+that adds points. Every point to submit is checked (config, data, run directory, the
+request against the cluster) before anything is submitted or created.
 """
 from __future__ import annotations
 
@@ -14,10 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bnonly_dist import cluster, sweep
-from bnonly_dist.config import ConfigError, parse_args
-from bnonly_dist.jobs import TrainJob
-from bnonly_dist.rundir import prepare as prepare_run_dir
+from bnonly_dist import cluster
 
 
 def parse(argv):
@@ -25,14 +23,21 @@ def parse(argv):
     p.add_argument("sweep", help="a sweep file, e.g. configs/sweeps/cifar_depth.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every point (e.g. data.root=...)")
     p.add_argument("--wait", action="store_true", help="wait for every job (always, without Slurm)")
-    cluster.add_resource_arguments(p)
+    cluster.add_resource_arguments(p, job_dir_default="RUNS_ROOT/sweeps/<sweep file name>")
+    p.parse_known_args(argv)  # --help answers here, before the config module (pydantic, torch) loads
+    from bnonly_dist.config import parse_args
     return parse_args(p, argv)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
+    from bnonly_dist import preflight, rundir, sweep
+    from bnonly_dist.config import ConfigError
+    from bnonly_dist.data.layout import DataError
+    from bnonly_dist.jobs import TrainJob
+    from bnonly_dist.paths import RunPaths
     try:
-        spec = sweep.load(args.sweep, args.overrides)
+        spec = sweep.load(args.sweep, args.overrides)  # every point's config, validated
         res = cluster.resources(args, spec.slurm)
         todo = []
         for point in spec.points:
@@ -42,38 +47,51 @@ def main(argv=None) -> int:
             elif cluster.job_alive(job_id):
                 status = f"queued or running as job {job_id}"
             else:
-                status = "to submit" + (" (resumes)" if (point.run_dir / "checkpoints").is_dir() else "")
+                status = "to submit" + (" (resumes)" if RunPaths(point.run_dir).checkpoints.is_dir() else "")
                 todo.append(point)
             print(f"{' '.join(point.overrides):<60} {status:<28} {point.run_dir}")
         job_dir = (args.job_dir or Path(spec.points[0].cfg.runs_root) / "sweeps" / spec.name).resolve()
         name = f"bnonly-sweep-{spec.name}"
-        if args.dry_run:
-            print(cluster.sbatch_script(job_dir, res, name, array=len(todo)) if todo else "# nothing to submit")
-            return 0
         if not todo:
             print(f"nothing to submit: all {len(spec.points)} points are finished or in the queue")
             return 0
         for point in todo:
-            prepare_run_dir(point.cfg, point.run_dir)
-        executor = cluster.executor(job_dir, res, name, local=args.local)
-        with executor.batch():  # one job array
-            jobs = [executor.submit(TrainJob(p.cfg.to_dict(), p.run_dir)) for p in todo]
-    except ConfigError as err:
+            preflight.require_data(point.cfg)
+        device = "cpu" if all(p.cfg.train.device == "cpu" for p in todo) else "auto"
+        target, line = cluster.choose_target(res, device, args.local, args.dry_run, cluster.terminal_ask())
+        lines, seen = [line], {}
+        if target.slurm and not args.dry_run:
+            lines.append(preflight.check_capacity(res))  # a job no partition can run would pend forever
+        for point in todo:
+            lines += preflight.check_run(point.cfg, point.run_dir, target, seen)
+        print("\n".join(x for x in lines if x))
+        if args.dry_run:
+            print(cluster.sbatch_script(job_dir, res, name, array=len(todo)))
+            return 0
+        with cluster.created(*(p.run_dir for p in todo)):  # the launch goes ahead; see submit.py
+            for point in todo:
+                rundir.prepare(point.cfg, point.run_dir)
+            executor = cluster.executor(job_dir, res, name, target)
+            with executor.batch():  # one job array
+                jobs = [executor.submit(TrainJob(p.cfg.to_dict(), p.run_dir)) for p in todo]
+    except (ConfigError, DataError) as err:
         print(f"sweep: error: {err}", file=sys.stderr)
         return 2
+    except cluster.SubmissionError as err:
+        print(f"sweep: error: {err}", file=sys.stderr)
+        return 1
     for point, job in zip(todo, jobs):
         cluster.record_job(point.run_dir, str(job.job_id))
-    print(f"submitted {len(jobs)} of {len(spec.points)} points as job array {jobs[0].job_id.split('_')[0]}; "
-          f"logs in {job_dir}; tensorboard --logdir {Path(spec.points[0].cfg.runs_root).resolve()}")
-    if args.wait or args.local or not cluster.slurm_available():
+    print(f"submitted {len(jobs)} of {len(spec.points)} points as job array {jobs[0].job_id.split('_')[0]} "
+          f"on {target.where}; logs in {job_dir}; tensorboard --logdir {Path(spec.points[0].cfg.runs_root).resolve()}")
+    if args.wait or not target.slurm:
         failed = 0
         for point, job in zip(todo, jobs):
             try:
                 job.results()
             except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
                 failed += 1
-                print(f"job {job.job_id} ({' '.join(point.overrides)}) failed: {str(err).strip().splitlines()[-1]}",
-                      file=sys.stderr)
+                print(f"({' '.join(point.overrides)}) {cluster.failure_report(job, err)}", file=sys.stderr)
         print(f"{len(jobs) - failed} of {len(jobs)} jobs done")
         return 1 if failed else 0
     return 0

@@ -123,3 +123,31 @@ def test_a_sweep_completes_and_a_second_submission_submits_nothing(cifar_root, t
     second = launcher("sweep.py", str(spec), *CPU_JOB)
     assert second.returncode == 0 and "nothing to submit" in second.stdout and "submitted" not in second.stdout
     assert all(" finished " in line for line in second.stdout.splitlines()[:4])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--nodes", "3", "--gpus-per-node", "0", "--cpus-per-task", "1"],
+     "--nodes 3 but partition debug has 2 node(s); ask for at most 2"),
+    (["--gpus-per-node", "1", "--cpus-per-task", "1"], "--gpus-per-node 1 but no nodes of partition debug have 1 GPU"),
+    (["--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "8"], "= 16 CPUs per node, but no nodes"),
+])
+def test_a_request_the_partition_cannot_meet_is_refused_before_sbatch(overrides, tmp_path, flags, message):
+    run_dir = tmp_path / f"refused-{tmp_path.name}"  # the job name bnonly-<run dir name> is this test's alone
+    out = launcher("submit.py", *flags, "configs/cifar10_resnet14.yaml", *overrides, "--run-dir", str(run_dir))
+    assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stdout + out.stderr
+    assert not run_dir.exists()
+    # -t all: also jobs that already ended, which slurmctld keeps for MinJobAge (300 s)
+    submitted = subprocess.run(["squeue", "-h", "-t", "all", "-n", f"bnonly-{run_dir.name}"], capture_output=True,
+                               text=True, check=True)
+    assert submitted.stdout.strip() == ""
+
+
+def test_a_failed_slurm_job_prints_the_task_error(overrides, tmp_path):
+    """A data path the submitting machine does not see is submitted; the nodes' DataError comes back."""
+    out = launcher("submit.py", *CPU_JOB, "--wait", "configs/cifar10_resnet14.yaml", *overrides,
+                   "data.root=/nonexistent/cifar", "--run-dir", str(tmp_path / "run"))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "data.root=/nonexistent/cifar is not visible on this machine: not checked here" in out.stdout
+    job_id = (tmp_path / "run" / "slurm" / "job_id").read_text().strip()
+    assert f"job {job_id} failed; the end of task 0's error log" in out.stderr
+    assert "DataError: no CIFAR-10 at /nonexistent/cifar" in out.stderr
