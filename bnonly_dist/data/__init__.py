@@ -12,7 +12,8 @@ from bnonly_dist.config import Config
 from bnonly_dist.data.layout import DataError
 
 
-def build(cfg: Config, rank: int, world: int, device: torch.device):
+def build(cfg: Config, rank: int, world: int, device: torch.device, channels_last: bool = False):
+    """channels_last: the plan's layout; DALI then hands out channels_last batches without a copy."""
     data = cfg.data
     if data.name == "synthetic":
         from bnonly_dist.data.synthetic import SyntheticSource
@@ -28,4 +29,5 @@ def build(cfg: Config, rank: int, world: int, device: torch.device):
     if decode == "mixed" and device.type != "cuda":
         raise DataError("data.decode=mixed decodes on the GPU but this run is on the CPU; use data.decode=cpu")
     return DaliImageNetSource(data.root, data.batch_size, data.eval_batch_size, rank, world, cfg.seed, device,
-                              decode, data.num_threads, data.image_size, data.resize_size, data.min_area)
+                              decode, data.num_threads, data.image_size, data.resize_size, data.min_area,
+                              channels_last)
