@@ -25,7 +25,7 @@ class Run:
     """One training run: the pieces built from the config, the loop, checkpoints, summary."""
 
     def __init__(self, cfg: Config, run_dir: Path | None = None):
-        self.cfg, self.ctx = cfg, dist.init(cfg.train.device, cfg.dist.timeout_s)
+        self.cfg, self.ctx = cfg, dist.init(cfg.train.device, cfg.dist.timeout_s, cfg.train.deterministic)
         self.run_dir = Path(run_dir) if run_dir else Path(cfg.runs_root) / cfg.run_name()
         # Rank 0 checks and writes; every rank gets its verdict.
         refusal = None
@@ -43,7 +43,7 @@ class Run:
         self.plan = plan_mod.resolve(cfg, self.ctx.device)
         self.autocast, self.memory_format = self.plan.autocast, self.plan.memory_format
 
-        self.source = data.build(cfg, self.ctx.rank, self.ctx.world, self.ctx.device)
+        self.source = data.build(cfg, self.ctx.rank, self.ctx.world, self.ctx.device, self.plan.channels_last)
         self.num_classes = network.num_classes(cfg, self.source)
         # Every rank builds the same frozen weights from the seed; engines may then shard them.
         net = network.build(cfg, self.plan, self.num_classes)

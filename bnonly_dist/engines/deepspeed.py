@@ -11,7 +11,7 @@ import torch.distributed as torch_dist
 
 from bnonly_dist.config import Config, ConfigError
 from bnonly_dist.dist import Context, device_local_rank
-from bnonly_dist.engines.base import Engine
+from bnonly_dist.engines.base import Engine, contiguous_parameters
 from bnonly_dist.optim import make_optimizer
 from bnonly_dist.plan import Plan
 
@@ -67,6 +67,7 @@ class DeepSpeedEngine(Engine):
         # DeepSpeed calls set_device(LOCAL_RANK) and asserts the variable exists: give it the
         # device this process chose (a single process without a launcher has none).
         os.environ["LOCAL_RANK"] = device_local_rank(ctx.device, ctx.local_rank)
+        contiguous_parameters(model)  # DeepSpeed broadcasts parameters as flat bytes
         self.engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                config=ds_config(cfg, plan, ctx.world))
         super().__init__(model, ds_optimizer, masks, cfg.optim.weight_decay)

@@ -11,7 +11,7 @@ from torch.distributed.tensor import distribute_tensor
 
 from bnonly_dist.config import Config
 from bnonly_dist.dist import Context
-from bnonly_dist.engines.base import Engine
+from bnonly_dist.engines.base import Engine, contiguous_parameters
 from bnonly_dist.optim import make_optimizer
 from bnonly_dist.plan import Plan
 
@@ -38,6 +38,7 @@ def shard(model: torch.nn.Module, units: list[torch.nn.Module], mesh, bf16: bool
     a group of their own without a cast (one more small all-gather and reduce-scatter per
     unit, both collectives on the data-parallel mesh).
     """
+    contiguous_parameters(model)  # fully_shard refuses channels_last weights
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
     taken: set = set()
