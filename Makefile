@@ -39,7 +39,7 @@ clean:
 # benchmarks and DALI in at most 8 minutes; WHEELS: folder of wheels for what is missing
 # (docs/gpu.md), OUT: where report.md and report.json go.
 WHEELS ?=
-OUT ?= gpu-check
+OUT ?= runs/gpu-check
 gpu-check:
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m bnonly_dist.gpu_check $(if $(WHEELS),--wheels "$(WHEELS)") --out "$(OUT)"
 
