@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench mini clean cluster-up cluster-down
+.PHONY: setup demo test bench mini clean cluster-up cluster-down gpu-check
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,14 @@ mini: setup      # the paper's pipeline scaled down: a 24-run grid on generated 
 
 clean:
 	rm -rf runs/demo_cifar10_resnet20_bn runs/data/fake-cifar10
+
+# On a GPU node, with the Python that has torch (no venv, no network): the cuda tests, the
+# benchmarks and DALI in at most 8 minutes; WHEELS: folder of wheels for what is missing
+# (docs/gpu.md), OUT: where report.md and report.json go.
+WHEELS ?=
+OUT ?= runs/gpu-check
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m bnonly_dist.gpu_check $(if $(WHEELS),--wheels "$(WHEELS)") --out "$(OUT)"
 
 cluster-up:      # a real Slurm on this machine (node1, node2); needs root
 	bash slurm/local-cluster/up.sh

@@ -21,7 +21,7 @@ def _bytes(folder: Path) -> int:
 
 
 def run(cfg: Config, out_dir: Path, repeats: int = 3) -> dict:
-    ctx = dist.init(cfg.train.device, cfg.dist.timeout_s)
+    ctx = dist.init(cfg.train.device, cfg.dist.timeout_s, cfg.train.deterministic)
     plan = plans.resolve(cfg, ctx.device)
     classes = network.num_classes(cfg)
     size = 32 if models.parse_arch(cfg.model.arch).family == "cifar" else cfg.data.image_size

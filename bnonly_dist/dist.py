@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,31 @@ def environment(env=os.environ) -> dict[str, str]:
     return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
 
 
+# Texts of errors that mean a peer is gone, as gloo and NCCL word them when they reach Python
+# (NCCL's come as DistBackendError in recent torch, as plain RuntimeError in older ones).
+LOST_CONTACT_MARKS = ("gloo", "NCCL communicator was aborted", "ncclRemoteError", "ncclSystemError",
+                      "Watchdog caught collective operation timeout", "remote process exited")
+
+
 def lost_contact(err: BaseException) -> bool:
     """Whether an error means the ranks lost each other (a dead, hung or unreachable peer)."""
-    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "gloo" in str(err))
+    return isinstance(err, torch_dist.DistError) or (
+        isinstance(err, RuntimeError) and any(mark in str(err) for mark in LOST_CONTACT_MARKS))
+
+
+def prepare_environment(deterministic: bool, env=os.environ) -> None:
+    """Variables CUDA libraries read once, when they start: set before the first CUDA call.
+
+    - CUBLAS_WORKSPACE_CONFIG: cuBLAS refuses deterministic mode without it (a RuntimeError
+      at the first matmul under torch.use_deterministic_algorithms).
+    - TORCH_NCCL_ASYNC_ERROR_HANDLING: NCCL's watchdog tears the process down when a
+      collective fails or outlives dist.timeout_s, so no rank waits forever on a dead peer
+      (0 would leave it hanging; a user's 1, 2 or 3 is kept).
+    """
+    if deterministic:
+        env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if env.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", env.get("NCCL_ASYNC_ERROR_HANDLING", "0")) not in ("1", "2", "3"):
+        env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "3"
 
 
 def choose_device(preference: str, local_rank: int) -> torch.device:
@@ -71,7 +93,8 @@ def choose_device(preference: str, local_rank: int) -> torch.device:
         raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
     if preference == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    # Slurm's --gpus-per-task shows each task only its own GPU; torchrun shows all of them.
+    # Slurm's --gpus-per-task shows each task only its own GPU (index 0 whatever SLURM_LOCALID
+    # is); torchrun shows all of them. Everything after this uses ctx.device, never local_rank.
     index = local_rank % torch.cuda.device_count()
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
@@ -80,61 +103,70 @@ def choose_device(preference: str, local_rank: int) -> torch.device:
 _control_group = None  # gloo group for host-side agreement (stop flags) without a GPU sync
 
 
-def init(device_preference: str = "auto", timeout_s: int = 600) -> Context:
+def device_local_rank(device: torch.device, local_rank: int) -> str:
+    """LOCAL_RANK as libraries that pick their GPU from it (DeepSpeed) must see it: the index
+    of the device this process chose, which differs from the launcher's local rank when
+    each task sees only its own GPU."""
+    return str(device.index) if device.type == "cuda" else str(local_rank)
+
+
+def init(device_preference: str = "auto", timeout_s: int = 600, deterministic: bool = False) -> Context:
     """Join the process group the launcher describes (a single process if none).
 
     Every collective, including the rendezvous, fails after timeout_s instead of hanging
-    when a rank has died or hung.
+    when a rank has died or hung. deterministic: prepare cuBLAS for
+    torch.use_deterministic_algorithms (before the first CUDA call, which is here).
     """
     global _control_group
+    prepare_environment(deterministic)
     env = environment()
     rank, world, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
     device = choose_device(device_preference, local_rank)
     if device.type == "cpu" and os.environ.get("SLURM_CPUS_PER_TASK"):
         torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))  # not every core of a shared node
-    if world > 1 and not dist.is_initialized():
+    if world > 1 and not torch_dist.is_initialized():
         # A process of a group: init_process_group's env:// (and DeepSpeed) read these.
         # A single process leaves the environment alone, so the jobs it launches see none.
-        os.environ.update(env)
+        os.environ.update(env, LOCAL_RANK=device_local_rank(device, local_rank))
         timeout = datetime.timedelta(seconds=timeout_s)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
+        torch_dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
-        _control_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+        _control_group = torch_dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
     return Context(rank, world, local_rank, device)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    if torch_dist.is_initialized():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
     return tensor
 
 
 def any_rank(flag: bool) -> bool:
     """True on every rank if flag is true on any (a host-side collective)."""
-    if not dist.is_initialized():
+    if not torch_dist.is_initialized():
         return flag
     value = torch.tensor([int(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control_group)
+    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX, group=_control_group)
     return bool(value.item())
 
 
 def broadcast_object(obj):
     """Rank 0's obj on every rank."""
-    if not dist.is_initialized():
+    if not torch_dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0, group=_control_group)
+    torch_dist.broadcast_object_list(box, src=0, group=_control_group)
     return box[0]
 
 
 def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier(group=_control_group)
+    if torch_dist.is_initialized():
+        torch_dist.barrier(group=_control_group)
 
 
 def teardown() -> None:
     global _control_group
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
     _control_group = None

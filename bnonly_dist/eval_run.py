@@ -45,7 +45,7 @@ def load_run_config(run_paths: RunPaths, overrides: list[str]):
 def run(run_dir: Path, overrides: list[str] = ()) -> dict:
     run_paths = RunPaths(Path(run_dir))
     cfg = load_run_config(run_paths, list(overrides))
-    ctx = dist.init(cfg.train.device, cfg.dist.timeout_s)
+    ctx = dist.init(cfg.train.device, cfg.dist.timeout_s, cfg.train.deterministic)
     plan = plans.resolve(cfg, ctx.device)
     source = data.build(cfg, plan, ctx.rank, ctx.world)
     classes = network.num_classes(cfg, source)

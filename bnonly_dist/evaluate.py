@@ -23,17 +23,19 @@ def evaluate(model: torch.nn.Module, batches, device: torch.device, autocast=con
         labels = labels.to(device, non_blocking=True)
         with autocast():
             logits = model(images).float()
-        valid = labels >= 0
-        logits, labels = logits[valid], labels[valid]
+        # Padding (-1) is left out by sums, not by boolean indexing, whose output size the
+        # host would have to wait for: no GPU sync until the one .tolist() at the end.
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == labels[:, None]
-        sums += torch.stack([hits[:, :1].sum(), hits.sum(),
-                             F.cross_entropy(logits, labels, reduction="sum"), labels.new_tensor(len(labels))]).double()
-        if num_classes:
-            per_class[0].index_add_(0, labels, hits[:, 0].double())
-            per_class[1].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+        hits = top == labels[:, None]  # never true for -1
+        valid = labels >= 0
+        sums += torch.stack([hits[:, :1].sum(), hits.sum(), F.cross_entropy(logits, labels, ignore_index=-1,
+                                                                             reduction="sum"),
+                             valid.sum()]).double()
+        if num_classes:  # padding adds 0 to class 0
+            per_class[0].index_add_(0, labels.clamp(min=0), (hits[:, 0] & valid).double())
+            per_class[1].index_add_(0, labels.clamp(min=0), valid.double())
     model.train(was_training)
-    top1, top5, loss, count = dist.all_reduce_sum(sums).tolist()
+    top1, top5, loss, count = dist.all_reduce_sum(sums).tolist()  # collective; the one GPU sync
     count = int(count)
     result = {"top1": 100 * top1 / max(1, count), "top5": 100 * top5 / max(1, count),
               "loss": loss / max(1, count), "count": count}

@@ -75,7 +75,7 @@ class Run:
     """One training run: the pieces built from the config, the loop, checkpoints, summary."""
 
     def __init__(self, cfg: Config, run_dir: Path | None = None):
-        self.cfg, self.ctx = cfg, dist.init(cfg.train.device, cfg.dist.timeout_s)
+        self.cfg, self.ctx = cfg, dist.init(cfg.train.device, cfg.dist.timeout_s, cfg.train.deterministic)
         self.paths = paths.RunPaths(paths.run_dir(cfg, run_dir))
         self.run_dir = self.paths.root
         # Everything that can refuse the run does so before anything is written.

@@ -1,7 +1,10 @@
 """Two processes over gloo for every engine: same math, exact resume after kills, resharding,
 graceful stop, dead ranks. Each test launches real `bnonly train` processes."""
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -206,3 +209,28 @@ def test_dali_imagenet_on_two_ranks_resumes_bit_identical(imagenet_root, tmp_pat
     run_dir = tmp_path / "run"
     run(2, [*args, "train.max_steps=6"], run_dir, config=config)  # stops mid-epoch 1 (4 steps per epoch)
     assert run(2, args, run_dir, config=config)["fingerprint"] == whole["fingerprint"]
+
+
+def test_fsdp_bf16_gathers_in_bf16_and_follows_ddp(overrides, tmp_path):
+    """The GPU defaults (bf16, channels_last) with fp32 frozen weights: FSDP's mixed-precision
+    policy gathers convolution weights in bf16 and keeps BN in fp32, which is what autocast
+    computes under DDP; its weights go back to NCHW (fully_shard refuses channels_last ones)."""
+    gpu_like = ["train.precision=bf16", "train.channels_last=true"]
+    ddp = run(2, overrides("ddp", *gpu_like), tmp_path / "ddp")
+    fsdp = run(2, overrides("fsdp", *gpu_like), tmp_path / "fsdp")
+    assert ddp["finished"] and fsdp["finished"]
+    np.testing.assert_allclose(train_losses(tmp_path / "fsdp"), train_losses(tmp_path / "ddp"), rtol=1e-4)
+
+
+def test_deepspeed_runs_as_one_process_without_a_launcher(overrides, tmp_path):
+    """No RANK or LOCAL_RANK at all: DeepSpeed is given LOCAL_RANK by the engine; the GPU
+    defaults (bf16, channels_last weights, which DeepSpeed broadcasts as flat bytes) run."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    args = overrides("zero3", "train.max_steps=4", "train.precision=bf16", "train.channels_last=true")
+    proc = subprocess.run([sys.executable, "-m", "bnonly_dist.cli", "train", "configs/cifar10_resnet14.yaml", *args,
+                           "--run-dir", str(tmp_path / "run")],
+                          env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["engine"] == "deepspeed" and summary["step"] == 4 and summary["world"] == 1

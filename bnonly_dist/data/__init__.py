@@ -12,6 +12,7 @@ from bnonly_dist.plan import Plan
 
 
 def build(cfg: Config, plan: Plan, rank: int, world: int):
+    """This rank's source; DALI hands out batches in the plan's memory format without a copy."""
     data, device = cfg.data, plan.device
     if data.name == "synthetic":
         from bnonly_dist.data.synthetic import SyntheticSource
@@ -24,7 +25,8 @@ def build(cfg: Config, plan: Plan, rank: int, world: int):
         return CifarSource(data.root, data.batch_size, data.eval_batch_size, rank, world, cfg.seed, device)
     from bnonly_dist.data.dali import DaliImageNetSource
     return DaliImageNetSource(data.root, data.batch_size, data.eval_batch_size, rank, world, cfg.seed, device,
-                              plan.decode, data.num_threads, data.image_size, data.resize_size, data.min_area)
+                              plan.decode, data.num_threads, data.image_size, data.resize_size, data.min_area,
+                              plan.channels_last)
 
 
 def describe(cfg: Config, plan: Plan) -> str:

@@ -1,7 +1,10 @@
 """CIFAR-10 held on the device as uint8; crop 32 with padding 4 and flip done on the device.
 
 The augmentation of a global batch is drawn from (seed, epoch, step) before it is split
-among ranks, so a resumed or resharded run sees exactly the same pixels.
+among ranks, so a resumed or resharded run sees exactly the same pixels. A whole epoch's
+sample indices, crop offsets and flips are drawn at its start and reach the device in
+one copy (pinned, non-blocking); each step slices them there, so a step neither waits
+for the host nor copies anything to the device.
 """
 from __future__ import annotations
 
@@ -53,23 +56,44 @@ class CifarSource:
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.mean) / self.std
 
-    def train_epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _to_device(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """One host-to-device copy of tensors (packed as int64), pinned so it does not block."""
+        flat = torch.cat([t.reshape(-1).long() for t in tensors])
+        if self.device.type == "cuda":
+            flat = flat.pin_memory()
+        flat = flat.to(self.device, non_blocking=True)  # the pinned allocator keeps the buffer until copied
+        return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+    def epoch_plan(self, epoch: int, start_step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's (indices, offsets, flips) for steps start_step.. of epoch, on the host,
+        shaped (steps, local batch, ...). Each step's draws come from its own generator, so
+        they are the same whatever step an epoch starts at."""
         perm = sharding.epoch_permutation(len(self.train_labels), self.seed, epoch)
         indices = sharding.rank_train_indices(perm, self.global_batch, self.rank, self.world, start_step)
         lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
-        for i, step in enumerate(range(start_step, self.steps_per_epoch)):
+        offsets, flips = [], []
+        for step in range(start_step, self.steps_per_epoch):
             generator = torch.Generator().manual_seed(name_seed(self.seed, f"cifar/augment/{epoch}/{step}"))
-            offsets = torch.randint(0, 9, (self.global_batch, 2), generator=generator)[lo:hi]
-            flips = (torch.rand(self.global_batch, generator=generator) < 0.5)[lo:hi]
-            idx = torch.from_numpy(indices[i * self.local_batch:(i + 1) * self.local_batch]).to(self.device)
-            images = augment(self.train_images[idx], offsets.to(self.device), flips.to(self.device))
+            offsets.append(torch.randint(0, 9, (self.global_batch, 2), generator=generator)[lo:hi])
+            flips.append((torch.rand(self.global_batch, generator=generator) < 0.5)[lo:hi])
+        steps = self.steps_per_epoch - start_step
+        return (torch.from_numpy(indices).view(steps, self.local_batch),
+                torch.stack(offsets) if offsets else torch.zeros(0, self.local_batch, 2, dtype=torch.long),
+                torch.stack(flips) if flips else torch.zeros(0, self.local_batch, dtype=torch.bool))
+
+    def train_epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices, offsets, flips = self._to_device(*self.epoch_plan(epoch, start_step))
+        flips = flips.bool()
+        for i in range(len(indices)):  # slices of device tensors: no host sync, no copy
+            idx = indices[i]
+            images = augment(self.train_images[idx], offsets[i], flips[i])
             yield self._normalize(images), self.train_labels[idx]
 
     def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices, valid = sharding.rank_eval_indices(self.eval_size, self.rank, self.world)
+        indices, valid = self._to_device(torch.from_numpy(indices), torch.from_numpy(valid))
         for lo in range(0, len(indices), self.eval_local_batch):
-            idx = torch.from_numpy(indices[lo:lo + self.eval_local_batch]).to(self.device)
-            ok = torch.from_numpy(valid[lo:lo + self.eval_local_batch]).to(self.device)
+            idx, ok = indices[lo:lo + self.eval_local_batch], valid[lo:lo + self.eval_local_batch].bool()
             labels = torch.where(ok, self.test_labels[idx], -1)
             yield self._normalize(self.test_images[idx]), labels
 

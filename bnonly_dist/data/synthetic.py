@@ -31,8 +31,9 @@ class SyntheticSource:
 
     def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         _, valid = sharding.rank_eval_indices(self.eval_size, self.rank, self.world)
+        valid = torch.from_numpy(valid).to(self.device)  # one copy, then slices on the device
         for lo in range(0, len(valid), self.eval_local_batch):
-            ok = torch.from_numpy(valid[lo:lo + self.eval_local_batch]).to(self.device)
+            ok = valid[lo:lo + self.eval_local_batch]
             images, labels = self._batch(f"synthetic/eval/{lo}/{self.rank}", len(ok))
             yield images, torch.where(ok, labels, -1)
 

@@ -12,12 +12,13 @@ from bnonly_dist.plan import Plan
 def wrap(cfg: Config, plan: Plan, model: torch.nn.Module, masks: dict, ctx: Context) -> Engine:
     """Wrap a model that is on its device and has its mode applied; builds the optimizer.
 
-    plan carries the resolved precision and device (DeepSpeed must be told about bf16)."""
+    plan carries the resolved precision: DeepSpeed runs its forward under its own autocast
+    setting and FSDP gathers parameters in its own dtype, so both are told about bf16."""
     if cfg.dist.engine == "fsdp":
         from bnonly_dist.engines.fsdp import FSDPEngine
-        return FSDPEngine(model, masks, cfg, ctx)
+        return FSDPEngine(model, masks, cfg, plan, ctx)
     if cfg.dist.engine == "deepspeed":
         from bnonly_dist.engines.deepspeed import DeepSpeedEngine
-        return DeepSpeedEngine(model, masks, cfg, ctx)
+        return DeepSpeedEngine(model, masks, cfg, plan, ctx)
     from bnonly_dist.engines.ddp import DDPEngine
     return DDPEngine(model, masks, cfg, ctx)

@@ -19,6 +19,16 @@ from bnonly_dist import modes
 from bnonly_dist.models import parameter_roles
 
 
+def contiguous_parameters(model: torch.nn.Module) -> None:
+    """Parameters back to NCHW strides where channels_last changed them: FSDP's fully_shard
+    refuses non-contiguous parameters and DeepSpeed views them as flat bytes, which needs a
+    last stride of 1 (a channels_last 1x1 weight counts as contiguous but has not got one).
+    Activations stay channels_last (the plan's memory format); cuDNN takes either weight layout."""
+    for param in model.parameters():
+        if not param.is_contiguous() or (param.dim() and param.stride(-1) != 1):
+            param.data = param.data.clone(memory_format=torch.contiguous_format)
+
+
 class Engine:
     """One process, no wrapper: the reference the distributed engines must match."""
 

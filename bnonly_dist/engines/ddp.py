@@ -17,5 +17,7 @@ class DDPEngine(Engine):
     def __init__(self, model: torch.nn.Module, masks: dict, cfg: Config, ctx: Context):
         super().__init__(model, make_optimizer(model, masks, cfg.optim), masks, cfg.optim.weight_decay)
         if ctx.world > 1 and self.optimizer is not None:  # mode none has no gradients to reduce
-            device_ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
+            # The chosen device, not the local rank: under `srun --gpus-per-task 1` every task
+            # sees one GPU, index 0, whatever its SLURM_LOCALID.
+            device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.net = DistributedDataParallel(model, device_ids=device_ids)

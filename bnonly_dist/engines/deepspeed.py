@@ -4,14 +4,16 @@ world size that wrote it."""
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.distributed as torch_dist
 
 from bnonly_dist.config import Config, ConfigError
-from bnonly_dist.dist import Context
-from bnonly_dist.engines.base import Engine
+from bnonly_dist.dist import Context, device_local_rank
+from bnonly_dist.engines.base import Engine, contiguous_parameters
 from bnonly_dist.optim import make_optimizer
+from bnonly_dist.plan import Plan
 
 TAG = "engine"  # the one DeepSpeed tag inside each of our checkpoint directories
 
@@ -25,11 +27,32 @@ def _deepspeed():
     return deepspeed
 
 
+def ds_config(cfg: Config, plan: Plan, world: int) -> dict:
+    """DeepSpeed's config for cfg under plan.
+
+    DeepSpeed runs the engine's forward under its own `torch_autocast` setting and turns an
+    autocast opened outside it off (deepspeed/runtime/torch_autocast.py), so the loop's
+    bf16 would silently become fp32 on GPU. The plan's precision is therefore given here.
+    No module is listed as lower-precision-safe: gradients are reduced in fp32, as DDP
+    does; the `bf16` section (bf16 weights with fp32 master copies) is not used, the
+    weights stay as the plan stores them.
+    """
+    return {"train_batch_size": cfg.data.batch_size,
+            "train_micro_batch_size_per_gpu": cfg.data.batch_size // world,
+            "gradient_accumulation_steps": 1,
+            # BN-only gradients are small: DeepSpeed's default 5e8-element buckets only waste memory
+            "zero_optimization": {"stage": cfg.dist.zero_stage, "reduce_bucket_size": 10**7,
+                                  "allgather_bucket_size": 10**7},
+            "torch_autocast": {"enabled": plan.bf16, "dtype": "bfloat16", "lower_precision_safe_modules": []},
+            "zero_allow_untested_optimizer": True,  # our torch.optim.SGD
+            "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
     reshardable = False
 
-    def __init__(self, model: torch.nn.Module, masks: dict, cfg: Config, ctx: Context):
+    def __init__(self, model: torch.nn.Module, masks: dict, cfg: Config, plan: Plan, ctx: Context):
         if masks:
             raise ConfigError(f"mode={cfg.mode} masks gradients inside tensors, which ZeRO's flat buffers do not "
                               "allow; use dist.engine=ddp or fsdp")
@@ -41,15 +64,12 @@ class DeepSpeedEngine(Engine):
         if not torch_dist.is_initialized():  # DeepSpeed always wants a process group
             torch_dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo",
                                           store=torch_dist.HashStore(), rank=0, world_size=1)
-        config = {"train_batch_size": cfg.data.batch_size,
-                  "train_micro_batch_size_per_gpu": cfg.data.batch_size // ctx.world,
-                  "gradient_accumulation_steps": 1,
-                  # BN-only gradients are small: DeepSpeed's default 5e8-element buckets only waste memory
-                  "zero_optimization": {"stage": cfg.dist.zero_stage, "reduce_bucket_size": 10**7,
-                                        "allgather_bucket_size": 10**7},
-                  "zero_allow_untested_optimizer": True,  # our torch.optim.SGD
-                  "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
-        self.engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        # DeepSpeed calls set_device(LOCAL_RANK) and asserts the variable exists: give it the
+        # device this process chose (a single process without a launcher has none).
+        os.environ["LOCAL_RANK"] = device_local_rank(ctx.device, ctx.local_rank)
+        contiguous_parameters(model)  # DeepSpeed broadcasts parameters as flat bytes
+        self.engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                               config=ds_config(cfg, plan, ctx.world))
         super().__init__(model, ds_optimizer, masks, cfg.optim.weight_decay)
         self.net = self.engine
         self.zero3 = cfg.dist.zero_stage == 3

@@ -6,13 +6,14 @@ from __future__ import annotations
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import distribute_tensor
 
 from bnonly_dist.config import Config
 from bnonly_dist.dist import Context
-from bnonly_dist.engines.base import Engine
+from bnonly_dist.engines.base import Engine, contiguous_parameters
 from bnonly_dist.optim import make_optimizer
+from bnonly_dist.plan import Plan
 
 
 def shard_units(model: torch.nn.Module, unit: str) -> list[torch.nn.Module]:
@@ -21,16 +22,41 @@ def shard_units(model: torch.nn.Module, unit: str) -> list[torch.nn.Module]:
     return stages if unit == "stage" else [block for stage in stages for block in stage]
 
 
+def batch_norms(module: torch.nn.Module, taken: set) -> list[torch.nn.Module]:
+    """The BN layers under module not yet given to a shard group."""
+    found = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m not in taken]
+    taken.update(found)
+    return found
+
+
+def shard(model: torch.nn.Module, units: list[torch.nn.Module], mesh, bf16: bool) -> None:
+    """fully_shard each unit, then the root (the stem, the head and whatever is left).
+
+    Under bf16 the convolution and linear weights are all-gathered in bf16 (half the bytes;
+    autocast would cast them for every convolution anyway) and gradients reduced in fp32.
+    The BN affine parameters stay fp32, as autocast leaves them: each unit's BN layers form
+    a group of their own without a cast (one more small all-gather and reduce-scatter per
+    unit, both collectives on the data-parallel mesh).
+    """
+    contiguous_parameters(model)  # fully_shard refuses channels_last weights
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    taken: set = set()
+    for unit in [*units, model]:
+        norms = batch_norms(unit, taken) if bf16 else []
+        if norms:
+            fully_shard(norms, mesh=mesh)
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+
+
 class FSDPEngine(Engine):
     name = "fsdp"
 
-    def __init__(self, model: torch.nn.Module, masks: dict, cfg: Config, ctx: Context):
+    def __init__(self, model: torch.nn.Module, masks: dict, cfg: Config, plan: Plan, ctx: Context):
         self.sharded = ctx.world > 1  # one process: nothing to shard, same checkpoints
         if self.sharded:
             mesh = init_device_mesh(ctx.device.type, (ctx.world,))
-            for unit in shard_units(model, cfg.dist.fsdp_unit):
-                fully_shard(unit, mesh=mesh)
-            fully_shard(model, mesh=mesh)  # the stem, the head and whatever is left
+            shard(model, shard_units(model, cfg.dist.fsdp_unit), mesh, plan.bf16)
             params = dict(model.named_parameters())
             masks = {n: distribute_tensor(m, params[n].device_mesh, params[n].placements) for n, m in masks.items()}
         super().__init__(model, make_optimizer(model, masks, cfg.optim), masks, cfg.optim.weight_decay)
