@@ -1,7 +1,7 @@
 """`python -m bnonly_dist.gpu_check --wheels DIR --out DIR`: the GPU path validated and measured
 in one run of at most 8 minutes on one GPU node that cannot download anything.
 
-Installs what is missing (pydantic, submitit, DeepSpeed, DALI) from a folder of wheels
+Installs what is missing (pydantic, submitit, DeepSpeed, DALI, pytest) from a folder of wheels
 (offline, into OUT/site, put first on the PYTHONPATH of every part), then runs the `cuda`
 tests, `bnonly bench` for CIFAR ResNet-110 and ImageNet ResNet-50 (batch 256, bf16,
 channels_last; all / bn-plain / bn-lean), the DALI pipeline alone on generated
@@ -25,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGET_S = 480  # the whole run, installation included
-NEEDED = {"pydantic": "pydantic", "submitit": "submitit", "deepspeed": "deepspeed", "nvidia.dali": "nvidia-dali-cuda1x0"}
+NEEDED = ("pydantic", "submitit", "deepspeed", "nvidia.dali", "pytest")  # modules a GPU node may lack
 BENCH = ["data.batch_size=256", "train.precision=bf16", "train.channels_last=true", "train.device=cuda"]
 DALI_RATE = """
 import json, sys, torch
@@ -138,10 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     no_gpu = "--dry-run" if args.dry_run else (None if env["cuda_available"] else "no CUDA device visible")
     no_config = "pydantic is missing (put its wheels in the --wheels folder)" if not modules["pydantic"] else None
     no_dali = "DALI is not installed" if not modules["nvidia.dali"] else None
+    no_pytest = "pytest is missing (put its wheels in the --wheels folder)" if not modules["pytest"] else None
     py = sys.executable
 
     check.run("cuda-tests", [py, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py",
-                             f"--junitxml={args.out / 'cuda-tests.xml'}"], 150, skip="--dry-run" if args.dry_run else no_config)
+                             f"--junitxml={args.out / 'cuda-tests.xml'}"], 150,
+              skip="--dry-run" if args.dry_run else no_config or no_pytest)
     results = {}
     for name, conf, limit, timeout in (("bench-cifar-resnet110", "configs/cifar10_resnet110.yaml", 4096, 90),
                                        ("bench-imagenet-resnet50", "configs/imagenet_resnet50.yaml", 0, 90)):

@@ -360,7 +360,8 @@ def test_gpu_check_installs_offline_skips_the_gpu_parts_and_reports(tmp_path):
     assert (out / "site" / "bnonly_probe.py").is_file() and not (out / "site" / "not_pytest.py").exists()
     gpu_parts = [n for n in parts if n != "install"]
     assert len(gpu_parts) == 7 and all(parts[n]["status"] == "skipped" and parts[n]["detail"] for n in gpu_parts)
-    assert report["modules"]["pydantic"] and set(report["modules"]) == {"pydantic", "submitit", "deepspeed", "nvidia.dali"}
+    assert report["modules"]["pydantic"] and set(report["modules"]) == {"pydantic", "submitit", "deepspeed", "nvidia.dali",
+                                                                                  "pytest"}
     markdown = (out / "report.md").read_text()
     assert "| cuda-tests | skipped |" in markdown and "| install | passed |" in markdown
     assert "gpu-check: bench-imagenet-resnet50: skipped (--dry-run)" in proc.stdout
