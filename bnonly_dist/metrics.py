@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bnonly_dist.logsafe import SafeFileHandler, SafeStreamHandler
 from bnonly_dist.models import parameter_roles
 
 log = logging.getLogger("bnonly")
@@ -118,9 +119,9 @@ class Metrics:
 def setup_logging(run_dir: Path, rank: int) -> None:
     """Console on rank 0, and a text log per rank in RUN/logs/."""
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    handlers: list[logging.Handler] = [logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")]
+    handlers: list[logging.Handler] = [SafeFileHandler(run_dir / "logs" / f"rank{rank}.log")]
     if rank == 0:
-        handlers.append(logging.StreamHandler(sys.stdout))
+        handlers.append(SafeStreamHandler(sys.stdout))
     fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", "%H:%M:%S")
     root = logging.getLogger()
     for handler in list(root.handlers):

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from bnonly_dist import checkpoint, data, dist, engines, network, rundir
 from bnonly_dist import plan as plan_mod
 from bnonly_dist.config import Config, ConfigError
+from bnonly_dist.data.layout import check_num_classes
 from bnonly_dist.evaluate import evaluate
 from bnonly_dist.metrics import Metrics, StepMeter, gamma_stats, setup_logging
 from bnonly_dist.optim import lr_at
@@ -27,16 +28,27 @@ class Run:
     def __init__(self, cfg: Config, run_dir: Path | None = None):
         self.cfg, self.ctx = cfg, dist.init(cfg.train.device, cfg.dist.timeout_s)
         self.run_dir = Path(run_dir) if run_dir else Path(cfg.runs_root) / cfg.run_name()
-        # Rank 0 checks and writes; every rank gets its verdict.
-        refusal = None
+        # Rank 0 checks, locks (held for the whole run) and writes; every rank gets its verdict.
+        refusal, self.lock = None, None
         if self.ctx.is_main:
             try:
-                rundir.prepare(cfg, self.run_dir)
+                self.lock = rundir.prepare(cfg, self.run_dir, hold=True)
             except ConfigError as err:
-                refusal = str(err)
-        refusal = dist.broadcast_object(refusal)
-        if refusal:
-            raise ConfigError(refusal)
+                refusal = err
+        verdict = dist.broadcast_object(str(refusal) if refusal else None)
+        if verdict is not None:
+            raise refusal or ConfigError(verdict)
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def _build(self, cfg: Config) -> None:
         setup_logging(self.run_dir, self.ctx.rank)
         torch.use_deterministic_algorithms(cfg.train.deterministic)
         torch.backends.cudnn.benchmark = not cfg.train.deterministic
@@ -44,6 +56,7 @@ class Run:
         self.autocast, self.memory_format = self.plan.autocast, self.plan.memory_format
 
         self.source = data.build(cfg, self.ctx.rank, self.ctx.world, self.ctx.device)
+        check_num_classes(cfg.model.num_classes, self.source.num_classes, cfg.data.root or "the synthetic data")
         self.num_classes = network.num_classes(cfg, self.source)
         # Every rank builds the same frozen weights from the seed; engines may then shard them.
         net = network.build(cfg, self.plan, self.num_classes)
@@ -58,19 +71,20 @@ class Run:
         self.steps_per_epoch = self.source.steps_per_epoch
         self.total = cfg.optim.epochs * self.steps_per_epoch
         self.end = min(self.total, cfg.train.max_steps or self.total)
+        self.ckpt = checkpoint.Checkpointer(
+            self.run_dir, self.ctx.rank, self.ctx.world, self.engine, self.source, self.frozen_sha,
+            every=cfg.train.checkpoint_every, keep=cfg.train.keep_checkpoints, save_frozen=cfg.dist.save_frozen,
+            steps_per_epoch=self.steps_per_epoch, identity=cfg.identity())
         self.metrics = Metrics(self.run_dir, self.ctx.is_main)
         self.bar_enabled = cfg.train.progress == "bar" or (cfg.train.progress == "auto" and sys.stdout.isatty())
 
     def resume(self) -> None:
-        restored = checkpoint.resume(self.run_dir, self.engine, self.ctx.rank, self.ctx.world, self.frozen_sha)
+        restored = self.ckpt.resume()
         if not restored:
             return
-        path, meta, data_state = restored
-        self.step = meta["step"]
-        if meta["frozen_included"]:
-            self.frozen_sha = meta["frozen_sha256"]  # the stored frozen weights are the run's now
-        self.source.load_state(data_state)
-        log.info("resumed from %s at step %d", path, self.step)
+        self.step, self.frozen_sha = restored.step, restored.frozen_sha
+        log.info("resumed from %s at step %d", restored.path, self.step)
+        meta = {"world": restored.world}
         if meta["world"] != self.ctx.world:
             batch = self.cfg.data.batch_size
             log.warning("checkpoint written by %d ranks, resuming on %d: the data position is global (epoch %d, "
@@ -79,12 +93,8 @@ class Run:
                         self.ctx.world, self.step // self.steps_per_epoch, self.step % self.steps_per_epoch,
                         batch // self.ctx.world, batch // meta["world"])
 
-    def save_checkpoint(self) -> Path:
-        self.engine.sync_buffers()
-        meta = {"step": self.step, "epoch": self.step // self.steps_per_epoch, "world": self.ctx.world,
-                "engine": self.engine.name, "frozen_sha256": self.frozen_sha}
-        return checkpoint.save(self.run_dir, self.engine, self.ctx.rank, meta, self.source.state(),
-                               self.cfg.train.keep_checkpoints, self.cfg.dist.save_frozen)
+    def save_checkpoint(self, final: bool = False) -> Path:
+        return self.ckpt.save(self.step, final=final)
 
     def evaluate(self) -> dict:
         self.engine.sync_buffers()
@@ -123,7 +133,7 @@ class Run:
         self.bar = tqdm(total=self.end, initial=self.step, dynamic_ncols=True,
                         disable=not (self.bar_enabled and self.ctx.is_main))
         started, meter, last_eval = time.perf_counter(), StepMeter(self.ctx.device, cfg.data.batch_size), None
-        stop = StopRequest()
+        stop = StopRequest(cfg.train.stop_check_every)
         try:
             while self.step < self.end:
                 batches = iter(self.source.train_epoch(self.step // spe, self.step % spe))
@@ -137,16 +147,15 @@ class Run:
                     self.bar.update(1)
                     if self.step % cfg.train.log_every == 0 or self.step == self.end:
                         self.log_train(meter.report())
-                    if self.step % cfg.train.checkpoint_every == 0:
-                        self.save_checkpoint()
-                    if stop.agreed():
+                    self.ckpt.maybe_save(self.step)
+                    if stop.agreed(self.step):
                         return self.stopped(stop)
                 if self.step % spe == 0 and (self.step // spe) % cfg.train.eval_every == 0:
                     last_eval = (self.step, self.evaluate())
         finally:
             stop.close()
             self.bar.close()
-        self.save_checkpoint()
+        self.save_checkpoint(final=True)
         final = last_eval[1] if last_eval and last_eval[0] == self.step else self.evaluate()
         return self.finish(final, time.perf_counter() - started)
 
@@ -179,4 +188,8 @@ class Run:
 
 def run(cfg: Config, run_dir: Path | None = None) -> dict:
     """Train (or resume) one run to its end; returns the summary also written to summary.json."""
-    return Run(cfg, run_dir).train()
+    run_ = Run(cfg, run_dir)
+    try:
+        return run_.train()
+    finally:
+        run_.release()  # the run dir's lock (the OS drops it too if the process dies)
