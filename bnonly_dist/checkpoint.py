@@ -130,8 +130,10 @@ def _retain(folder: Path, newest: Path, keep: int) -> None:
             continue
         if kept < keep:
             kept += 1
-        else:
-            shutil.rmtree(old, ignore_errors=True)
+        else:  # renamed first: a kill halfway through the delete leaves no half checkpoint named step_*
+            doomed = folder / f".tmp-{old.name}.old"
+            old.replace(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save(run_dir: Path, engine, rank: int, meta: dict, data_state: dict, keep: int, include_frozen: bool) -> Path:
