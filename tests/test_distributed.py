@@ -114,7 +114,7 @@ def test_killing_all_ranks_at_any_moment_then_rerunning_ends_bit_identical(overr
 @pytest.mark.parametrize("sig, receiver", [(signal.SIGUSR2, 1), (signal.SIGTERM, 0)])
 def test_a_stop_signal_to_one_rank_stops_all_at_the_same_step(sig, receiver, overrides, reference, tmp_path):
     run_dir = tmp_path / "run"
-    launch = Launch(2, overrides("ddp"), run_dir, slurm=True)  # srun's variables this time
+    launch = Launch(2, overrides("ddp", "train.stop_check_every=1"), run_dir, slurm=True)  # srun's variables this time
     launch.wait_for(lambda: (run_dir / "metrics.jsonl").is_file()
                     and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 5)
     launch.kill(rank=receiver, sig=sig)
