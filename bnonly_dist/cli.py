@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -211,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(1)  # the process group cannot be torn down cleanly with a peer gone
     except OSError as err:
         where = f" {err.filename}" if err.filename else ""
+        if not where and getattr(args, "run_dir", None):  # a write to an open file names no file: the run's
+            where = f" in {args.run_dir}"
+        elif not where and args.func is _train:
+            with contextlib.suppress(ConfigError, OSError, ValueError):
+                cfg = load(args.config, args.overrides)
+                where = f" in {Path(cfg.runs_root) / cfg.run_name()}"
         if err.errno == errno.ENOSPC:
             print(f"bnonly: error: disk full writing{where or ' output'}; free space and run again "
                   "(a run resumes from its last complete checkpoint)", file=sys.stderr)

@@ -267,3 +267,18 @@ def test_ctrl_c_stops_gracefully_then_aborts(monkeypatch):
     finally:
         request.close()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# --- a full disk under the text log ---------------------------------------------------------------
+def test_a_log_on_a_full_disk_reports_once(capsys):
+    from bnonly_dist.logsafe import SafeFileHandler
+    handler = SafeFileHandler("/dev/full")  # every write fails with ENOSPC
+    logger = logging.getLogger("test-full-disk")
+    logger.addHandler(handler)
+    try:
+        for i in range(20):
+            logger.error("line %d", i)
+    finally:
+        logger.removeHandler(handler)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bnonly: warning: cannot write /dev/full (No space left")

@@ -257,11 +257,17 @@ def fake_imagenet_under_file(env):
     return ["data", "fake-imagenet", str(env.tmp / "afile" / "data"), "--classes", "2"], "afile"
 
 
-def disk_full(env):
+def disk_full_at_a_save(env):
     disk = env.tmp / "disk"
     env.mount(disk, "-t", "tmpfs", "-o", "size=600k", "tmpfs")
-    return env.train("train.checkpoint_every=2", "train.keep_checkpoints=9", "train.log_every=1",
-                     run_dir=disk / "run"), str(disk / "run")
+    return env.train("train.checkpoint_every=2", "train.keep_checkpoints=9", run_dir=disk / "run"), str(disk / "run")
+
+
+def disk_full_while_logging(env):
+    disk = env.tmp / "disk"
+    env.mount(disk, "-t", "tmpfs", "-o", "size=600k", "tmpfs")
+    (disk / "filler").write_bytes(bytes((600 - 24) * 1024))  # 24 KiB left: the logs and metrics fill it
+    return env.train("train.checkpoint_every=1000", "train.log_every=1", run_dir=disk / "run"), str(disk / "run")
 
 
 def static(argv: list[str], names: str):
@@ -348,7 +354,8 @@ ROWS = [
     ("val-text-file-named-jpeg", val_text_file_named_jpeg, ()),
     ("val-class-not-in-train", val_extra_class, ()),
     ("empty-class-folder", empty_class_folder, ()),
-    ("disk-full", disk_full, ()),
+    ("disk-full-at-a-save", disk_full_at_a_save, ()),
+    ("disk-full-while-logging", disk_full_while_logging, ()),
     # other commands
     ("analyze-corrupt-summary", analyze_corrupt_summary, ()),
     ("analyze-missing-path", static(["analyze", "{tmp}/nowhere", "--out", "{tmp}/out"], "nowhere"), ()),
