@@ -84,14 +84,13 @@ class Run:
             return
         self.step, self.frozen_sha = restored.step, restored.frozen_sha
         log.info("resumed from %s at step %d", restored.path, self.step)
-        meta = {"world": restored.world}
-        if meta["world"] != self.ctx.world:
+        if restored.world != self.ctx.world:
             batch = self.cfg.data.batch_size
             log.warning("checkpoint written by %d ranks, resuming on %d: the data position is global (epoch %d, "
                         "step %d), so the remaining global batches are the same and each rank takes its slice; BN "
-                        "batch statistics now come from %d images per rank instead of %d", meta["world"],
+                        "batch statistics now come from %d images per rank instead of %d", restored.world,
                         self.ctx.world, self.step // self.steps_per_epoch, self.step % self.steps_per_epoch,
-                        batch // self.ctx.world, batch // meta["world"])
+                        batch // self.ctx.world, batch // restored.world)
 
     def save_checkpoint(self, final: bool = False) -> Path:
         return self.ckpt.save(self.step, final=final)
