@@ -8,16 +8,12 @@ or changed (a damaged checkpoint may only be renamed to step_X.damaged).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickle
-import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,7 +22,6 @@ import pytest
 import torch
 from launch import committed_steps
 
-from bnonly_dist import checkpoint, checkpoint_files
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/cifar10_resnet14.yaml"
@@ -116,7 +111,7 @@ def imagenet_args(env: Env, root: Path, *extra: str) -> list[str]:
             "data.num_threads=1", "train.device=cpu", "data.decode=cpu", *extra, "--run-dir", str(env.tmp / "in-run")]
 
 
-def fresh(env: Env) -> Path:
+def fresh(env: Env) -> Path:  # a run dir that does not exist yet
     return env.tmp / "fresh-run"
 
 
@@ -157,10 +152,6 @@ def run_dir_in_use(env):
     env.cleanups.append(lambda: (holder.kill(), holder.wait()))
     assert holder.stdout.readline().strip() == "held"
     return env.train("train.max_steps=12"), f"in use by another trainer (pid {holder.pid}"
-
-
-def other_config(env):
-    return env.train("optim.lr=0.2"), "optim.lr"
 
 
 def config_yaml_deleted_other_lr(env):
@@ -294,7 +285,7 @@ def base_cycle(env):
     return ["train", str(env.tmp / "a.yaml"), "--run-dir", str(fresh(env))], "a.yaml"
 
 
-def integrator(reason: str):
+def integrator(reason: str):  # a fix outside this branch's files: the integrator removes the mark
     return pytest.mark.xfail(strict=False, reason=f"integrator: {reason}")
 
 
@@ -336,7 +327,7 @@ ROWS = [
     ("checkpoints-is-a-file", checkpoints_is_file, ()),
     ("checkpoints-read-only", checkpoints_read_only, ()),
     ("run-dir-in-use", run_dir_in_use, ()),
-    ("run-dir-other-config", other_config, ()),
+    ("run-dir-other-config", lambda env: (env.train("optim.lr=0.2"), "optim.lr"), ()),
     ("config-yaml-deleted-other-lr", config_yaml_deleted_other_lr, ()),
     ("config-yaml-garbage-other-lr", config_yaml_garbage_other_lr, ()),
     ("config-yaml-latin1-other-lr", config_yaml_latin1_other_lr, ()),
@@ -393,7 +384,7 @@ def test_a_bad_input_is_one_line_and_loses_nothing(setup, finished_run, cifar_ro
     assert after == before, "files that existed before were changed or removed"
 
 
-# --- not failures, but faults that must not cost a table or a run ------------------------------
+# --- not a failure: a broken run among others must not cost the table ------------------------------
 def test_analyze_skips_a_corrupt_run_and_a_torn_line(finished_run, tmp_path):
     runs = tmp_path / "runs"
     for name in ("good", "torn", "corrupt"):
@@ -406,91 +397,3 @@ def test_analyze_skips_a_corrupt_run_and_a_torn_line(finished_run, tmp_path):
     assert "2 runs in 1 groups" in done.stdout
     assert f"{runs / 'corrupt' / 'summary.json'} is unreadable" in done.stderr
     assert f"{runs / 'torn' / 'metrics.jsonl'}: line" in done.stderr and "Traceback" not in done.stderr
-
-
-def test_ctrl_c_stops_with_a_checkpoint_and_twice_aborts(finished_run, cifar_root, tmp_path):
-    run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "bnonly_dist.cli", "train", CONFIG, *base_overrides(cifar_root), "optim.epochs=30",
-            "train.checkpoint_every=1000", "train.stop_check_every=1", "train.log_every=1", "--run-dir", str(run_dir)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-    def start(*extra):
-        return subprocess.Popen([*args, *extra], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-
-    def wait_for_steps(proc, count):
-        deadline = time.monotonic() + 120
-        while not (run_dir / "metrics.jsonl").is_file() or \
-                len((run_dir / "metrics.jsonl").read_text().splitlines()) < count:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
-            time.sleep(0.05)
-
-    proc = start()
-    wait_for_steps(proc, 2)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
-    assert "received SIGINT" in out and "stopped at step" in out and "run the same command to resume" in out
-    stopped = committed_steps(run_dir)
-    assert len(stopped) == 1 and not (run_dir / "summary.json").exists()
-    # Resumed, with the ranks asked only every 1000 steps: a second Ctrl-C does not wait for that.
-    proc = start("train.stop_check_every=1000")
-    wait_for_steps(proc, stopped[0] + 2)
-    proc.send_signal(signal.SIGINT)
-    time.sleep(1.5)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and err.strip().splitlines() == [
-        "bnonly: interrupted; run the same command to resume from the last checkpoint"], err[-2000:]
-    assert committed_steps(run_dir) == stopped  # no save on the way out
-
-
-# --- SIGKILL at random moments ------------------------------------------------------------------
-def good_checkpoints(run_dir: Path) -> list[int]:
-    good = []
-    for path in checkpoint.complete_checkpoints(run_dir):
-        try:
-            checkpoint_files.verify(path)
-            good.append(checkpoint_files.step_of(path))
-        except checkpoint_files.CheckpointDamaged:
-            pass
-    return good
-
-
-@pytest.mark.slow
-def test_sigkill_at_random_moments_never_loses_progress(cifar_root, tmp_path):
-    """20 kills at random moments once training is under way (every other one inside a save),
-    resuming each time: never fewer good checkpoints, and the run ends bit-identical."""
-    overrides = [*base_overrides(cifar_root), "optim.epochs=10", "optim.milestones=[5]", "model.arch=cifar_resnet_8",
-                 "train.checkpoint_every=1", "train.keep_checkpoints=2"]
-    whole = cli("train", CONFIG, *overrides, "--run-dir", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    reference = json.loads((tmp_path / "whole" / "summary.json").read_text())["fingerprint"]
-    run_dir, folder = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    inside_saves = 0
-    for seed in range(20):
-        before = good_checkpoints(run_dir)
-        proc = subprocess.Popen([sys.executable, "-m", "bnonly_dist.cli", "train", CONFIG, *overrides, "--run-dir",
-                                 str(run_dir)], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        rng, deadline = random.Random(seed), time.monotonic() + 120
-        # Under way: a step past the checkpoint it resumed from has been committed.
-        while proc.poll() is None and not [s for s in committed_steps(run_dir) if not before or s > before[-1]]:
-            assert time.monotonic() < deadline, "no progress"
-            time.sleep(0.005)
-        if seed % 2:  # inside a save: its temporary folder exists
-            until = time.monotonic() + 5
-            while proc.poll() is None and not any(folder.glob(".tmp-step_*")) and time.monotonic() < until:
-                time.sleep(0.001)
-            inside_saves += any(folder.glob(".tmp-step_*"))
-        else:
-            time.sleep(rng.uniform(0, 1.0))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        after = good_checkpoints(run_dir)
-        assert len(after) >= min(len(before), 2) and (not before or after[-1] >= before[-1]), (seed, before, after)
-    assert inside_saves >= 5  # the kills did land inside saves
-    done = cli("train", CONFIG, *overrides, "--run-dir", str(run_dir))
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads((run_dir / "summary.json").read_text())["fingerprint"] == reference
-    assert not list(folder.glob(".tmp-*")) and good_checkpoints(run_dir)[-1] == 100
