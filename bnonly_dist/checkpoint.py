@@ -1,21 +1,21 @@
-"""Sharded checkpoints: atomic, self-verifying, resumed from the newest complete one.
+"""Sharded checkpoints: atomic, self-verifying, resumed from the newest good one.
 
     RUN/checkpoints/step_00001000/
         state/        the engine's model + optimizer state (DCP shards, or DeepSpeed's files)
         rank{r}.pt    each rank's RNG states and data-loader state
-        commit.json   the commit marker: written by rank 0 after every rank has written
+        commit.json   the commit marker: written by rank 0 after every rank has written; it
+                      lists the size and sha256 of every file above (checkpoint_files.py)
 A save goes to .tmp-step_.../ and is renamed after commit.json is on disk, so a directory
-named step_* with a commit.json is complete. Frozen weights are left out unless
-dist.save_frozen: they are regenerated from the seed and checked against the sha256 in
-commit.json. Older checkpoints are deleted only after a newer one is committed.
+named step_* with a commit.json is complete unless damaged later; resume verifies it
+before loading and moves a damaged one aside (step_X.damaged). Frozen weights are left
+out unless dist.save_frozen: they are regenerated from the seed and checked against the
+sha256 in commit.json. An older checkpoint is deleted only after a newer one is committed
+and verified, and never the newest good one.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -25,16 +25,16 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from bnonly_dist import dist
+from bnonly_dist.checkpoint_files import (COMMIT, CheckpointDamaged, CheckpointError, committed, damaged,
+                                          fsync_dir, move_aside, read_marker, step_dir, step_of, verify,
+                                          write_marker)
 
+__all__ = ["COMMIT", "CheckpointDamaged", "CheckpointError", "CheckpointIncompatible", "Checkpointer",
+           "FrozenWeightsMismatch", "Resumed", "complete_checkpoints", "fingerprint", "frozen_digest", "latest",
+           "latest_good", "load", "read_commit", "resume", "save", "tensor_digest"]
 log = logging.getLogger(__name__)
 # A single-process run saves without a process group, as intended: DCP's warning is noise.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
-COMMIT = "commit.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: the message names it and the fix."""
 
 
 class CheckpointIncompatible(CheckpointError):
@@ -64,12 +64,13 @@ def frozen_digest(model: torch.nn.Module) -> str:
     return tensor_digest((n, p) for n, p in model.named_parameters() if not p.requires_grad)
 
 
+def _folder(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if _STEP_DIR.match(p.name) and (p / COMMIT).is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    """Committed checkpoints (step_* with a marker), oldest first; not verified."""
+    return committed(_folder(run_dir))
 
 
 def latest(run_dir: Path) -> Path | None:
@@ -77,26 +78,31 @@ def latest(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def latest_good(run_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies (read-only: damaged ones are skipped, not moved)."""
+    for path in reversed(complete_checkpoints(run_dir)):
+        try:
+            verify(path)
+            return path
+        except CheckpointDamaged as err:
+            log.warning("skipping damaged checkpoint: %s", err)
+    return None
+
+
+def read_commit(path: Path) -> dict:
+    """The marker of a checkpoint; CheckpointDamaged (a CheckpointError) if unreadable or incomplete."""
+    try:
+        return read_marker(path)
+    except CheckpointDamaged as err:
+        raise CheckpointDamaged(f"checkpoint {path} is damaged: {err}; move it aside to resume from the one "
+                                "before") from None
+
+
 def _rank_state(data_state: dict) -> dict:
     state = {"rng_cpu": torch.get_rng_state(), "data": data_state}
     if torch.cuda.is_available():
         state["rng_cuda"] = torch.cuda.get_rng_state()
     return state
-
-
-def _write_commit(folder: Path, meta: dict) -> None:
-    with open(folder / COMMIT, "w") as f:
-        json.dump(meta, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _reason(error: BaseException | None) -> str:
@@ -108,49 +114,85 @@ def _reason(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
+def _retain(folder: Path, newest: Path, keep: int) -> None:
+    """Delete checkpoints older than newest beyond keep (rank 0, after newest is verified).
+
+    Older ones are size-checked first: a damaged one is moved aside and not counted.
+    """
+    kept = 1  # newest itself
+    for old in reversed(committed(folder)):
+        if step_of(old) >= step_of(newest):
+            continue
+        try:
+            verify(old, checksums=False)
+        except CheckpointDamaged as err:
+            move_aside(old, str(err))
+            continue
+        if kept < keep:
+            kept += 1
+        else:  # renamed first: a kill halfway through the delete leaves no half checkpoint named step_*
+            doomed = folder / f".tmp-{old.name}.old"
+            old.replace(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
 def save(run_dir: Path, engine, rank: int, meta: dict, data_state: dict, keep: int, include_frozen: bool) -> Path:
     """Write a checkpoint of step meta['step'] (collective). meta goes into commit.json."""
-    folder = Path(run_dir) / "checkpoints"
-    final = folder / f"step_{meta['step']:08d}"
-    if (final / COMMIT).is_file():
-        return final  # already saved at this step (e.g. a stop signal right after a periodic save)
+    folder = _folder(run_dir)
+    final = step_dir(folder, meta["step"])
     tmp = folder / f".tmp-{final.name}"
+    done = False
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
+        if (final / COMMIT).is_file():  # e.g. a stop signal right after a periodic save of this step
+            try:
+                verify(final, checksums=False)
+                done = True
+            except CheckpointDamaged as err:
+                move_aside(final, str(err))  # never let a damaged folder stand for a new save
+        if not done:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    if dist.broadcast_object(done):  # collective: every rank learns rank 0's view
+        return final
     error = None
     try:
         engine.save(tmp / "state", include_frozen)
         torch.save(_rank_state(data_state), tmp / f"rank{rank}.pt")
     except (OSError, RuntimeError, CheckpointException) as err:  # torch.save reports a full disk as RuntimeError
         error = err
-    if dist.any_rank(error is not None):
+    if not dist.any_rank(error is not None) and rank == 0:  # collective: every rank's files are written
+        try:  # the marker (hashing and fsyncing every file), then the rename that commits it
+            write_marker(tmp, {**meta, "frozen_included": include_frozen, "torch": torch.__version__})
+            if final.exists():  # no commit marker (checked above): not a checkpoint resume would ever use
+                log.warning("replacing %s, which has no %s", final, COMMIT)
+                shutil.rmtree(final)
+            tmp.replace(final)
+            fsync_dir(folder)
+        except OSError as err:
+            error = err
+    if dist.any_rank(error is not None):  # collective: rank 0's commit succeeded, or nobody goes on
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the last good checkpoint stays
         raise CheckpointError(f"saving checkpoint {final} failed ({_reason(error)}); check free disk space and "
                               f"permissions in {folder} and start again: it resumes from {latest(run_dir) or 'scratch'}")
     if rank == 0:
-        _write_commit(tmp, {**meta, "frozen_included": include_frozen, "torch": torch.__version__})
-        if final.exists():  # no commit marker (checked above): not a checkpoint resume would ever use
-            log.warning("replacing %s, which has no %s", final, COMMIT)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(folder)
-        for old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        verify(final, checksums=False)  # what retention relies on: the new one is complete where it lies
+        _retain(folder, final, keep)
         for stale in folder.glob(".tmp-step_*"):  # saves killed before their commit
             shutil.rmtree(stale, ignore_errors=True)
-    dist.barrier()
+    dist.barrier()  # collective: nobody goes on before the checkpoint is committed
     return final
 
 
-def read_commit(path: Path) -> dict:
-    try:
-        return json.loads((path / COMMIT).read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} has an unreadable {COMMIT} ({err}); move it aside to "
-                              "resume from the one before") from None
+def _check_identity(path: Path, meta: dict, identity: dict | None) -> None:
+    stored = meta.get("identity")
+    if identity is None or not isinstance(stored, dict):
+        return  # markers from before identities were recorded
+    changed = sorted(k for k in stored.keys() & identity.keys() if stored[k] != identity[k])
+    if changed:
+        key = changed[0]
+        raise CheckpointIncompatible(f"{path} was written by a run with {key}={stored[key]!r}, not "
+                                     f"{identity[key]!r}; pass the original settings or a new --run-dir")
 
 
 def load(path: Path, engine, rank: int, world: int, frozen_sha: str) -> tuple[dict, dict]:
@@ -183,29 +225,48 @@ def load(path: Path, engine, rank: int, world: int, frozen_sha: str) -> tuple[di
     return meta, rank_state["data"]
 
 
-def resume(run_dir: Path, engine, rank: int, world: int, frozen_sha: str):
-    """Load the newest complete checkpoint every rank can read: (path, meta, data state), or None.
+def _newest_verified(folder: Path) -> str | None:
+    """Rank 0: the newest checkpoint whose files match its marker; damaged newer ones are moved aside."""
+    for path in reversed(committed(folder)):
+        try:
+            verify(path)
+            return path.name
+        except CheckpointDamaged as err:
+            move_aside(path, str(err), "; trying the one before")
+    return None
 
-    A damaged one is skipped with an error in the log and left on disk; if none can be
-    read the run stops instead of silently starting again from step 0.
+
+def resume(run_dir: Path, engine, rank: int, world: int, frozen_sha: str, identity: dict | None = None):
+    """Load the newest good checkpoint: (path, meta, data state), or None if the run has none (collective).
+
+    Rank 0 verifies (sizes and checksums) and moves a damaged checkpoint aside; one that
+    verifies but fails to load on any rank is moved aside too. If there were checkpoints
+    and none is usable, the run stops instead of silently starting again from step 0.
     """
-    folder = Path(run_dir) / "checkpoints"
-    names = dist.broadcast_object([p.name for p in complete_checkpoints(run_dir)])  # one view for all ranks
-    for name in reversed(names):
+    folder = _folder(run_dir)
+    while True:
+        name = dist.broadcast_object(_newest_verified(folder) if rank == 0 else None)  # one view for all ranks
+        if name is None:
+            break
         error = None
         try:
+            _check_identity(folder / name, read_commit(folder / name), identity)
             meta, data_state = load(folder / name, engine, rank, world, frozen_sha)
         except CheckpointIncompatible:
             raise
         except CheckpointError as err:
             error = err
-        if dist.any_rank(error is not None):
-            log.error("%s; trying the one before", error or f"checkpoint {folder / name} failed on another rank")
+        if dist.any_rank(error is not None):  # collective: the same verdict on every rank
+            if rank == 0:
+                move_aside(folder / name, str(error or "it failed to load on another rank"), "; trying the one before")
+            dist.barrier()
             continue
         return folder / name, meta, data_state
-    if names:
-        raise CheckpointError(f"none of the {len(names)} checkpoints in {folder} can be read (see logs/rank*.log); "
-                              "restore them, or move them aside to start this run from scratch")
+    aside = damaged(folder)
+    if aside:
+        raise CheckpointError(f"none of the {len(aside)} checkpoints in {folder} can be read (moved aside: "
+                              f"{', '.join(p.name for p in aside[:3])}; see logs/rank0.log); restore them, or "
+                              "delete them to start this run from scratch")
     return None
 
 
@@ -221,15 +282,18 @@ class Checkpointer:
 
     The loop only says maybe_save(step) after each step, save(step, final=True) at the
     end or on a stop signal, and resume() at the start; when to save, what goes into the
-    commit marker, retention and damaged checkpoints are decided here.
+    commit marker, verification, retention and damaged checkpoints are decided here.
     """
 
     def __init__(self, run_dir: Path, rank: int, world: int, engine, source, frozen_sha: str, *, every: int,
-                 keep: int, save_frozen: bool, steps_per_epoch: int, identity: dict):
+                 keep: int, save_frozen: bool, steps_per_epoch: int, identity: dict, before_save=None):
+        """before_save(): called on every rank before each save; raises to refuse it (e.g. a diverged run)."""
         self.run_dir, self.rank, self.world = Path(run_dir), rank, world
+        self.before_save = before_save
         self.engine, self.source, self.frozen_sha = engine, source, frozen_sha
         self.every, self.keep, self.save_frozen = every, keep, save_frozen
         self.steps_per_epoch, self.identity = steps_per_epoch, identity
+        self.last_saved: Path | None = None
 
     def maybe_save(self, step: int) -> Path | None:
         """Save if step is on the train.checkpoint_every grid (collective on those steps)."""
@@ -237,15 +301,21 @@ class Checkpointer:
 
     def save(self, step: int, final: bool = False) -> Path:
         """A checkpoint of step (collective: every rank calls it after the same step)."""
+        if self.last_saved is not None and step_of(self.last_saved) == step:  # e.g. a stop right after a save
+            return self.last_saved
+        if self.before_save is not None:
+            self.before_save()
         self.engine.sync_buffers()  # collective: rank 0's BN running statistics on every rank
         meta = {"step": step, "epoch": step // self.steps_per_epoch, "world": self.world,
                 "engine": self.engine.name, "frozen_sha256": self.frozen_sha, "final": final,
                 "identity": self.identity}
-        return save(self.run_dir, self.engine, self.rank, meta, self.source.state(), self.keep, self.save_frozen)
+        self.last_saved = save(self.run_dir, self.engine, self.rank, meta, self.source.state(), self.keep,
+                               self.save_frozen)
+        return self.last_saved
 
     def resume(self) -> Resumed | None:
-        """Load the newest usable checkpoint into the engine and the data source (collective)."""
-        restored = resume(self.run_dir, self.engine, self.rank, self.world, self.frozen_sha)
+        """Load the newest good checkpoint into the engine and the data source (collective)."""
+        restored = resume(self.run_dir, self.engine, self.rank, self.world, self.frozen_sha, self.identity)
         if not restored:
             return None
         path, meta, data_state = restored

@@ -4,6 +4,7 @@ commands, so every --help answers at once."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -218,15 +219,34 @@ def _lost_contact(err: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; every error from user input or the environment becomes one line on stderr."""
+    import errno
+
+    import yaml
+
+    from bnonly_dist.rundir import RunDirError
     args = parse_args(parser(), argv)
     try:
         args.func(args)
+    except RunDirError as err:
+        print(f"bnonly: error: {err}", file=sys.stderr)
+        return 2
     except ConfigError as err:
         print(f"bnonly: config error: {err}", file=sys.stderr)
         return 2
     except _run_errors() as err:  # an except clause's expression runs only when an exception arrives
         print(f"bnonly: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("bnonly: interrupted; run the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except UnicodeDecodeError as err:
+        print(f"bnonly: error: a file read here is not UTF-8 text ({err.reason} at byte {err.start}); save it as "
+              "UTF-8", file=sys.stderr)
+        return 2
+    except yaml.YAMLError as err:
+        print(f"bnonly: config error: not valid YAML ({str(err).splitlines()[0]}); fix the syntax", file=sys.stderr)
+        return 2
     except RuntimeError as err:
         if not _lost_contact(err):
             raise
@@ -239,11 +259,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bnonly: error: {message}", file=sys.stderr, flush=True)
         os._exit(1)  # the process group cannot be torn down cleanly with a peer gone
     except OSError as err:
-        if err.errno == 28:  # ENOSPC
-            print(f"bnonly: error: disk full writing {err.filename or 'output'}; free space and run again "
+        where = f" {err.filename}" if err.filename else ""
+        if not where and getattr(args, "run_dir", None):  # a write to an open file names no file: the run's
+            where = f" in {args.run_dir}"
+        elif not where and args.func is _train:
+            with contextlib.suppress(ConfigError, OSError, ValueError):
+                cfg = load(args.config, args.overrides)
+                where = f" in {Path(cfg.runs_root) / cfg.run_name()}"
+        if err.errno == errno.ENOSPC:
+            print(f"bnonly: error: disk full writing{where or ' output'}; free space and run again "
                   "(a run resumes from its last complete checkpoint)", file=sys.stderr)
-            return 1
-        raise
+        else:
+            print(f"bnonly: error: {err.strerror or err}:{where or ' (no file named)'}; check the path and its "
+                  "permissions", file=sys.stderr)
+        return 1
     return 0
 
 

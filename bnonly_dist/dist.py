@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
+from bnonly_dist.config import ConfigError
+
 
 @dataclass(frozen=True)
 class Context:
@@ -90,7 +92,7 @@ def prepare_environment(deterministic: bool, env=os.environ) -> None:
 
 def choose_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
     if preference == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     # Slurm's --gpus-per-task shows each task only its own GPU (index 0 whatever SLURM_LOCALID

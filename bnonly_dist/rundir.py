@@ -1,38 +1,179 @@
-"""A run directory: check that it may hold this run, then create it and save the config.
+"""A run directory: check that it may hold this run, lock it, then create it and save the config.
 
 check() touches nothing on disk, so a refused launch leaves nothing behind; prepare()
-creates the directory and writes config.yaml atomically (rank 0 only).
+creates the directory, takes the run's lock (an exclusive flock on RUN/.lock: one trainer
+per run directory; the OS drops it when the process dies, so a killed run leaves no stale
+lock) and writes config.yaml atomically (rank 0 only).
+
+The run's identity is read from config.yaml, or, when that is missing or unreadable while
+checkpoints exist, from the newest checkpoint's marker: a run that computes something
+else is refused either way.
 """
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
 from pathlib import Path
 
 import yaml
 
+from bnonly_dist.checkpoint_files import newest_identity
 from bnonly_dist.config import Config, ConfigError, from_dict, save
 from bnonly_dist.paths import RunPaths
 
 
-def check(cfg: Config, run_dir: Path) -> None:
-    """ConfigError if run_dir holds a run that computes something else."""
-    saved = RunPaths(Path(run_dir)).config
-    if not saved.is_file():
+class RunDirError(ConfigError):
+    """The run directory cannot hold this run (a file in the way, no write permission, in use)."""
+
+
+class RunDirInUse(RunDirError):
+    """Another live trainer holds the run directory's lock."""
+
+
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def _check_paths(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise RunDirError(f"run dir {root} is a file, not a directory; pass another --run-dir")
+    if not root.exists():
+        parent = root.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise RunDirError(f"cannot create run dir {root}: {parent} is a file; pass another --run-dir "
+                              "(or fix runs_root)")
+        if not _writable(parent):
+            raise RunDirError(f"cannot create run dir {root}: {parent} is not writable; pass another --run-dir "
+                              "(or fix runs_root, or the permissions)")
         return
-    old = from_dict(yaml.safe_load(saved.read_text())).identity()
+    if not _writable(root):
+        raise RunDirError(f"run dir {root} is not writable; fix its permissions or pass another --run-dir")
+    paths = RunPaths(root)
+    for folder in (paths.checkpoints, paths.logs, paths.tb):
+        if folder.exists() and not folder.is_dir():
+            raise RunDirError(f"{folder} is a file where the run keeps a folder; move it away and run again")
+        if folder.is_dir() and not _writable(folder):
+            raise RunDirError(f"{folder} is read-only; fix its permissions (or move the run dir) and run again")
+    for file in (paths.config, paths.metrics, paths.summary):
+        if file.is_dir():
+            raise RunDirError(f"{file} is a folder where the run keeps a file; move it away and run again")
+
+
+def _saved_identity(paths: RunPaths) -> tuple[dict, str] | None:
+    """(identity, where it came from) of the run already in the directory, or None if it holds none."""
+    problem = None
+    if paths.config.is_file():
+        try:
+            data = yaml.safe_load(paths.config.read_bytes().decode("utf-8"))
+            if not isinstance(data, dict):
+                raise ConfigError(f"it holds {type(data).__name__}, not a mapping")
+            return from_dict(data).identity(), str(paths.config)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError) as err:
+            problem = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    stored = newest_identity(paths.checkpoints)
+    if stored:
+        return stored[1], f"{stored[0]}/commit.json"
+    if problem:
+        raise RunDirError(f"{paths.config} is unreadable ({problem}) and no checkpoint records the run; "
+                          "restore it, or delete it to start this run dir afresh, or pass another --run-dir")
+    return None
+
+
+def check(cfg: Config, run_dir: Path) -> None:
+    """ConfigError if run_dir cannot hold this run or holds a run that computes something else."""
+    root = Path(run_dir)
+    _check_paths(root)
+    saved = _saved_identity(RunPaths(root)) if root.is_dir() else None
+    if saved is None:
+        return
+    old, source = saved
     new = cfg.identity()
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    keys = old.keys() | new.keys() if source.endswith("config.yaml") else old.keys() & new.keys()
+    changed = sorted(k for k in keys if old.get(k) != new.get(k))
     if changed:
         key = changed[0]
-        raise ConfigError(f"{run_dir} holds a run with {key}={old.get(key)!r}, not {new.get(key)!r}; "
+        raise ConfigError(f"{run_dir} holds a run with {key}={old.get(key)!r}, not {new.get(key)!r} (from {source}); "
                           "pass a new --run-dir or the original settings")
 
 
-def prepare(cfg: Config, run_dir: Path) -> None:
-    """check(), then create run_dir and (re)write its config.yaml (one process)."""
+class RunLock:
+    """The exclusive lock on a run directory; release() (or process exit) gives it up."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self._fd = path, fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def acquire(run_dir: Path) -> RunLock:
+    """Take run_dir's lock (it must exist); RunDirInUse naming the holder if a live trainer has it."""
+    root = Path(run_dir)
+    path = RunPaths(root).lock
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by exec'd children
+    except OSError as err:
+        raise RunDirError(f"cannot create the lock file {path} ({err.strerror}); fix the permissions of {root} "
+                          "or pass another --run-dir") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+        os.close(fd)
+        who = f"pid {holder[0]} on host {holder[1]}" if len(holder) >= 2 else "holder unknown"
+        raise RunDirInUse(f"run dir {root} is in use by another trainer ({who}); wait for it or pass another "
+                          "--run-dir") from None
+    except OSError as err:  # a file system without flock support
+        os.close(fd)
+        raise RunDirError(f"cannot lock {path} ({err.strerror}); put the run dir on a file system that supports "
+                          "flock (e.g. Lustre mounted with -o flock)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    return RunLock(path, fd)
+
+
+def prepare(cfg: Config, run_dir: Path, hold: bool = False) -> RunLock | None:
+    """check(), create run_dir, take its lock, (re)write config.yaml (one process).
+
+    hold=True (the trainer's rank 0) returns the lock, to keep for the whole run; otherwise
+    (launchers) it is released at once, after refusing a run dir that a trainer holds.
+    """
     check(cfg, run_dir)
     paths = RunPaths(Path(run_dir))
-    paths.root.mkdir(parents=True, exist_ok=True)
-    tmp = paths.root / ".config.yaml.tmp"
-    save(cfg, tmp)
-    os.replace(tmp, paths.config)  # never a half-written config.yaml for a later resume to trip on
+    try:
+        paths.root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirError(f"cannot create run dir {paths.root} ({err.strerror}); pass another --run-dir") from None
+    lock = acquire(paths.root)
+    try:
+        tmp = paths.root / ".config.yaml.tmp"
+        save(cfg, tmp)
+        os.replace(tmp, paths.config)  # never a half-written config.yaml for a later resume to trip on
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        lock.release()
+        raise RunDirError(f"cannot write {paths.config} ({err.strerror}); free space or fix permissions "
+                          "and run again") from None
+    except BaseException:
+        lock.release()
+        raise
+    if not hold:
+        lock.release()
+        return None
+    return lock

@@ -1,34 +1,54 @@
-"""Graceful stop: SIGUSR2 (Slurm's warning before a time limit or preemption) or SIGTERM
-only sets a flag; the loop asks every rank at each step, so all ranks stop after the
-same step and save one checkpoint together. After the save, a handler that was there
-before (submitit's, which requeues the job) gets the signal."""
+"""Graceful stop: SIGUSR2 (Slurm's warning before a time limit or preemption), SIGTERM or a
+first Ctrl-C (SIGINT) only sets a flag; the loop calls agreed(step) after every step and
+every `every` steps (train.stop_check_every) the ranks agree on it, so all ranks stop
+after the same step and save one checkpoint together. A second Ctrl-C (a second or more later) aborts at once
+(KeyboardInterrupt: exit 130; the run resumes from its last checkpoint). After the save,
+a handler that was there before (submitit's, which requeues the job) gets the signal."""
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+import time
 
 from bnonly_dist import dist
 
 log = logging.getLogger(__name__)
-SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+DUPLICATE_S = 1.0
 
 
 class StopRequest:
     def __init__(self, every: int = 1):
+        if every < 1:
+            raise ValueError(f"stop check interval must be at least 1 step, got {every}")
         self.every = every
         self.signal_name: str | None = None
+        self._first_sigint: float | None = None
         self._previous = {}
         if threading.current_thread() is threading.main_thread():  # handlers live in the main thread
             self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
 
     def _handle(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
-        log.warning("received %s: stopping after this step with a checkpoint", self.signal_name)
+        name, now = signal.Signals(signum).name, time.monotonic()
+        if signum == signal.SIGINT and self._first_sigint is not None:
+            # torchrun forwards the terminal's Ctrl-C to its workers, who also get it from the
+            # terminal: a copy within a second is the same keypress.
+            if now - self._first_sigint > DUPLICATE_S:
+                raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the save
+            return
+        if signum == signal.SIGINT:
+            self._first_sigint = now
+        self.signal_name = self.signal_name or name
+        hint = " (Ctrl-C again to abort at once)" if signum == signal.SIGINT else ""
+        log.warning("received %s: stopping within %d steps with a checkpoint%s", name, self.every, hint)
 
     def agreed(self, step: int) -> bool:
-        """True on every rank once any rank has received a stop signal (collective every `every` steps)."""
-        return step % self.every == 0 and dist.any_rank(self.signal_name is not None)
+        """True on every rank once any rank has received a stop signal; asks the others only
+        on multiples of `every` (a host-side all-reduce there: collective on those steps)."""
+        if step % self.every:
+            return False
+        return dist.any_rank(self.signal_name is not None)
 
     def hand_over(self) -> None:
         """Pass the received signal to the Python handler that was installed before ours, if any."""
@@ -37,7 +57,7 @@ class StopRequest:
         signum = signal.Signals[self.signal_name]
         previous = self._previous.get(signum)
         self.close()
-        if callable(previous):
+        if callable(previous) and previous is not signal.default_int_handler:  # Ctrl-C stopped us; do not raise
             previous(signum, None)
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ from bnonly_dist import plan as plans
 from bnonly_dist.bn_stats import gamma_stats
 from bnonly_dist.checkpoint import Checkpointer, fingerprint
 from bnonly_dist.config import Config, ConfigError
+from bnonly_dist.data.layout import check_num_classes
 from bnonly_dist.evaluate import evaluate
 from bnonly_dist.logs import setup_logging
 from bnonly_dist.meter import StepMeter
@@ -85,7 +86,16 @@ class Run:
         if self.done:
             return
         self.source = data.build(cfg, self.plan, self.ctx.rank, self.ctx.world)
-        self.lock = self._on_rank0(rundir.prepare, cfg, self.run_dir)
+        check_num_classes(cfg.model.num_classes, self.source.num_classes, cfg.data.root or "the synthetic data")
+        # Rank 0 locks the run directory for the whole run (the OS drops the lock if the process dies).
+        self.lock = self._on_rank0(rundir.prepare, cfg, self.run_dir, True)
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.release()
+            raise
+
+    def _build(self, cfg: Config) -> None:
         setup_logging(self.run_dir, self.ctx.rank)
         torch.use_deterministic_algorithms(self.plan.deterministic)
         torch.backends.cudnn.benchmark = not self.plan.deterministic
@@ -105,7 +115,7 @@ class Run:
         self.ckpt = Checkpointer(self.run_dir, self.ctx.rank, self.ctx.world, self.engine, self.source,
                                  net.frozen_sha, every=cfg.train.checkpoint_every, keep=cfg.train.keep_checkpoints,
                                  save_frozen=cfg.dist.save_frozen, steps_per_epoch=self.steps_per_epoch,
-                                 identity=cfg.identity())
+                                 identity=cfg.identity(), before_save=self.check_finite)
         self.cadence = Cadence(cfg, self.steps_per_epoch, self.end)
         self.meter = StepMeter(self.plan.device, cfg.data.batch_size)
         self.evaluations: dict[int, dict] = {}
@@ -119,10 +129,10 @@ class Run:
             try:
                 result = check(*args)
             except ConfigError as err:
-                refusal = str(err)
-        refusal = dist.broadcast_object(refusal)  # collective (host side)
-        if refusal:
-            raise ConfigError(refusal)
+                refusal = err
+        verdict = dist.broadcast_object(str(refusal) if refusal else None)  # collective (host side)
+        if verdict is not None:
+            raise refusal or ConfigError(verdict)  # rank 0 keeps the error's class (e.g. run dir in use)
         return result
 
     # --- the loop ------------------------------------------------------------------------
@@ -207,12 +217,19 @@ class Run:
         self.evaluations[self.step] = result
         return result
 
+    def check_finite(self, loss: float | None = None) -> None:
+        """Stop a diverged run before it logs or saves NaN (syncs the GPU; host-side all-reduce on every rank)."""
+        if loss is None and self.meter.steps == 0:
+            return  # nothing trained since the last log line, which checked its loss
+        loss = self.meter.report(reset=False)["loss"] if loss is None else loss
+        if dist.any_rank(not math.isfinite(loss)):
+            raise Diverged(f"the training loss became {loss} at step {self.step} (diverged); the last good "
+                           f"checkpoint in {self.paths.checkpoints} is kept: lower optim.lr or add "
+                           "optim.warmup_epochs and start a new --run-dir")
+
     def log_train(self) -> None:
         values = self.meter.report()  # syncs the GPU
-        if dist.any_rank(not math.isfinite(values["loss"])):  # host-side all-reduce: every rank stops together
-            raise Diverged(f"the training loss became {values['loss']} at step {self.step} (diverged); the last "
-                           f"good checkpoint in {self.paths.checkpoints} is kept: lower optim.lr or add "
-                           "optim.warmup_epochs and start a new --run-dir")
+        self.check_finite(values["loss"])
         values.update(lr=lr_at(self.step - 1, self.steps_per_epoch, self.cfg.optim),
                       epoch=self.step / self.steps_per_epoch)
         # Watch gammas switch channels off as it happens, not only at evaluations.
@@ -268,10 +285,19 @@ class Run:
 
     def close(self) -> None:
         self.metrics.close()
-        if self.lock is not None:
-            self.lock.release()
+        self.release()
+
+    def release(self) -> None:
+        """Let go of the run directory (also after a failure: a test or notebook may train it again)."""
+        lock, self.lock = getattr(self, "lock", None), None
+        if lock is not None:
+            lock.release()
 
 
 def run(cfg: Config, run_dir: Path | None = None) -> dict:
     """Train (or resume) one run to its end; returns the summary also written to summary.json."""
-    return Run(cfg, run_dir).train()
+    run_ = Run(cfg, run_dir)
+    try:
+        return run_.train()
+    finally:
+        run_.release()

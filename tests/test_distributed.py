@@ -13,7 +13,7 @@ import torch
 from launch import Launch, committed_steps, run, run_torchrun, train_losses
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from bnonly_dist import checkpoint, config, engines, models, modes
+from bnonly_dist import checkpoint, config, engines, models, modes, plan
 from bnonly_dist.dist import Context
 
 ENGINES = {"ddp": ["dist.engine=ddp"], "fsdp": ["dist.engine=fsdp"],
@@ -117,7 +117,7 @@ def test_killing_all_ranks_at_any_moment_then_rerunning_ends_bit_identical(overr
 @pytest.mark.parametrize("sig, receiver", [(signal.SIGUSR2, 1), (signal.SIGTERM, 0)])
 def test_a_stop_signal_to_one_rank_stops_all_at_the_same_step(sig, receiver, overrides, reference, tmp_path):
     run_dir = tmp_path / "run"
-    launch = Launch(2, overrides("ddp"), run_dir, slurm=True)  # srun's variables this time
+    launch = Launch(2, overrides("ddp", "train.stop_check_every=1"), run_dir, slurm=True)  # srun's variables this time
     launch.wait_for(lambda: (run_dir / "metrics.jsonl").is_file()
                     and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 5)
     launch.kill(rank=receiver, sig=sig)
@@ -176,7 +176,8 @@ def test_fsdp_checkpoint_reshards_optimizer_state_exactly(overrides, reference, 
     cfg = config.load("configs/cifar10_resnet14.yaml", overrides("fsdp"))
     model = models.build(cfg.model.arch, 10, cfg.seed, cfg.model.bn_init)
     masks = modes.apply(model, cfg.mode, cfg.seed)
-    engine = engines.wrap(cfg, model, masks, Context(0, 1, 0, torch.device("cpu")))
+    cpu = torch.device("cpu")
+    engine = engines.wrap(cfg, plan.resolve(cfg, cpu), model, masks, Context(0, 1, 0, cpu))
     checkpoint.load(path, engine, 0, 1, checkpoint.frozen_digest(model))
     state = model.state_dict()
     assert saved["model"].keys() == {k for k in state if k not in engine.frozen_names}

@@ -28,13 +28,13 @@ class GammaReport:
 
 
 def load_model(record: RunRecord) -> torch.nn.Module:
-    """The run's final model: frozen weights from the seed, the rest from its newest checkpoint."""
+    """The run's final model: frozen weights from the seed, the rest from its newest good checkpoint."""
     cfg = record.cfg
     model = models.build(cfg.model.arch, record.num_classes, cfg.seed, cfg.model.bn_init)
     modes.apply(model, cfg.mode, cfg.seed)
-    path = checkpoint.latest(record.run_dir)
+    path = checkpoint.latest_good(record.run_dir)  # verified; a damaged newer one is skipped, not moved
     if path is None:
-        raise checkpoint.CheckpointError(f"{record.run_dir} has no complete checkpoint to read gammas from")
+        raise checkpoint.CheckpointError(f"{record.run_dir} has no good checkpoint to read gammas from")
     if checkpoint.read_commit(path)["engine"] == "deepspeed":
         raise checkpoint.CheckpointError(f"{path} is a DeepSpeed checkpoint; analysis reads ddp/fsdp (DCP) ones")
     checkpoint.load(path, Engine(model, None, {}, 0.0), 0, 1, checkpoint.frozen_digest(model))

@@ -36,7 +36,7 @@ class RunRecord:
         if cfg.data.name == "cifar10":
             return 10
         from bnonly_dist.data.layout import imagenet_index
-        return len(imagenet_index(cfg.data.root)[0])
+        return len(imagenet_index(cfg.data.root, check_val=False)[0])
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -55,19 +55,50 @@ def _run_dirs(path: Path) -> list[Path]:
     raise ConfigError(f"{path} is neither a run directory, a folder of runs nor a sweep file")
 
 
+def _metrics_rows(path: Path) -> list[dict]:
+    """metrics.jsonl's rows; a torn or garbled line (a killed run, a full disk) is skipped with a warning."""
+    rows = []
+    if not path.is_file():
+        return rows
+    for number, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or "kind" not in row:
+            log.warning("%s: line %d is not a metrics record (torn by a kill or a full disk?); skipped", path, number)
+            continue
+        rows.append(row)
+    return rows
+
+
 def read(run_dir: Path) -> RunRecord | None:
-    """The finished run in run_dir, or None (with a log line) if it has not finished."""
+    """The finished run in run_dir, or None (with a log line) if it has not finished or cannot be read."""
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         log.warning("skipping %s: no summary.json (not finished; its job may still be running)", run_dir)
         return None
-    summary = json.loads(summary_path.read_text())
+    try:
+        summary = json.loads(summary_path.read_bytes().decode("utf-8"))
+        if not isinstance(summary, dict) or not isinstance(summary.get("final"), dict):
+            raise ValueError("not a run summary")
+        summary["trainable_params"], summary["final"]["top1"], summary["final"]["top5"]  # noqa: B018 - the keys used
+    except (OSError, ValueError, KeyError) as err:
+        log.warning("skipping %s: %s is unreadable (%s); rerun `bnonly train` on it to rewrite it", run_dir,
+                    summary_path, type(err).__name__)
+        return None
     if not summary.get("finished"):
         log.warning("skipping %s: stopped at step %s before its last step", run_dir, summary.get("step"))
         return None
-    cfg = config.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    evals = [r for r in rows if r["kind"] == "eval"]
+    config_path = run_dir / "config.yaml"
+    try:
+        cfg = config.from_dict(yaml.safe_load(config_path.read_bytes().decode("utf-8")))
+    except (OSError, ValueError, yaml.YAMLError, ConfigError, AttributeError) as err:
+        log.warning("skipping %s: %s is unreadable (%s)", run_dir, config_path, str(err).splitlines()[0][:200])
+        return None
+    evals = [r for r in _metrics_rows(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
     return RunRecord(run_dir, cfg, summary, evals[-1] if evals else summary["final"])
 
 

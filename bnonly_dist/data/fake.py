@@ -5,12 +5,15 @@ learn them and a run shows accuracy above chance.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from bnonly_dist.data.layout import DataError
 
 CIFAR_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -30,10 +33,35 @@ def _class_images(rng: np.random.Generator, labels: np.ndarray, height: int, wid
     return out
 
 
+def _make_dir(folder: Path, root: Path) -> None:
+    """mkdir -p, or a DataError naming what is in the way (a file, no permission, a full disk)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file" if blocker else err.strerror
+        raise DataError(f"cannot write a data set to {root}: {why}; pass another directory") from None
+
+
+@contextlib.contextmanager
+def _writing(root: Path):
+    """Turn a failed write (full disk, permissions) into a DataError naming root."""
+    try:
+        yield
+    except OSError as err:
+        raise DataError(f"cannot write a data set to {root} ({err.strerror}: {err.filename}); free space "
+                        "or pass another directory") from None
+
+
 def write_cifar10(root: str | Path, train_size: int = 2560, test_size: int = 1000, seed: int = 0) -> Path:
     """cifar-10-batches-py/ with data_batch_1..5, test_batch and batches.meta (python pickles)."""
     out = Path(root) / "cifar-10-batches-py"
-    out.mkdir(parents=True, exist_ok=True)
+    _make_dir(out, Path(root))
+    with _writing(Path(root)):
+        return _write_cifar10(out, train_size, test_size, seed)
+
+
+def _write_cifar10(out: Path, train_size: int, test_size: int, seed: int) -> Path:
     rng = np.random.default_rng(seed)
 
     def batch(path: Path, count: int, title: str) -> None:
@@ -60,16 +88,23 @@ def write_imagenet(root: str | Path, num_classes: int = 10, train_per_class: int
                    val_per_class: int = 10, seed: int = 0, sides: tuple[int, int] = (64, 160)) -> Path:
     """train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (class-folder layout), image sides drawn from [sides)."""
     root = Path(root)
+    _make_dir(root, root)
+    with _writing(root):
+        _write_imagenet(root, num_classes, train_per_class, val_per_class, seed, sides)
+    return root
+
+
+def _write_imagenet(root: Path, num_classes: int, train_per_class: int, val_per_class: int, seed: int,
+                    sides: tuple[int, int]) -> None:
     rng = np.random.default_rng(seed)
     wnids = [f"n{10000000 + 1111 * c:08d}" for c in range(num_classes)]
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
         for label, wnid in enumerate(wnids):
             folder = root / split / wnid
-            folder.mkdir(parents=True, exist_ok=True)
+            _make_dir(folder, root)
             for i in range(per_class):
                 height, width = rng.integers(*sides, size=2)
                 image = _class_images(rng, np.array([label]), int(height), int(width), num_classes)[0]
                 buffer = io.BytesIO()
                 Image.fromarray(image).save(buffer, format="JPEG", quality=90)
                 (folder / f"{wnid}_{split}_{i:05d}.JPEG").write_bytes(buffer.getvalue())
-    return root

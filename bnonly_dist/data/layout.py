@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG SOI marker, PNG signature
 CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 
 
@@ -65,7 +67,36 @@ def _list_split(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
     return items
 
 
-def imagenet_index(root: str | Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
+def _header_ok(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8).startswith(IMAGE_MAGIC)
+    except OSError:
+        return False
+
+
+def bad_headers(paths: list[str]) -> list[str]:
+    """The files among paths that do not start like a JPEG or PNG (one small read each, in parallel)."""
+    with ThreadPoolExecutor(16) as pool:  # file-system latency, not CPU, bounds this
+        return [p for p, ok in zip(paths, pool.map(_header_ok, paths)) if not ok]
+
+
+def require_images(paths: list[str], split: str) -> None:
+    bad = bad_headers(paths)
+    if bad:
+        raise DataError(f"{bad[0]} is not a JPEG or PNG image (its first bytes say so; {len(bad)} such file(s) "
+                        f"in {split}); delete or replace it (`bnonly data check DIR --decode` lists all)")
+
+
+def check_num_classes(configured: int | None, found: int, where: str) -> None:
+    """DataError if model.num_classes leaves out labels the data holds (call once the data is opened)."""
+    if configured is not None and configured < found:
+        raise DataError(f"model.num_classes={configured} is smaller than the {found} classes in {where}; "
+                        f"set model.num_classes={found} (or leave it unset: the data's count)")
+
+
+def imagenet_index(root: str | Path, check_val: bool = True
+                   ) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
     """(class names, [(train file, label)], [(val file, label)]) from root/{train,val}/<class>/."""
     root = Path(root)
     train_dir, val_dir = root / "train", root / "val"
@@ -78,7 +109,10 @@ def imagenet_index(root: str | Path) -> tuple[list[str], list[tuple[str, int]], 
     extra = sorted({e.name for e in os.scandir(val_dir) if e.is_dir()} - set(classes))
     if extra:
         raise DataError(f"{val_dir} has class folders not in train/ ({extra[0]}, ...); both must hold the same classes")
-    return classes, _list_split(train_dir, classes), _list_split(val_dir, classes)
+    train, val = _list_split(train_dir, classes), _list_split(val_dir, classes)
+    if check_val:  # the evaluation would only meet a bad file after the first epoch
+        require_images([p for p, _ in val], str(val_dir))
+    return classes, train, val
 
 
 def find_corrupt(paths: list[str]) -> list[str]:
@@ -100,6 +134,7 @@ def check(root: str | Path, decode: bool = False) -> dict:
         raise DataError(f"{root} does not exist; pass the directory that holds the data set")
     if (root / "train").is_dir():
         classes, train, val = imagenet_index(root)
+        require_images([p for p, _ in train], str(root / "train"))
         report = {"format": "imagenet", "root": str(root), "classes": len(classes),
                   "train_images": len(train), "val_images": len(val)}
         if decode:
