@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from bnonly_dist import checkpoint, data, models, modes
+from bnonly_dist import checkpoint, data, network
+from bnonly_dist import plan as plans
 from bnonly_dist.analysis.runs import RunRecord
+from bnonly_dist.bn_stats import bn_parameters
 from bnonly_dist.engines.base import Engine
 from bnonly_dist.evaluate import evaluate
-from bnonly_dist.bn_stats import bn_parameters
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +28,24 @@ class GammaReport:
     ablated_channels: int = 0
 
 
-def load_model(record: RunRecord) -> torch.nn.Module:
+def analysis_plan(record: RunRecord, device: torch.device):
+    """The run's config and plan for reading it back: fp32 and NCHW whatever it trained in."""
+    train = record.cfg.train.model_copy(update={"precision": "fp32", "frozen_dtype": "fp32", "channels_last": False})
+    cfg = record.cfg.model_copy(update={"train": train})
+    return cfg, plans.resolve(cfg, device)
+
+
+def load_model(record: RunRecord, device: torch.device = torch.device("cpu")) -> torch.nn.Module:
     """The run's final model: frozen weights from the seed, the rest from its newest good checkpoint."""
-    cfg = record.cfg
-    model = models.build(cfg.model.arch, record.num_classes, cfg.seed, cfg.model.bn_init)
-    modes.apply(model, cfg.mode, cfg.seed)
+    cfg, plan = analysis_plan(record, device)
+    net = network.build(cfg, plan, record.num_classes)
+    model = net.model
     path = checkpoint.latest_good(record.run_dir)  # verified; a damaged newer one is skipped, not moved
     if path is None:
         raise checkpoint.CheckpointError(f"{record.run_dir} has no good checkpoint to read gammas from")
     if checkpoint.read_commit(path)["engine"] == "deepspeed":
         raise checkpoint.CheckpointError(f"{path} is a DeepSpeed checkpoint; analysis reads ddp/fsdp (DCP) ones")
-    checkpoint.load(path, Engine(model, None, {}, 0.0), 0, 1, checkpoint.frozen_digest(model))
+    checkpoint.load(path, Engine(model, None, {}, 0.0), 0, 1, net.frozen_sha)
     return model.eval()
 
 
@@ -55,7 +63,7 @@ def zero_small_channels(model: torch.nn.Module, threshold: float) -> int:
 
 
 def analyze(record: RunRecord, threshold: float, ablate: bool, device: torch.device) -> GammaReport:
-    model = load_model(record)
+    model = load_model(record, device)
     params = bn_parameters(model)
     layers = {n.removesuffix(".weight"): p.detach().clone() for n, p in params.items() if n.endswith(".weight")}
     betas = {n.removesuffix(".bias"): p.detach().clone() for n, p in params.items() if n.endswith(".bias")}
@@ -63,8 +71,8 @@ def analyze(record: RunRecord, threshold: float, ablate: bool, device: torch.dev
     report = GammaReport(layers, betas, (every.abs() < threshold).float().mean().item(),
                          {n: (g.abs() < threshold).float().mean().item() for n, g in layers.items()})
     if ablate:
-        source = data.build(record.cfg, 0, 1, device)
-        model.to(device)
+        cfg, plan = analysis_plan(record, device)
+        source = data.build(cfg, plan, 0, 1)
         report.top1 = evaluate(model, source.eval_batches(), device)["top1"]
         report.ablated_channels = zero_small_channels(model, threshold)
         report.ablated_top1 = evaluate(model, source.eval_batches(), device)["top1"]
