@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnonly_dist import bench, config, models, modes, plan
+from bnonly_dist import bench_runner, config, models, modes, plan
 from bnonly_dist.config import ConfigError
 from bnonly_dist.models import layers
 
@@ -35,7 +35,7 @@ def saved_bytes(arch, size, mode, lean, checkpointed=()):
     modes.apply(model, mode, seed=0)
     models.set_memory_options(model, lean, checkpointed)
     images, labels = torch.randn(4, 3, size, size), torch.randint(0, 10, (4,))
-    return bench.saved_activation_bytes(model, images, labels, contextlib.nullcontext)
+    return bench_runner.saved_activation_bytes(model, images, labels, contextlib.nullcontext)
 
 
 def relative_error(got: dict, want: dict) -> float:
