@@ -6,7 +6,7 @@ caches (on the CPU mode=all once ran 35% faster after the BN-only variants). All
 build their model first, then measure in rounds: each round runs one step of every variant
 in turn (A B C A B C ...) while the others wait on a pipe, so the machine's speed drifting
 over minutes (shared CPUs, clocks) slows every variant alike. The first --warmup rounds are
-not timed. Reported per variant: the median step time with its interquartile range (IQR),
+not timed; each round's step times are printed as it ends. Reported per variant: the median step time with its interquartile range (IQR),
 images/s; per round the step-time ratio to all, bn-plain and naive (same round, same
 machine state), with median and IQR; "not distinguishable" when that IQR contains 1. Then,
 variant by variant: FLOPs per step (and the fraction of the GPU's bf16 peak), the bytes
@@ -104,11 +104,15 @@ def measure(cfg: Config, variants, steps: int, warmup: int, echo) -> list[dict]:
             answer(conn, variant)
         times = {v: [] for v in variants}
         for round_ in range(warmup + steps):
+            this_round = []
             for variant, conn in pipes.items():  # one step each, in turn: the others wait in recv()
                 conn.send("step")
                 seconds = answer(conn, variant)
+                this_round.append(f"{variant} {1000 * seconds:.0f}")
                 if round_ >= warmup:
                     times[variant].append(seconds)
+            echo(f"round {round_ + 1}/{warmup + steps}{' (warm-up)' if round_ < warmup else ''}, ms: "
+                 + ", ".join(this_round))
             if round_ == warmup - 1:
                 for conn in pipes.values():
                     conn.send("reset")
@@ -239,6 +243,8 @@ def _variant_line(r: dict) -> str:
 def _ratio_lines(report: dict) -> list[str]:
     lines = []
     for variant, by_base in report["ratios"].items():
+        if variant == "all":  # the JSON has it; the lines compare the BN-only variants with their baselines
+            continue
         parts = []
         for base, ratio in by_base.items():
             verdict = "" if ratio["distinguishable"] else ", not distinguishable"

@@ -86,8 +86,9 @@ def test_a_variant_slowed_on_purpose_is_reported_slower_with_spreads(monkeypatch
     assert by_variant["bn-plain"]["channels_last"] and not by_variant["naive"]["channels_last"]
     # Streamed: the header first, then each variant's line, then the ratios.
     assert lines[0].startswith("cifar_resnet_14 batch 4") and "variants in turn" in lines[0]
-    assert [line.split()[0] for line in lines[2:5]] == ["all", "bn-plain", "naive"]
-    assert any(line.startswith("bn-plain/all: step time") and "(IQR " in line for line in lines[5:])
+    assert [line.split(",")[0] for line in lines[2:6]] == ["round 1/4 (warm-up)", "round 2/4", "round 3/4", "round 4/4"]
+    assert [line.split()[0] for line in lines[6:9]] == ["all", "bn-plain", "naive"]
+    assert any(line.startswith("bn-plain/all: step time") and "(IQR " in line for line in lines[9:])
 
 
 def test_ratios_pair_steps_of_the_same_round():
