@@ -6,13 +6,14 @@ caches (on the CPU mode=all once ran 35% faster after the BN-only variants). All
 build their model first, then measure in rounds: each round runs one step of every variant
 in turn (A B C A B C ...) while the others wait on a pipe, so the machine's speed drifting
 over minutes (shared CPUs, clocks) slows every variant alike. The first --warmup rounds are
-not timed; each round's step times are printed as it ends. Reported per variant: the median step time with its interquartile range (IQR),
-images/s; per round the step-time ratio to all, bn-plain and naive (same round, same
-machine state), with median and IQR; "not distinguishable" when that IQR contains 1. Then,
-variant by variant: FLOPs per step (and the fraction of the GPU's bf16 peak), the bytes
-autograd saves for backward, peak memory (GPU: allocated and reserved), and on a GPU the
-largest batch that fits, searched in a fresh process per variant after the others exited.
---data also times the configured data pipeline alone.
+not timed; each round's step times are printed as it ends. Reported per variant: the median
+step time with its interquartile range (IQR), images/s; per round the step-time ratio to
+all, bn-plain and naive (same round, same machine state), with median and IQR; "not
+distinguishable" when that IQR contains 1. Then, variant by variant: FLOPs per step (and the
+fraction of the GPU's bf16 peak), the bytes autograd saves for backward, peak memory (GPU:
+allocated and reserved), and on a GPU the largest batch that fits, searched in a fresh
+process per variant after the others exited. --data also times the configured data pipeline
+alone.
 
 Variants; the rest of the config is what `bnonly train` resolves (plan.resolve): precision,
 channels_last, frozen dtype, checkpointed stages, compile, deterministic:
