@@ -128,6 +128,10 @@ def measure(cfg: Config, variants, steps: int, warmup: int, echo) -> list[dict]:
             results.append(result)
             echo(_variant_line(result))
         return results
+    except BaseException:
+        for proc in procs:  # the others wait in recv() for a command that will not come
+            proc.kill()
+        raise
     finally:
         for proc in procs:
             proc.join(timeout=60)
