@@ -1,160 +1,161 @@
-"""`bnonly bench`: speed and memory of full training vs BN-only, plain and lean autograd, side by side.
+"""`bnonly bench`: step time and memory of full training vs BN-only variants, measured in turns.
 
-Variants, one process, the same synthetic batch: all (mode=all), bn-plain (mode=bn,
-plain autograd) and bn-lean (mode=bn, lean autograd), each in a fresh process. For
-each: median step time,
-images/s, FLOPs per step (and the fraction of the GPU's peak), bytes autograd saves for
-backward (saved-tensor hooks), peak memory and the largest batch that fits (GPU). With
---data, the data pipeline alone (images/s of the configured source) tells whether
-loading or compute bounds a step.
+Each variant runs in a fresh process of its own (spawn), as a training run holds one model
+per process: in one shared process another variant's tensors would shape the allocator and
+caches (on the CPU mode=all once ran 35% faster after the BN-only variants). All processes
+build their model first, then measure in rounds: each round runs one step of every variant
+in turn (A B C A B C ...) while the others wait on a pipe, so the machine's speed drifting
+over minutes (shared CPUs, clocks) slows every variant alike. The first --warmup rounds are
+not timed; each round's step times are printed as it ends. Reported per variant: the median
+step time with its interquartile range (IQR), images/s; per round the step-time ratio to
+all, bn-plain and naive (same round, same machine state), with median and IQR; "not
+distinguishable" when that IQR contains 1. Then, variant by variant: FLOPs per step (and the
+fraction of the GPU's bf16 peak), the bytes autograd saves for backward, peak memory (GPU:
+allocated and reserved), and on a GPU the largest batch that fits, searched in a fresh
+process per variant after the others exited. --data also times the configured data pipeline
+alone.
+
+Variants; the rest of the config is what `bnonly train` resolves (plan.resolve): precision,
+channels_last, frozen dtype, checkpointed stages, compile, deterministic:
+  all       mode=all, lean autograd as train resolves it for mode=all
+  bn-plain  the config's mode (bn unless set), plain autograd
+  bn-lean   the config's mode, lean autograd (models/layers.py)
+  naive     the config's mode, plain autograd, NCHW, fp32 frozen weights, no checkpointing:
+            what a user writes by hand with requires_grad=False
+The report names the variant `bnonly train` runs with this config ("default"). Bench times
+one process with the single-process engine (what ddp runs on each rank); other engines are
+refused by name.
 """
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 
+import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from bnonly_dist import data, models, modes
-from bnonly_dist.config import Config
+from bnonly_dist import data, models
+from bnonly_dist.config import Config, ConfigError
 from bnonly_dist.data.layout import DataError
 from bnonly_dist.dist import choose_device
-from bnonly_dist.engines.base import Engine
-from bnonly_dist.optim import make_optimizer
+from bnonly_dist.bench_runner import answer, search_batch, serve, sync
 from bnonly_dist.plan import resolve
 
-VARIANTS = {"all": ("all", False), "bn-plain": ("bn", False), "bn-lean": ("bn", True)}  # name -> (mode, lean)
+VARIANTS = ("all", "bn-plain", "bn-lean", "naive")
+DEFAULT_VARIANTS = ("all", "bn-plain", "bn-lean")
+BASELINES = ("all", "bn-plain", "naive")  # ratios are reported against these when measured
 
-# Dense bf16 tensor-core peak (TFLOP/s, no sparsity) from the vendors' data sheets, by device name.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 756.0,
-                    "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-
-
-def saved_activation_bytes(model: torch.nn.Module, images, labels, autocast) -> int:
-    """Bytes autograd keeps for backward (unique storages, parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
-        loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
-    del loss
-    return sum(seen.values())
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+# Dense bf16 tensor-core peak, TFLOP/s (half the "with sparsity" figure), matched against
+# torch.cuda.get_device_name in this order (most specific first). Source: NVIDIA's data
+# sheets: H100 Tensor Core GPU datasheet (SXM 1,979 / NVL 1,671 / PCIe 1,513 sparse),
+# H200 datasheet (SXM 1,979 / NVL 1,671 sparse), A100 datasheet (312 dense), L40S (362),
+# A10 (125). SXM H100s report names like "NVIDIA H100 80GB HBM3".
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0),
+                    ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10", 125.0))
 
 
 def peak_tflops(device_name: str) -> float | None:
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in device_name), None)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in device_name), None)
 
 
-class Setup:
-    """What every variant shares: device, numerics, input shape."""
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.device = choose_device(cfg.train.device, 0)
-        self.plan = resolve(cfg, self.device)
-        self.autocast, self.memory_format = self.plan.autocast, self.plan.memory_format
-        arch = models.parse_arch(cfg.model.arch)
-        self.size = 32 if arch.family == "cifar" else cfg.data.image_size
-        self.classes = cfg.model.num_classes or (10 if arch.family == "cifar" else 1000)
-
-    def batch(self, size: int):
-        generator = torch.Generator().manual_seed(self.cfg.seed)
-        images = torch.randn(size, 3, self.size, self.size, generator=generator)
-        labels = torch.randint(0, self.classes, (size,), generator=generator)
-        return images.to(self.device).contiguous(memory_format=self.memory_format), labels.to(self.device)
-
-    def engine(self, variant: str) -> Engine:
-        cfg = self.cfg
-        mode, lean = VARIANTS[variant]
-        model = models.build(cfg.model.arch, self.classes, cfg.seed, cfg.model.bn_init)
-        masks = modes.apply(model, mode, cfg.seed)
-        models.set_memory_options(model, lean, cfg.train.activation_checkpointing, self.plan.frozen_dtype)
-        model.to(self.device, memory_format=self.memory_format)
-        masks = {n: m.to(self.device) for n, m in masks.items()}
-        engine = Engine(model, make_optimizer(model, masks, cfg.optim), masks, cfg.optim.weight_decay)
-        if cfg.train.compile:
-            engine.compile()
-        return engine
+def check(cfg: Config, variants, steps: int, warmup: int) -> None:
+    """ConfigError naming what bench cannot run as asked."""
+    if steps < 1 or warmup < 0:
+        raise ConfigError(f"--steps {steps} --warmup {warmup}: need at least 1 timed step and 0 or more "
+                          "warm-up steps, e.g. --steps 10 --warmup 3")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise ConfigError(f"--variants: unknown variant {unknown[0] if unknown else '(none)'}; "
+                          f"choose from {','.join(VARIANTS)}")
+    if cfg.dist.engine != "ddp":
+        raise ConfigError(f"dist.engine={cfg.dist.engine}: bench times one process with the single-process "
+                          "engine (what ddp runs on each rank); run it with dist.engine=ddp")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("bench runs in one process; start it without torchrun")
+    if cfg.mode == "all" and any(v != "all" for v in variants):
+        raise ConfigError("mode=all: the BN-only variants run the config's mode; set mode=bn (or another "
+                          "mode that freezes weights) or --variants all")
 
 
-def largest_batch(setup: Setup, variant: str, start: int, limit: int) -> int:
-    """The largest batch (a multiple of 8) for which a training step of variant fits in GPU memory."""
-    engine = setup.engine(variant)
-
-    def fits(size: int) -> bool:
-        try:
-            engine.train_step(*setup.batch(size), setup.autocast)
-            _sync(setup.device)
-            return True
-        except torch.cuda.OutOfMemoryError:
-            return False
-        finally:
-            engine.optimizer.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-
-    good, bad = 0, start
-    while bad <= limit and fits(bad):
-        good, bad = bad, 2 * bad
-    bad = min(bad, limit + 8)
-    while bad - good > 8:
-        middle = (good + bad) // 16 * 8
-        good, bad = (middle, bad) if fits(middle) else (good, middle)
-    return good
+def default_variant(cfg: Config, device: torch.device) -> str:
+    """The variant `bnonly train` runs with cfg."""
+    return "all" if cfg.mode == "all" else ("bn-lean" if resolve(cfg, device).lean else "bn-plain")
 
 
-def measure(cfg: Config, variant: str, steps: int, warmup: int, max_batch_limit: int) -> dict:
-    """One variant, alone in its process: counts, FLOPs, saved activations, peak memory, median
-    step time and (GPU) the largest batch."""
-    setup = Setup(cfg)
-    device = setup.device
-    images, labels = setup.batch(cfg.data.batch_size)
-    engine = setup.engine(variant)
-    for _ in range(warmup):
-        engine.train_step(images, labels, setup.autocast)
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        engine.train_step(images, labels, setup.autocast)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    median = sorted(times)[len(times) // 2]
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    with FlopCounterMode(display=False) as counter:
-        engine.train_step(images, labels, setup.autocast)
-    model = engine.model
-    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    saved = saved_activation_bytes(model, images, labels, setup.autocast)
-    result = {
-        "variant": variant, "mode": VARIANTS[variant][0], "lean": VARIANTS[variant][1],
-        "trainable_params": modes.trainable_count(model, engine.masks),
-        "step_time_s": median, "images_per_s": len(labels) / median,
-        "flops_per_step": counter.get_total_flops(), "achieved_tflops": counter.get_total_flops() / median / 1e12,
-        "saved_activation_bytes": saved, "saved_activation_bytes_per_image": saved / len(labels),
-        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-        "grad_and_momentum_bytes": grad_bytes * (2 if cfg.optim.momentum > 0 else 1),
-        "peak_memory_bytes": peak, "max_batch": None,
-    }
-    del engine, model
-    if device.type == "cuda" and max_batch_limit:
-        torch.cuda.empty_cache()
-        result["max_batch"] = largest_batch(setup, variant, cfg.data.batch_size, max_batch_limit)
-    return result
+def _spread(values) -> dict:
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return {"median": float(median), "q1": float(q1), "q3": float(q3), "min": float(min(values)),
+            "max": float(max(values))}
+
+
+def measure(cfg: Config, variants, steps: int, warmup: int, echo) -> list[dict]:
+    """Every variant in its own process, stepping in turns; results in variant order."""
+    context = multiprocessing.get_context("spawn")
+    pipes, procs = {}, []
+    try:
+        for variant in variants:
+            parent, child = context.Pipe()
+            proc = context.Process(target=serve, args=(child, cfg, variant, cfg.data.batch_size), daemon=True)
+            proc.start()
+            child.close()
+            pipes[variant] = parent
+            procs.append(proc)
+        for variant, conn in pipes.items():
+            answer(conn, variant)
+        times = {v: [] for v in variants}
+        for round_ in range(warmup + steps):
+            this_round = []
+            for variant, conn in pipes.items():  # one step each, in turn: the others wait in recv()
+                conn.send("step")
+                seconds = answer(conn, variant)
+                this_round.append(f"{variant} {1000 * seconds:.0f}")
+                if round_ >= warmup:
+                    times[variant].append(seconds)
+            echo(f"round {round_ + 1}/{warmup + steps}{' (warm-up)' if round_ < warmup else ''}, ms: "
+                 + ", ".join(this_round))
+            if round_ == warmup - 1:
+                for conn in pipes.values():
+                    conn.send("reset")
+        results = []
+        for variant, conn in pipes.items():
+            conn.send("finish")
+            result = answer(conn, variant)
+            spread = _spread(times[variant])
+            result.update(step_time_s=spread["median"], step_time=spread, step_times_s=times[variant],
+                          images_per_s=cfg.data.batch_size / spread["median"])
+            result["achieved_tflops"] = result["flops_per_step"] / result["step_time_s"] / 1e12
+            results.append(result)
+            echo(_variant_line(result))
+        return results
+    except BaseException:
+        for proc in procs:  # the others wait in recv() for a command that will not come
+            proc.kill()
+        raise
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+
+
+def ratios(results: list[dict]) -> dict:
+    """Per-round step-time ratios of every variant to each measured baseline: median and IQR."""
+    by_variant = {r["variant"]: r for r in results}
+    out = {}
+    for base in BASELINES:
+        if base not in by_variant:
+            continue
+        for variant, r in by_variant.items():
+            if variant == base:
+                continue
+            per_round = [t / b for t, b in zip(r["step_times_s"], by_variant[base]["step_times_s"])]
+            spread = _spread(per_round)
+            out.setdefault(variant, {})[base] = {
+                "step_time": spread["median"], "q1": spread["q1"], "q3": spread["q3"],
+                "distinguishable": not spread["q1"] <= 1.0 <= spread["q3"],
+                "saved_activation_bytes": r["saved_activation_bytes"] / by_variant[base]["saved_activation_bytes"]}
+    return out
 
 
 def pipeline_rate(cfg: Config, device: torch.device, steps: int, warmup: int) -> dict:
@@ -167,13 +168,13 @@ def pipeline_rate(cfg: Config, device: torch.device, steps: int, warmup: int) ->
     count = 0
     for i, (images, _) in enumerate(batches):
         if i == warmup:
-            _sync(device)
+            sync(device)
             start, count = time.perf_counter(), 0
         elif i > warmup:
             count += len(images)
         if i == warmup + steps:
             break
-    _sync(device)
+    sync(device)
     if count == 0:
         return {"source": cfg.data.name, "skipped": f"an epoch has fewer than {warmup + steps + 1} batches"}
     decode = getattr(source, "decode", None)
@@ -181,34 +182,43 @@ def pipeline_rate(cfg: Config, device: torch.device, steps: int, warmup: int) ->
             "images_per_s": count / (time.perf_counter() - start), "batches": steps}
 
 
-def run(cfg: Config, steps: int = 10, warmup: int = 3, variants=tuple(VARIANTS), with_data: bool = False,
-        max_batch_limit: int = 4096) -> dict:
-    """Each variant in a fresh process, one after the other, as a training run holds one model
-    per process: another variant's tensors would shape the allocator and caches (on the CPU,
-    mode=all ran 35% faster after the BN-only variants had run in the same process) and
-    share the GPU's memory."""
-    results = []
-    for variant in variants:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results.append(pool.submit(measure, cfg, variant, steps, warmup, max_batch_limit).result())
+def run(cfg: Config, steps: int = 10, warmup: int = 3, variants=DEFAULT_VARIANTS, with_data: bool = False,
+        max_batch_limit: int = 4096, echo=lambda line: None) -> dict:
+    """Measure variants in turns; echo(line) gets the header and each line as soon as it is known."""
+    variants = list(variants)
+    check(cfg, variants, steps, warmup)
     device = choose_device(cfg.train.device, 0)
-    on_gpu = device.type == "cuda"
-    setup = Setup(cfg)
+    plan, on_gpu = resolve(cfg, device), device.type == "cuda"
     name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
-    report = {"arch": cfg.model.arch, "batch": cfg.data.batch_size, "image_size": setup.size, "device": str(device),
-              "device_name": name, "threads": torch.get_num_threads(),
-              "precision": setup.plan.precision,
-              "channels_last": setup.memory_format == torch.channels_last,
+    report = {"arch": cfg.model.arch, "batch": cfg.data.batch_size, "mode": cfg.mode, "device": str(device),
+              "device_name": name, "threads": torch.get_num_threads(), "precision": plan.precision,
+              "channels_last": plan.channels_last, "lean": plan.lean, "default": default_variant(cfg, device),
               "activation_checkpointing": cfg.train.activation_checkpointing, "frozen_dtype": cfg.train.frozen_dtype,
-              "steps": steps, "peak_tflops": peak_tflops(name) if on_gpu else None, "results": results}
-    by_variant = {r["variant"]: r for r in results}
-    if "all" in by_variant:
-        base = by_variant["all"]
-        report["over_all"] = {v: {"step_time": r["step_time_s"] / base["step_time_s"],
-                                  "saved_activation_bytes": r["saved_activation_bytes"] / base["saved_activation_bytes"]}
-                              for v, r in by_variant.items() if v != "all"}
+              "image_size": 32 if models.parse_arch(cfg.model.arch).family == "cifar" else cfg.data.image_size,
+              "steps": steps, "warmup": warmup, "peak_tflops": peak_tflops(name) if on_gpu else None}
+    for line in _header(report):
+        echo(line)
+    report["results"] = measure(cfg, variants, steps, warmup, echo)
+    report["ratios"] = ratios(report["results"])
+    report["over_all"] = {v: r["all"] for v, r in report["ratios"].items() if "all" in r}
+    for line in _ratio_lines(report):
+        echo(line)
+    if on_gpu and max_batch_limit:
+        context = multiprocessing.get_context("spawn")
+        for result in report["results"]:  # one at a time: a search needs the device's memory to itself
+            with context.Pool(1) as pool:
+                result["max_batch"] = pool.apply(search_batch, (cfg, result["variant"], max_batch_limit))
+            echo(f"{result['variant']}: largest batch that fits {result['max_batch']}")
+    else:
+        for result in report["results"]:
+            result["max_batch"] = None
+    if report["peak_tflops"]:
+        best = max(r["achieved_tflops"] for r in report["results"])
+        echo(f"peak bf16 {report['peak_tflops']:.0f} TFLOP/s; best variant reaches "
+             f"{100 * best / report['peak_tflops']:.1f}% of it")
     if with_data:
         report["data_pipeline"] = pipeline_rate(cfg, device, steps, warmup)
+        echo(_pipeline_line(report))
     return report
 
 
@@ -216,32 +226,46 @@ def _mib(value) -> str:
     return "n/a" if value is None else f"{value / 2**20:.0f}"
 
 
-def format_report(report: dict) -> str:
-    lines = [f"{report['arch']} batch {report['batch']} {report['image_size']}px on {report['device_name']} "
-             f"({report['threads']} threads, {report['precision']}, channels_last={report['channels_last']}, "
-             f"activation checkpointing {report['activation_checkpointing'] or 'off'}, "
-             f"frozen weights {report['frozen_dtype']})",
-             f"{'variant':<10}{'trainable':>12}{'step ms':>10}{'img/s':>9}{'TFLOP/s':>9}{'saved act MiB':>15}"
-             f"{'KiB/img':>9}{'peak MiB':>10}{'max batch':>10}"]
-    for r in report["results"]:
-        lines.append(f"{r['variant']:<10}{r['trainable_params']:>12,}{1000 * r['step_time_s']:>10.1f}"
-                     f"{r['images_per_s']:>9.1f}{r['achieved_tflops']:>9.3f}{r['saved_activation_bytes'] / 2**20:>15.1f}"
-                     f"{r['saved_activation_bytes_per_image'] / 2**10:>9.0f}{_mib(r['peak_memory_bytes']):>10}"
-                     f"{r['max_batch'] if r['max_batch'] is not None else 'n/a':>10}")
-    for variant, ratio in report.get("over_all", {}).items():
-        lines.append(f"{variant}/all: step time {ratio['step_time']:.2f}x, "
-                     f"saved activations {ratio['saved_activation_bytes']:.2f}x")
-    if report["peak_tflops"]:
-        best = max(r["achieved_tflops"] for r in report["results"])
-        lines.append(f"peak bf16 {report['peak_tflops']:.0f} TFLOP/s; best variant reaches "
-                     f"{100 * best / report['peak_tflops']:.1f}% of it")
-    pipe = report.get("data_pipeline")
-    if pipe and "skipped" in pipe:
-        lines.append(f"data pipeline: skipped ({pipe['skipped']})")
-    elif pipe:
-        fastest = max(r["images_per_s"] for r in report["results"])
-        bound = "loading" if pipe["images_per_s"] < fastest else "compute"
-        how = f", {pipe['decode']} decode, {pipe['threads']} threads" if pipe["decode"] else ""
-        lines.append(f"data pipeline alone ({pipe['source']}{how}): {pipe['images_per_s']:.1f} img/s; "
-                     f"the fastest variant trains {fastest:.1f} img/s, so {bound} bounds a step")
-    return "\n".join(lines)
+def _header(report: dict) -> list[str]:
+    return [f"{report['arch']} batch {report['batch']} {report['image_size']}px on {report['device_name']} "
+            f"({report['threads']} threads, {report['precision']}, channels_last={report['channels_last']}, "
+            f"activation checkpointing {report['activation_checkpointing'] or 'off'}, "
+            f"frozen weights {report['frozen_dtype']}); mode={report['mode']}, `bnonly train` runs "
+            f"{report['default']}; {report['warmup']} warm-up + {report['steps']} timed rounds, variants in turn",
+            f"{'variant':<10}{'trainable':>12}{'step ms':>10}{'IQR ms':>14}{'img/s':>9}{'TFLOP/s':>9}"
+            f"{'saved act MiB':>15}{'KiB/img':>9}{'peak MiB':>10}{'reserved':>10}"]
+
+
+def _variant_line(r: dict) -> str:
+    t = r["step_time"]
+    iqr = f"{1000 * t['q1']:.0f}-{1000 * t['q3']:.0f}"
+    return (f"{r['variant']:<10}{r['trainable_params']:>12,}{1000 * t['median']:>10.1f}{iqr:>14}"
+            f"{r['images_per_s']:>9.1f}{r['achieved_tflops']:>9.3f}"
+            f"{r['saved_activation_bytes'] / 2**20:>15.1f}{r['saved_activation_bytes_per_image'] / 2**10:>9.0f}"
+            f"{_mib(r['peak_memory_bytes']):>10}{_mib(r['peak_reserved_bytes']):>10}")
+
+
+def _ratio_lines(report: dict) -> list[str]:
+    lines = []
+    for variant, by_base in report["ratios"].items():
+        if variant == "all":  # the JSON has it; the lines compare the BN-only variants with their baselines
+            continue
+        parts = []
+        for base, ratio in by_base.items():
+            verdict = "" if ratio["distinguishable"] else ", not distinguishable"
+            parts.append(f"{variant}/{base}: step time {ratio['step_time']:.2f}x (IQR {ratio['q1']:.2f}-"
+                         f"{ratio['q3']:.2f}{verdict}), saved activations {ratio['saved_activation_bytes']:.2f}x")
+        lines.append("; ".join(parts))
+    return lines
+
+
+def _pipeline_line(report: dict) -> str:
+    pipe = report["data_pipeline"]
+    if "skipped" in pipe:
+        return f"data pipeline: skipped ({pipe['skipped']})"
+    fastest = max(r["images_per_s"] for r in report["results"])
+    bound = "loading" if pipe["images_per_s"] < fastest else "compute"
+    how = f", {pipe['decode']} decode, {pipe['threads']} threads" if pipe["decode"] else ""
+    return (f"data pipeline alone ({pipe['source']}{how}): {pipe['images_per_s']:.1f} img/s; "
+            f"the fastest variant trains {fastest:.1f} img/s, so {bound} bounds a step")
+

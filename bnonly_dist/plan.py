@@ -51,9 +51,12 @@ class Plan:
                 f"deterministic {self.deterministic}")
 
 
-def default_channels_last(device: torch.device) -> bool:
-    """train.channels_last=auto: NHWC on GPU (cuDNN's fast layout for bf16)."""
-    return device.type == "cuda"
+def default_channels_last(device: torch.device, engine: str = "ddp") -> bool:
+    """train.channels_last=auto: NHWC on GPU (cuDNN's fast layout for bf16) and on the CPU
+    (oneDNN: on 2 CPU cores BN-only steps of CIFAR ResNet-110 and ResNet-50 ran faster in
+    NHWC than in NCHW, docs/benchmarks.md); with ddp only: FSDP2 and DeepSpeed flatten or
+    shard only contiguous (NCHW) weights."""
+    return device.type in ("cuda", "cpu") and engine == "ddp"
 
 
 def default_lean(mode: str) -> bool:
@@ -68,7 +71,11 @@ def resolve(cfg: Config, device: torch.device) -> Plan:
     if train.frozen_dtype == "bf16" and not bf16:  # precision=fp32 is refused by the validator already
         raise ConfigError("train.frozen_dtype=bf16 needs bf16 autocast, which is off on the CPU by default; "
                           "set train.precision=bf16")
-    channels_last = default_channels_last(device) if train.channels_last == "auto" else train.channels_last
+    channels_last = (default_channels_last(device, cfg.dist.engine) if train.channels_last == "auto"
+                     else train.channels_last)
+    if channels_last and cfg.dist.engine != "ddp":
+        raise ConfigError(f"train.channels_last=true with dist.engine={cfg.dist.engine}: it shards only contiguous "
+                          "(NCHW) weights; set train.channels_last=auto or false")
     lean = default_lean(cfg.mode) if train.lean_autograd == "auto" else train.lean_autograd
     decode = None
     if cfg.data.name == "imagenet":

@@ -28,7 +28,9 @@ def overrides(cifar_root):
     def make(engine: str, *extra: str) -> list[str]:
         return [f"data.root={cifar_root}", "data.batch_size=32", "data.eval_batch_size=50", "optim.epochs=2",
                 "optim.milestones=[1]", "train.device=cpu", "train.deterministic=true", "train.log_every=1",
-                "train.checkpoint_every=4", "train.progress=lines", "dist.timeout_s=30", *ENGINES[engine], *extra]
+                "train.checkpoint_every=4", "train.progress=lines", "dist.timeout_s=30",
+                "train.channels_last=false",  # one layout for every engine (FSDP2 shards only NCHW weights)
+                *ENGINES[engine], *extra]
     return make
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnonly_dist import bench, config, models, modes, plan
+from bnonly_dist import bench_runner, config, models, modes, plan
 from bnonly_dist.config import ConfigError
 from bnonly_dist.models import layers
 
@@ -35,7 +35,7 @@ def saved_bytes(arch, size, mode, lean, checkpointed=()):
     modes.apply(model, mode, seed=0)
     models.set_memory_options(model, lean, checkpointed)
     images, labels = torch.randn(4, 3, size, size), torch.randint(0, 10, (4,))
-    return bench.saved_activation_bytes(model, images, labels, contextlib.nullcontext)
+    return bench_runner.saved_activation_bytes(model, images, labels, contextlib.nullcontext)
 
 
 def relative_error(got: dict, want: dict) -> float:
@@ -126,8 +126,19 @@ def test_max_pool_saves_int32_positions_and_adds_shared_maxima(channels_last):
         out.backward(grad)
         results.append((out.detach(), x_in.grad))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    # The gradient keeps the forward's layout: no NCHW copy of a channels_last tensor.
+    assert results[1][1].is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert results[1][1].stride() == results[0][1].stride()
     saved = saved_tensors(pool, x.clone().requires_grad_())
     assert len(saved) == 1 and saved[0].dtype == torch.int32 and saved[0].shape == (2, 4, 5, 5)
+    # bf16: shared maxima are added in fp32, then rounded once (what a GPU run gets, without bf16 atomics).
+    pool, x_bf16 = layers.MaxPool2d(3, 2, 1), x.to(torch.bfloat16).requires_grad_()
+    pool.lean = True
+    pool(x_bf16).backward(grad.to(torch.bfloat16))
+    x_fp32 = x.to(torch.bfloat16).float().requires_grad_()
+    F.max_pool2d(x_fp32, 3, 2, 1).backward(grad.to(torch.bfloat16).float())
+    assert x_bf16.grad.dtype == torch.bfloat16 and torch.equal(x_bf16.grad, x_fp32.grad.to(torch.bfloat16))
+    assert x_bf16.grad.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
 @pytest.mark.parametrize("shape, channels_last", [((3, 5, 7, 2), False), ((4, 8, 6, 6), True), ((13,), False)])

@@ -10,7 +10,8 @@ it could compute a weight gradient nobody asked for; pytorch/pytorch#133566). Wi
   and, when it ends in a ReLU (`bn(x, relu=True)`), that ReLU's sign as 1 bit per
   element instead of the ReLU's output;
 - a ReLU saves only its 1-bit sign;
-- a max pool saves its argmax positions as int32, not its input and int64 positions.
+- a max pool saves its argmax positions as int32, not its input and int64 positions;
+  its backward adds shared maxima in fp32 (at least) in the forward's memory layout.
 
 The BN keeps its input rather than the normalised input x_hat: the same bytes, but
 forward and backward then run nn.BatchNorm2d's own kernels, with no extra pass to form
@@ -125,17 +126,27 @@ class MaxPoolFunction(torch.autograd.Function):
     def forward(ctx, x, kernel_size, stride, padding):
         out, argmax = torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding)
         ctx.save_for_backward(argmax.to(torch.int32))  # positions within a plane: H * W < 2**31
-        ctx.shape = x.shape
+        ctx.shape, ctx.dtype = x.shape, x.dtype
+        ctx.nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         (argmax,) = ctx.saved_tensors
         n, c, h, w = ctx.shape
-        # Overlapping windows may share a maximum: add, as max_pool2d's own backward does.
-        grad_in = grad_out.new_zeros((n, c, h * w))
-        grad_in.scatter_add_(2, argmax.reshape(n, c, -1).long(), grad_out.reshape(n, c, -1))
-        return grad_in.view(n, c, h, w), None, None, None
+        acc = torch.promote_types(grad_out.dtype, torch.float32)  # bf16 sums in fp32, fp64 stays fp64
+        # Overlapping windows may share a maximum: add, as max_pool2d's own backward does, in
+        # fp32 (no bf16 atomics on a GPU), in the forward's layout (no NCHW copy of NHWC).
+        if ctx.nhwc:  # (n, positions, c) views of NHWC tensors
+            grad_in = grad_out.new_zeros((n, h * w, c), dtype=acc)
+            grad_in.scatter_add_(1, argmax.permute(0, 2, 3, 1).reshape(n, -1, c).long(),
+                                 grad_out.permute(0, 2, 3, 1).reshape(n, -1, c).to(acc))
+            grad_in = grad_in.view(n, h, w, c).permute(0, 3, 1, 2)
+        else:
+            grad_in = grad_out.new_zeros((n, c, h * w), dtype=acc)
+            grad_in.scatter_add_(2, argmax.reshape(n, c, -1).long(), grad_out.reshape(n, c, -1).to(acc))
+            grad_in = grad_in.view(n, c, h, w)
+        return grad_in.to(ctx.dtype), None, None, None
 
 
 class Conv2d(nn.Conv2d):
