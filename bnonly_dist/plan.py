@@ -54,8 +54,9 @@ class Plan:
 def default_channels_last(device: torch.device, engine: str = "ddp") -> bool:
     """train.channels_last=auto: NHWC on GPU (cuDNN's fast layout for bf16) and on the CPU
     (oneDNN: on 2 CPU cores BN-only steps of CIFAR ResNet-110 and ResNet-50 ran faster in
-    NHWC than in NCHW, docs/benchmarks.md); with ddp only: FSDP2 and DeepSpeed flatten or
-    shard only contiguous (NCHW) weights."""
+    NHWC than in NCHW, docs/benchmarks.md). Measured with ddp only: FSDP2 and DeepSpeed keep
+    their weights NCHW (engines/base.contiguous_parameters), so auto leaves them NCHW; an
+    explicit true still gives them channels_last activations."""
     return device.type in ("cuda", "cpu") and engine == "ddp"
 
 
@@ -73,9 +74,6 @@ def resolve(cfg: Config, device: torch.device) -> Plan:
                           "set train.precision=bf16")
     channels_last = (default_channels_last(device, cfg.dist.engine) if train.channels_last == "auto"
                      else train.channels_last)
-    if channels_last and cfg.dist.engine != "ddp":
-        raise ConfigError(f"train.channels_last=true with dist.engine={cfg.dist.engine}: it shards only contiguous "
-                          "(NCHW) weights; set train.channels_last=auto or false")
     lean = default_lean(cfg.mode) if train.lean_autograd == "auto" else train.lean_autograd
     decode = None
     if cfg.data.name == "imagenet":

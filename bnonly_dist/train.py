@@ -284,7 +284,10 @@ class Run:
         return summary
 
     def close(self) -> None:
-        self.metrics.close()
+        """Close metrics and let go of the run directory; safe to call twice, and after a failure."""
+        metrics, self.metrics = getattr(self, "metrics", None), None
+        if metrics is not None:
+            metrics.close()
         self.release()
 
     def release(self) -> None:
@@ -300,4 +303,4 @@ def run(cfg: Config, run_dir: Path | None = None) -> dict:
     try:
         return run_.train()
     finally:
-        run_.release()
+        run_.close()
