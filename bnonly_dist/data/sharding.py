@@ -17,9 +17,10 @@ from bnonly_dist.config import ConfigError
 from bnonly_dist.models.init import name_seed
 
 
-def per_rank(global_batch: int, world: int, what: str = "data.batch_size") -> int:
+def per_rank(global_batch: int, world: int) -> int:
+    """Each rank's share of the global training batch (data.batch_size)."""
     if global_batch % world:
-        raise ConfigError(f"{what}={global_batch} is the global batch and must divide by the "
+        raise ConfigError(f"data.batch_size={global_batch} is the global batch and must divide by the "
                          f"world size {world}; choose a multiple of {world}")
     return global_batch // world
 

@@ -68,28 +68,28 @@ class DeepSpeedEngine(Engine):
         # device this process chose (a single process without a launcher has none).
         os.environ["LOCAL_RANK"] = device_local_rank(ctx.device, ctx.local_rank)
         contiguous_parameters(model)  # DeepSpeed broadcasts parameters as flat bytes
-        self.engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+        self.ds_engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                config=ds_config(cfg, plan, ctx.world))
         super().__init__(model, ds_optimizer, masks, cfg.optim.weight_decay)
-        self.net = self.engine
+        self.net = self.ds_engine
         self.zero3 = cfg.dist.zero_stage == 3
 
     def update(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
-        self.engine.step()
+        self.ds_engine.backward(loss)
+        self.ds_engine.step()
 
     def save(self, folder, include_frozen: bool) -> None:
-        self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False,
+        self.ds_engine.save_checkpoint(str(folder), tag=TAG, save_latest=False,
                                     exclude_frozen_parameters=not include_frozen)
 
     def load(self, folder, include_frozen: bool) -> None:
-        path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_module_strict=False,
+        path, _ = self.ds_engine.load_checkpoint(str(folder), tag=TAG, load_module_strict=False,
                                               load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {folder}/{TAG}")
 
     def compile(self) -> None:
-        self.engine.compile()
+        self.ds_engine.compile()
 
     def local_numel(self) -> int:
         if not self.zero3:
