@@ -161,7 +161,7 @@ def ratios(results: list[dict]) -> dict:
 def pipeline_rate(cfg: Config, device: torch.device, steps: int, warmup: int) -> dict:
     """Images/s of the configured data source alone (this process as rank 0 of 1)."""
     try:
-        source = data.build(cfg, 0, 1, device)
+        source = data.build(cfg, resolve(cfg, device), 0, 1)
     except DataError as err:
         return {"source": cfg.data.name, "skipped": str(err)}
     batches = iter(source.train_epoch(0))

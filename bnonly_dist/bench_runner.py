@@ -27,6 +27,11 @@ DELAY_ENV = "BNONLY_BENCH_DELAY"  # test hook: "variant=seconds" sleeps inside t
 _ALLOC_FAILURES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS")
 
 
+class VariantFailed(RuntimeError):
+    """A variant's process failed or died: the message names it."""
+
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """A CUDA allocation failure, however the library reports it."""
     return isinstance(err, torch.cuda.OutOfMemoryError) or (
@@ -138,12 +143,13 @@ def answer(conn, variant: str):
     try:
         kind, value = conn.recv()
     except EOFError:
-        raise RuntimeError(f"bench variant {variant}: its process died (killed for memory?)") from None
+        raise VariantFailed(f"bench variant {variant}: its process died (killed for memory?); "
+                            "try a smaller data.batch_size") from None
     if kind == "oom":
         raise ConfigError(f"bench variant {variant} does not fit in device memory beside the other variants; "
                           "pass fewer --variants or a smaller data.batch_size")
     if kind == "error":
-        raise RuntimeError(f"bench variant {variant}: {value}")
+        raise VariantFailed(f"bench variant {variant}: {value}")
     return value
 
 

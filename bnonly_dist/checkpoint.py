@@ -141,18 +141,25 @@ def save(run_dir: Path, engine, rank: int, meta: dict, data_state: dict, keep: i
     folder = _folder(run_dir)
     final = step_dir(folder, meta["step"])
     tmp = folder / f".tmp-{final.name}"
-    done = False
+    done, failed = False, None
     if rank == 0:
-        if (final / COMMIT).is_file():  # e.g. a stop signal right after a periodic save of this step
-            try:
-                verify(final, checksums=False)
-                done = True
-            except CheckpointDamaged as err:
-                move_aside(final, str(err))  # never let a damaged folder stand for a new save
-        if not done:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-    if dist.broadcast_object(done):  # collective: every rank learns rank 0's view
+        try:  # rank 0 alone touches the folder; its verdict reaches every rank below
+            if (final / COMMIT).is_file():  # e.g. a stop signal right after a periodic save of this step
+                try:
+                    verify(final, checksums=False)
+                    done = True
+                except CheckpointDamaged as err:
+                    move_aside(final, str(err))  # never let a damaged folder stand for a new save
+            if not done:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+        except OSError as err:
+            failed = _reason(err)
+    done, failed = dist.broadcast_object((done, failed))  # collective: every rank learns rank 0's view
+    if failed:
+        raise CheckpointError(f"saving checkpoint {final} failed on rank 0 ({failed}); check free disk space and "
+                              f"permissions in {folder} and start again: it resumes from {latest(run_dir) or 'scratch'}")
+    if done:
         return final
     error = None
     try:
@@ -176,10 +183,13 @@ def save(run_dir: Path, engine, rank: int, meta: dict, data_state: dict, keep: i
         raise CheckpointError(f"saving checkpoint {final} failed ({_reason(error)}); check free disk space and "
                               f"permissions in {folder} and start again: it resumes from {latest(run_dir) or 'scratch'}")
     if rank == 0:
-        verify(final, checksums=False)  # what retention relies on: the new one is complete where it lies
-        _retain(folder, final, keep)
-        for stale in folder.glob(".tmp-step_*"):  # saves killed before their commit
-            shutil.rmtree(stale, ignore_errors=True)
+        try:  # the new checkpoint is committed: a failure here must not stop the run (nor skip the barrier)
+            verify(final, checksums=False)  # what retention relies on: the new one is complete where it lies
+            _retain(folder, final, keep)
+            for stale in folder.glob(".tmp-step_*"):  # saves killed before their commit
+                shutil.rmtree(stale, ignore_errors=True)
+        except (OSError, CheckpointDamaged) as err:
+            log.error("after saving %s: %s; older checkpoints were kept", final, _reason(err))
     dist.barrier()  # collective: nobody goes on before the checkpoint is committed
     return final
 

@@ -203,11 +203,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _run_errors() -> tuple[type[Exception], ...]:
-    """Errors about data or checkpoints (imported only once one is raised: they pull in torch)."""
+    """Errors of a run, named in one line (imported only once one is raised: they pull in torch)."""
+    from bnonly_dist.bench_runner import VariantFailed
     from bnonly_dist.checkpoint import CheckpointError
     from bnonly_dist.data.layout import DataError
     from bnonly_dist.train import Diverged
-    return DataError, CheckpointError, Diverged
+    return DataError, CheckpointError, Diverged, VariantFailed
 
 
 def _lost_contact(err: BaseException) -> bool:

@@ -248,12 +248,14 @@ def failure_report(job, err: BaseException | None = None) -> str:
     submitit's exception only points at the logs ("Submitted job triggered an exception");
     the traceback and the error are in the task's .err file.
     """
+    from bnonly_dist.dist import LOST_CONTACT_MARKS  # torch: imported only once a job has failed
     logs = [job.task(t).paths for t in range(job.num_tasks)]
     failed = []
     for task, paths in enumerate(logs):
         text = paths.stderr.read_text(errors="replace") if paths.stderr.is_file() else ""
         if "Traceback (most recent call last)" in text:
-            failed.append(("lost contact" in text, task, paths.stderr, text))  # a peer's loss is not the cause
+            lost = any(mark in text for mark in LOST_CONTACT_MARKS + ("DistBackendError", "lost contact"))
+            failed.append((lost, task, paths.stderr, text))  # a peer's loss is not the cause
     if not failed:  # killed, cancelled, timed out: submitit's own account, then where to look
         said = str(err or "").strip().splitlines()
         return (f"job {job.job_id} failed without a traceback in its logs{': ' + said[0] if said else ''}; "

@@ -191,9 +191,13 @@ class Config(_Section):
         return out
 
     def identity(self) -> dict[str, Any]:
-        """The flattened keys that determine what the run computes."""
+        """The flattened keys that determine what the run computes (those that apply to its data set:
+        what config.yaml holds, so a run dir's saved config and its checkpoints compare equal)."""
+        return self._flat(self.to_saved_dict())
+
+    def _flat(self, tree: dict) -> dict[str, Any]:
         flat = {}
-        for section, value in self.to_dict().items():
+        for section, value in tree.items():
             items = value.items() if isinstance(value, dict) else [(None, value)]
             for key, leaf in items:
                 dotted = f"{section}.{key}" if key else section
@@ -205,7 +209,8 @@ class Config(_Section):
         """A directory name derived from the hyperparameters (OpenLTH style)."""
         if self.name:
             return self.name
-        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
+        # Every key, as names have always been derived (keys of other data sets at their defaults).
+        digest = hashlib.sha256(json.dumps(self._flat(self.to_dict()), sort_keys=True).encode()).hexdigest()
         return f"{self.data.name}_{self.model.arch}_{self.mode}_seed{self.seed}_{digest[:8]}"
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from bnonly_dist import data, dist, engines, network
+from bnonly_dist import data, dist, engines, network, rundir
 from bnonly_dist import plan as plans
 from bnonly_dist.checkpoint import Checkpointer, CheckpointError
 from bnonly_dist.config import ConfigError, apply_overrides, from_dict, parse_override
@@ -27,6 +27,7 @@ ALLOWED_PREFIXES = ("data.root", "data.eval_batch_size", "data.num_threads", "da
 
 
 def load_run_config(run_paths: RunPaths, overrides: list[str]):
+    """(the run's config with the overrides, the run's own identity) from RUN/config.yaml."""
     if not run_paths.config.is_file():
         raise ConfigError(f"{run_paths.root} has no config.yaml: pass the directory of a run (bnonly train wrote it)")
     for text in overrides:
@@ -39,20 +40,31 @@ def load_run_config(run_paths: RunPaths, overrides: list[str]):
         raise ConfigError(f"{run_paths.config} is corrupt ({str(err).splitlines()[0]}); restore it") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"{run_paths.config} is corrupt (not a mapping); restore it")
-    return from_dict(apply_overrides(saved, list(overrides)))
+    identity = from_dict(saved).identity()
+    return from_dict(apply_overrides(saved, list(overrides))), identity
 
 
 def run(run_dir: Path, overrides: list[str] = ()) -> dict:
     run_paths = RunPaths(Path(run_dir))
-    cfg = load_run_config(run_paths, list(overrides))
+    cfg, identity = load_run_config(run_paths, list(overrides))
     ctx = dist.init(cfg.train.device, cfg.dist.timeout_s, cfg.train.deterministic)
+    # Hold the run dir: resume may move a damaged checkpoint aside, which must not race a trainer.
+    lock = rundir.acquire(run_paths.root) if ctx.is_main else None
+    try:
+        return _evaluate(run_paths, cfg, identity, ctx)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _evaluate(run_paths: RunPaths, cfg, identity: dict, ctx) -> dict:
     plan = plans.resolve(cfg, ctx.device)
     source = data.build(cfg, plan, ctx.rank, ctx.world)
     classes = network.num_classes(cfg, source)
     net = network.build(cfg, plan, classes)
     engine = engines.wrap(cfg, plan, net.model, net.masks, ctx)
     ckpt = Checkpointer(run_paths.root, ctx.rank, ctx.world, engine, source, net.frozen_sha, every=1, keep=1,
-                        save_frozen=False, steps_per_epoch=source.steps_per_epoch, identity=cfg.identity())
+                        save_frozen=False, steps_per_epoch=source.steps_per_epoch, identity=identity)
     resumed = ckpt.resume()  # collective
     if resumed is None:
         raise CheckpointError(f"{run_paths.checkpoints} holds no complete checkpoint to evaluate")

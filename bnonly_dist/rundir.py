@@ -143,8 +143,13 @@ def acquire(run_dir: Path) -> RunLock:
         os.close(fd)
         raise RunDirError(f"cannot lock {path} ({err.strerror}); put the run dir on a file system that supports "
                           "flock (e.g. Lustre mounted with -o flock)") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    except OSError as err:  # e.g. a full disk: give the lock back instead of leaking it
+        os.close(fd)
+        raise RunDirError(f"cannot write the lock file {path} ({err.strerror}); free space in {root} or pass "
+                          "another --run-dir") from None
     return RunLock(path, fd)
 
 

@@ -128,11 +128,11 @@ class Run:
         if self.ctx.is_main:
             try:
                 result = check(*args)
-            except ConfigError as err:
+            except Exception as err:  # any error (a full disk too) must reach every rank, or they wait forever
                 refusal = err
         verdict = dist.broadcast_object(str(refusal) if refusal else None)  # collective (host side)
         if verdict is not None:
-            raise refusal or ConfigError(verdict)  # rank 0 keeps the error's class (e.g. run dir in use)
+            raise refusal or ConfigError(f"rank 0: {verdict}")  # rank 0 keeps the error's class
         return result
 
     # --- the loop ------------------------------------------------------------------------

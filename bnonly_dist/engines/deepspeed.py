@@ -53,17 +53,13 @@ class DeepSpeedEngine(Engine):
     reshardable = False
 
     def __init__(self, model: torch.nn.Module, masks: dict, cfg: Config, plan: Plan, ctx: Context):
-        if masks:
-            raise ConfigError(f"mode={cfg.mode} masks gradients inside tensors, which ZeRO's flat buffers do not "
-                              "allow; use dist.engine=ddp or fsdp")
+        # masks and modes that train nothing are refused by the config validator (config.py)
         optimizer = make_optimizer(model, masks, cfg.optim)
-        if optimizer is None:
-            raise ConfigError(f"mode={cfg.mode} trains nothing, so there is nothing for ZeRO to do; "
-                              "use dist.engine=ddp")
         deepspeed = _deepspeed()
         if not torch_dist.is_initialized():  # DeepSpeed always wants a process group
-            torch_dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo",
-                                          store=torch_dist.HashStore(), rank=0, world_size=1)
+            # gloo serves the host-side agreements (dist.any_rank) on CPU tensors, nccl the GPU
+            backend = "cpu:gloo,cuda:nccl" if ctx.device.type == "cuda" else "gloo"
+            torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
         # DeepSpeed calls set_device(LOCAL_RANK) and asserts the variable exists: give it the
         # device this process chose (a single process without a launcher has none).
         os.environ["LOCAL_RANK"] = device_local_rank(ctx.device, ctx.local_rank)
