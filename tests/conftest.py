@@ -27,3 +27,18 @@ def tiny_cfg(cifar_root):
             "optim.milestones=[1]", "train.device=cpu", "train.deterministic=true", "train.log_every=2",
             "train.checkpoint_every=4", "train.progress=lines", *overrides])
     return make
+
+
+@pytest.fixture(autouse=True)
+def launcher_environment_untouched():
+    """Whatever a test does in-process (dist.init writes RANK, MASTER_ADDR, ...), the next test and
+    the processes it starts see the launcher variables as they were."""
+    import os
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

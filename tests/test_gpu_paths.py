@@ -44,7 +44,8 @@ class Ops(TorchDispatchMode):
 def clean_env(monkeypatch):
     """The launcher's and CUDA's variables absent, and restored after the test."""
     for key in [k for k in os.environ if k.startswith("SLURM_")] + list(LAUNCH_VARS):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded as it was, so what dist.init writes is undone too
+        monkeypatch.delenv(key)
     return monkeypatch
 
 
