@@ -182,15 +182,21 @@ def save(run_dir: Path, engine, rank: int, meta: dict, data_state: dict, keep: i
             shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the last good checkpoint stays
         raise CheckpointError(f"saving checkpoint {final} failed ({_reason(error)}); check free disk space and "
                               f"permissions in {folder} and start again: it resumes from {latest(run_dir) or 'scratch'}")
+    damaged = None
     if rank == 0:
-        try:  # the new checkpoint is committed: a failure here must not stop the run (nor skip the barrier)
+        try:
             verify(final, checksums=False)  # what retention relies on: the new one is complete where it lies
             _retain(folder, final, keep)
             for stale in folder.glob(".tmp-step_*"):  # saves killed before their commit
                 shutil.rmtree(stale, ignore_errors=True)
-        except (OSError, CheckpointDamaged) as err:
+        except CheckpointDamaged as err:  # older checkpoints were kept
+            damaged = err
+        except OSError as err:  # retention could not delete: the new checkpoint is good, the run goes on
             log.error("after saving %s: %s; older checkpoints were kept", final, _reason(err))
-    dist.barrier()  # collective: nobody goes on before the checkpoint is committed
+    # collective: nobody goes on before the checkpoint is committed, and all learn if it is not good
+    verdict = dist.broadcast_object(str(damaged) if damaged else None)
+    if verdict:
+        raise damaged or CheckpointError(verdict)
     return final
 
 
