@@ -22,6 +22,8 @@ def cli(*args):
 def test_rerun_of_a_finished_run_changes_nothing_and_eval_writes_its_own_file(tiny_cfg, tmp_path, cifar_root):
     run_dir = tmp_path / "run"
     summary = train.run(tiny_cfg("train.max_steps=12"), run_dir)
+    log_text = (run_dir / "logs" / "rank0.log").read_text()  # it spoke early: plan, data path, first step
+    assert "plan: device cpu" in log_text and "data: CIFAR-10 from" in log_text and "first step done" in log_text
     before = tree_digest(run_dir)
     again = train.run(tiny_cfg("train.max_steps=12"), run_dir)
     assert again == json.loads((run_dir / "summary.json").read_text())
