@@ -152,13 +152,20 @@ def test_a_hung_rank_makes_the_others_fail_within_the_timeout(overrides, tmp_pat
 def test_resume_on_fewer_and_more_ranks(engine, overrides, tmp_path):
     two = tmp_path / "two"
     at_12 = run(2, overrides(engine, "train.max_steps=12"), two)
-    # On one rank the checkpoint loads bit for bit (same fingerprint before any new step)...
-    one = Launch(1, overrides(engine, "train.max_steps=12"), two)
+    # A finished run is left alone, on any number of ranks...
+    again = Launch(1, overrides(engine, "train.max_steps=12"), two)
+    assert again.wait() == [0] and "nothing to do" in again.output(0)
+    assert json.loads((two / "summary.json").read_text()) == at_12
+    # ... its checkpoint loads on one rank and evaluates exactly as on two...
+    proc = subprocess.run([sys.executable, "-m", "bnonly_dist.cli", "eval", str(two)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads((two / "eval.jsonl").read_text().splitlines()[-1])
+    assert (row["top1"], row["top5"], row["count"]) == (at_12["final"]["top1"], at_12["final"]["top5"], 103)
+    # ... and training goes on to the end there.
+    one = Launch(1, overrides(engine), two)
     assert one.wait() == [0]
     assert "checkpoint written by 2 ranks, resuming on 1" in one.output(0)
-    assert json.loads((two / "summary.json").read_text())["fingerprint"] == at_12["fingerprint"]
-    # ... and training goes on to the end there.
-    assert run(1, overrides(engine), two)["step"] == STEPS
+    assert json.loads((two / "summary.json").read_text())["step"] == STEPS
     # 1 -> 2
     grow = tmp_path / "grow"
     run(1, overrides(engine, "train.max_steps=8"), grow)
