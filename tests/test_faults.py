@@ -145,7 +145,13 @@ def checkpoints_read_only(env):
     return env.train("train.max_steps=12"), "checkpoints"
 
 
+def unfinished(env: Env) -> None:
+    """The run as a stop signal leaves it (no summary.json): a re-run resumes instead of saying it is done."""
+    (env.run / "summary.json").unlink()
+
+
 def run_dir_in_use(env):
+    unfinished(env)
     holder = subprocess.Popen([sys.executable, "-c", "import time; from bnonly_dist import rundir; "
                                f"rundir.acquire({str(env.run)!r}); print('held', flush=True); time.sleep(120)"],
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -176,12 +182,14 @@ def config_yaml_corrupt_no_checkpoints(env):
 
 
 def all_checkpoints_truncated(env):
+    unfinished(env)
     for shard in (env.run / "checkpoints").glob("step_*/state/*.distcp"):
         shard.write_bytes(shard.read_bytes()[:64])
     return env.train(), "none of the 2 checkpoints"
 
 
 def all_markers_garbage(env):
+    unfinished(env)
     for marker in (env.run / "checkpoints").glob("step_*/commit.json"):
         marker.write_text('{"step": "eight"}')
     return env.train(), "none of the 2 checkpoints"
