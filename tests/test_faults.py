@@ -359,7 +359,7 @@ ROWS = [
                                        "--min-side"), ()),
     ("data-check-missing", static(["data", "check", "{tmp}/nowhere"], "nowhere"), ()),
     ("bench-steps-zero", static(["bench", CONFIG, "train.device=cpu", "--steps", "0"], "--steps"),
-     (pytest.mark.xfail(strict=False, reason="bench engineer: bench --steps 0 is refused in one line"),)),
+     ()),
     ("bench-unknown-variant", static(["bench", CONFIG, "--variants", "fast"], "fast"), ()),
     ("model-info-unknown-arch", static(["model-info", "resnet_x"], "resnet_x"), ()),
     ("sweep-file-missing", static(["sweep-points", "{tmp}/sweep.yaml"], "sweep.yaml"), ()),
