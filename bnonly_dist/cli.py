@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bnonly_dist.catalog import ARCH_FORMS, MODES
 from bnonly_dist.config import ConfigError, load, load_with_sources, parse_args
+from bnonly_dist.paths import run_dir as run_dir_of
 
 
 def _train(args) -> None:
@@ -48,7 +49,7 @@ def _analyze(args) -> None:
 
 def _run_dir(args) -> None:
     cfg = load(args.config, args.overrides)
-    print((Path(cfg.runs_root) / cfg.run_name()).resolve())
+    print(run_dir_of(cfg).resolve())
 
 
 def _sweep_points(args) -> None:
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         elif not where and args.func is _train:
             with contextlib.suppress(ConfigError, OSError, ValueError):
                 cfg = load(args.config, args.overrides)
-                where = f" in {Path(cfg.runs_root) / cfg.run_name()}"
+                where = f" in {run_dir_of(cfg)}"
         if err.errno == errno.ENOSPC:
             print(f"bnonly: error: disk full writing{where or ' output'}; free space and run again "
                   "(a run resumes from its last complete checkpoint)", file=sys.stderr)

@@ -22,7 +22,7 @@ import yaml
 
 from bnonly_dist import config
 from bnonly_dist.config import ConfigError
-from bnonly_dist.paths import RunPaths
+from bnonly_dist.paths import RunPaths, run_dir
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def load(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
     for values in itertools.product(*(spec["grid"][k] for k in keys)):
         point = tuple(_override(k, v) for k, v in zip(keys, values))
         cfg = config.load(base, [*common, *point])
-        points.append(Point(point, cfg, (Path(cfg.runs_root) / cfg.run_name()).resolve()))
+        points.append(Point(point, cfg, run_dir(cfg).resolve()))
     if len({p.run_dir for p in points}) != len(points):
         raise ConfigError(f"{path}: two grid points map to the same run directory; remove `name:` from the config")
     return Sweep(points, spec.get("slurm") or {}, path.stem, base.resolve(), common)

@@ -37,13 +37,13 @@ def main(argv=None) -> int:
     from bnonly_dist import config, preflight, rundir
     from bnonly_dist.data.layout import DataError
     from bnonly_dist.jobs import TrainJob
-    from bnonly_dist.paths import RunPaths
+    from bnonly_dist.paths import RunPaths, run_dir
     try:
         cfg = config.load(args.config, args.overrides)
         preflight.require_data(cfg)  # before a question about where to run
         res = cluster.resources(args)
         target, line = cluster.choose_target(res, cfg.train.device, args.local, args.dry_run, cluster.terminal_ask())
-        paths = RunPaths((args.run_dir or Path(cfg.runs_root) / cfg.run_name()).resolve())
+        paths = RunPaths(run_dir(cfg, args.run_dir).resolve())
         job_dir = (args.job_dir or paths.slurm).resolve()
         lines = [line]
         if target.slurm and not args.dry_run:
