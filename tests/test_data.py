@@ -180,14 +180,71 @@ def image_ids(images):
 @pytest.mark.parametrize("world", [2, 3])
 def test_dali_ranks_see_every_image_once_per_epoch(tmp_path, world):
     root = solid_colour_imagenet(tmp_path)  # 30 images
-    for epoch in (0, 1):
+    sources = [dali_source(root, rank, world, global_batch=6) for rank in range(world)]
+    orders = []
+    for epoch in (0, 1, 2):
         seen = []
-        for rank in range(world):
-            for images, labels in dali_source(root, rank, world, global_batch=6).train_epoch(epoch):
+        for source in sources:  # one pipeline per rank, reused epoch after epoch
+            for images, labels in source.train_epoch(epoch):
                 ids = image_ids(images)
                 assert labels.tolist() == [i // 10 for i in ids]  # each label travels with its image
                 seen += ids
         assert sorted(seen) == list(range(30))
+        orders.append(seen)
+        assert orders[-1] == [i for s in sources for i in s._feeder.indices(epoch, 0, 5)]  # sharding.py's order
+    assert orders[0] != orders[1] != orders[2]  # a new permutation each epoch
+    assert [s.train_pipelines_built for s in sources] == [1] * world
+
+
+def batches_equal(xs, ys):
+    return len(xs) == len(ys) and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(xs, ys))
+
+
+def test_dali_builds_the_training_pipeline_once(imagenet_root):
+    source = dali_source(imagenet_root)  # 32 images, 4 steps per epoch
+    epochs = []
+    for epoch in range(3):
+        epochs.append(list(source.train_epoch(epoch)))
+        list(source.eval_batches())
+    assert source.train_pipelines_built == 1 and source.eval_pipelines_built == 1
+    half = source.train_epoch(3)
+    next(half)
+    half.close()  # left half way: the next epoch cannot follow on, so it builds afresh
+    fresh = dali_source(imagenet_root)
+    assert batches_equal(list(source.train_epoch(3, start_step=1)), list(fresh.train_epoch(3, start_step=1)))
+    assert source.train_pipelines_built == 2
+    assert not batches_equal(epochs[0], epochs[1])
+
+
+@pytest.mark.parametrize("saved_at", [(0, 2), (1, 1), (1, 4)])  # mid-epoch, in a reused pipeline, at an epoch end
+def test_dali_resume_is_bit_exact_wherever_it_was_saved(imagenet_root, saved_at):
+    source = dali_source(imagenet_root)
+    epoch, step = saved_at
+    for e in range(epoch):
+        list(source.train_epoch(e))
+    batches = source.train_epoch(epoch)
+    for _ in range(step):
+        next(batches)
+    state = source.state()
+    rest = list(batches) + list(source.train_epoch(epoch + 1))
+    again = dali_source(imagenet_root)
+    again.load_state(state)
+    e, s = (epoch + 1, 0) if step == again.steps_per_epoch else (epoch, step)  # what the loop asks for
+    resumed = [b for e2 in range(e, epoch + 2) for b in again.train_epoch(e2, s if e2 == e else 0)]
+    assert batches_equal(rest[len(rest) - len(resumed):], resumed) and len(resumed) >= 4
+
+
+def test_dali_state_of_an_earlier_pipeline_resumes_with_fresh_randomness(imagenet_root, caplog):
+    source = dali_source(imagenet_root)
+    batches = source.train_epoch(0)
+    next(batches)
+    state = source.state()
+    del state["origin"]  # what the pipeline of an earlier version saved
+    again = dali_source(imagenet_root)
+    again.load_state(state)
+    resumed = list(again.train_epoch(0, start_step=1))
+    assert "earlier version" in caplog.text
+    assert [b[1].tolist() for b in resumed] == [b[1].tolist() for b in batches]  # same images, same order
 
 
 def test_dali_resume_is_bit_exact(imagenet_root):

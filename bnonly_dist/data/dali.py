@@ -7,11 +7,12 @@ decoded crops move to the GPU inside DALI (its pinned staging, its stream) and r
 normalize run there, so no pageable host batch is copied by the loop. Under channels_last
 DALI writes HWC and the batch is a channels_last view of it: no layout copy per batch.
 
-Each epoch builds a training pipeline over this rank's files in the order data/sharding.py
-gives (readers.file fixes its file list when built, and that order is what keeps resume
-and resharding exact); the evaluation pipeline is built once and reset between passes.
-DALI's own checkpoint carries the random state of the augmentations for an exact resume
-at the same world size.
+Both pipelines are built once and reused. The training pipeline takes its file names from
+an external source that maps DALI's (epoch_idx, iteration) to this rank's slice of the
+global batch data/sharding.py gives for (epoch, step), so every epoch keeps the order that
+makes resume and resharding exact while DALI's threads read and decode the files. DALI's
+own checkpoint (random state of the augmentations and the source's position) gives an
+exact resume at the same world size; the evaluation pipeline is reset between passes.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import base64
 import logging
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from bnonly_dist.data import sharding
@@ -46,13 +48,52 @@ def _to_gpu(images, label, decode: str, on_gpu: bool):
     return images, label.gpu() if on_gpu else label
 
 
-def _train_pipeline(files, labels, size, min_area, decode, layout, on_gpu, **kwargs):
+class EpochFeeder:
+    """The training pipeline's external source: DALI's (epoch_idx, iteration) -> (epoch, step)
+    -> this rank's file names (as DALI's io.file.read wants them) and labels.
+
+    origin is the (epoch, step) of DALI's first batch; a restored pipeline carries on from
+    its saved (epoch_idx, iteration), so the same origin gives the same (epoch, step)."""
+
+    def __init__(self, items: list[tuple[str, int]], seed: int, global_batch: int, rank: int, world: int,
+                 origin: tuple[int, int]):
+        self.items, self.seed, self.global_batch, self.rank, self.world = items, seed, global_batch, rank, world
+        self.local_batch = sharding.per_rank(global_batch, world)
+        self.steps_per_epoch = sharding.steps_per_epoch(len(items), global_batch)
+        self.origin = origin
+        self._epoch, self._indices = None, None  # the one epoch whose order is held
+
+    def position(self, epoch_idx: int, iteration: int) -> tuple[int, int]:
+        return self.origin[0] + epoch_idx, iteration + (self.origin[1] if epoch_idx == 0 else 0)
+
+    def indices(self, epoch: int, step: int, count: int) -> np.ndarray:
+        """This rank's sample indices for count steps from (epoch, step)."""
+        if epoch != self._epoch:
+            perm = sharding.epoch_permutation(len(self.items), self.seed, epoch)
+            self._epoch, self._indices = epoch, sharding.rank_train_indices(perm, self.global_batch, self.rank,
+                                                                            self.world)
+        return self._indices[step * self.local_batch:(step + count) * self.local_batch]
+
+    def files(self, epoch: int, step: int, count: int) -> list[str]:
+        return [self.items[i][0] for i in self.indices(epoch, step, count)]
+
+    def __call__(self, info):
+        epoch, step = self.position(info.epoch_idx, info.iteration)
+        if step >= self.steps_per_epoch:
+            raise StopIteration  # DALI's end of epoch; reset() starts epoch_idx + 1
+        batch = [self.items[i] for i in self.indices(epoch, step, 1)]
+        names = [np.frombuffer(path.encode(), dtype=np.uint8) for path, _ in batch]
+        return names, [np.array([label], dtype=np.int32) for _, label in batch]
+
+
+def _train_pipeline(feeder, size, min_area, decode, layout, on_gpu, **kwargs):
     dali, _, _ = _dali()
     fn, types = dali.fn, dali.types
 
     @dali.pipeline_def(enable_checkpointing=True)
     def pipeline():
-        jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name="Reader")
+        names, label = fn.external_source(source=feeder, num_outputs=2, batch=True, batch_info=True)
+        jpegs = fn.io.file.read(names)  # in DALI's threads, not the loop's
         images = fn.decoders.image_random_crop(jpegs, device=decode, output_type=types.RGB,
                                                random_area=[min_area, 1.0], random_aspect_ratio=[0.8, 1.25],
                                                num_attempts=10)
@@ -102,11 +143,15 @@ class DaliImageNetSource:
         self.common = dict(num_threads=num_threads, device_id=device.index if self.on_gpu else None,
                            prefetch_queue_depth=2)
         self.image_size, self.resize_size, self.min_area = image_size, resize_size, min_area
-        self._train_iterator = None
+        self._train = None  # the training iterator, built at the first epoch
+        self._feeder = None  # its external source
+        self._train_next = None  # (epoch, step) the training iterator hands out next, None if unknown
         self._position = None  # (epoch, step) of the next batch
+        self._dali_state = None  # DALI's checkpoint after the last batch handed out (None: ask the iterator)
         self._resume = None  # a saved state to restore at the next train_epoch
         self._eval = None  # the evaluation iterator, built at the first pass
         self._eval_clean = False  # the last evaluation pass ran to its end, so reset() may rewind it
+        self.train_pipelines_built = 0
         self.eval_pipelines_built = 0
 
     @staticmethod
@@ -120,13 +165,20 @@ class DaliImageNetSource:
         _, iterator_cls, last_batch = _dali()
         try:  # the iterator decodes its first batches as it is built
             pipe.build()
+            if train:  # the external source ends each epoch, with whole batches only
+                return iterator_cls([pipe], ["images", "labels"], auto_reset=False)
             return iterator_cls([pipe], ["images", "labels"], reader_name="Reader", auto_reset=False,
-                                last_batch_policy=last_batch.DROP if train else last_batch.PARTIAL)
+                                last_batch_policy=last_batch.PARTIAL)
         except RuntimeError as err:
-            raise self._decode_failure(err, files[:3 * local_batch]) from None
+            raise self._decode_failure(err, files) from None
+
+    def _batch(self, out: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """A DALI batch in the model's layout (HWC becomes a channels_last view)."""
+        images = out["images"].permute(0, 3, 1, 2) if self.channels_last else out["images"]
+        return images, out["labels"].view(-1).long()
 
     def _batches(self, iterator, files: list[str], local_batch: int, count: int):
-        """Yield up to count batches in the model's layout (HWC becomes a channels_last view)."""
+        """Yield up to count evaluation batches."""
         for i in range(count):
             try:
                 out = next(iterator)[0]
@@ -134,38 +186,66 @@ class DaliImageNetSource:
                 return
             except RuntimeError as err:  # DALI decodes a few batches ahead
                 raise self._decode_failure(err, files[i * local_batch:(i + 4) * local_batch]) from None
-            images = out["images"].permute(0, 3, 1, 2) if self.channels_last else out["images"]
-            yield images, out["labels"].view(-1).long()
+            yield self._batch(out)
 
     def _take_resume(self, epoch: int, start_step: int) -> dict | None:
         saved, self._resume = self._resume, None
-        if saved and saved["position"] != [epoch, start_step]:
+        if saved and self._normal(*saved["position"]) != (epoch, start_step):
             log.warning("data state saved at %s, resuming at %s: augmentations draw fresh random numbers",
                         saved["position"], [epoch, start_step])
             return None
         return saved
 
-    def train_epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        restore = self._take_resume(epoch, start_step)
-        # A restored DALI checkpoint holds its own position in the whole epoch's list;
-        # a fresh pipeline starts its list at start_step.
-        first = 0 if restore else start_step
-        perm = sharding.epoch_permutation(len(self.train_items), self.seed, epoch)
-        indices = sharding.rank_train_indices(perm, self.global_batch, self.rank, self.world, first)
-        files = [self.train_items[i][0] for i in indices]
-        labels = [self.train_items[i][1] for i in indices]
-        pipe = _train_pipeline(files, labels, self.image_size, self.min_area, self.decode, self.layout, self.on_gpu,
+    def _normal(self, epoch: int, step: int) -> tuple[int, int]:
+        """(epoch, step) with the end of an epoch written as the start of the next."""
+        return (epoch + 1, 0) if step >= self.steps_per_epoch else (epoch, step)
+
+    def _build_train(self, origin: tuple[int, int], checkpoint: bytes | None) -> None:
+        self._train = None  # the old pipeline goes before the new one is built
+        self._feeder = EpochFeeder(self.train_items, self.seed, self.global_batch, self.rank, self.world, origin)
+        pipe = _train_pipeline(self._feeder, self.image_size, self.min_area, self.decode, self.layout, self.on_gpu,
                                batch_size=self.local_batch,
-                               seed=name_seed(self.seed, f"dali/{epoch}/{self.rank}") % 2**31,
-                               checkpoint=base64.b64decode(restore["dali"]) if restore else None, **self.common)
-        ahead = files[(start_step - first) * self.local_batch:]
-        self._train_iterator = None  # the previous epoch's pipeline goes before this one is built
-        self._train_iterator = self._iterator(pipe, ahead, self.local_batch, train=True)  # state() reads it
-        batches = self._batches(self._train_iterator, ahead, self.local_batch, self.steps_per_epoch - start_step)
-        for step, batch in enumerate(batches, start_step):
+                               seed=name_seed(self.seed, f"dali/{origin[0]}/{origin[1]}/{self.rank}") % 2**31,
+                               checkpoint=checkpoint, **self.common)
+        self._train = self._iterator(pipe, self._feeder.files(*origin, 3), self.local_batch, train=True)
+        self.train_pipelines_built += 1
+
+    def _ready(self, epoch: int, start_step: int) -> None:
+        """The training iterator, about to hand out (epoch, start_step)."""
+        restore = self._take_resume(epoch, start_step)
+        if restore:
+            self._build_train(tuple(restore["origin"]), base64.b64decode(restore["dali"]))
+            if restore["position"][1] >= self.steps_per_epoch:  # saved after an epoch's last batch
+                self._end_epoch()
+        elif self._train is None or self._train_next != (epoch, start_step):
+            self._build_train((epoch, start_step), None)
+        self._train_next = None  # unknown until this epoch runs to its end
+
+    def _end_epoch(self) -> None:
+        """Past the epoch's last batch: DALI's end of epoch, then the next epoch starts prefetching."""
+        try:
+            next(self._train)
+            raise RuntimeError("the DALI training pipeline ran past the end of its epoch")  # a bug, not data
+        except StopIteration:
+            pass
+        self._train.reset()
+
+    def train_epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._ready(epoch, start_step)
+        self._dali_state = None
+        for step in range(start_step, self.steps_per_epoch):
+            try:
+                out = next(self._train)[0]
+            except (RuntimeError, StopIteration) as err:  # DALI decodes a few batches ahead
+                self._train = None
+                if isinstance(err, StopIteration):
+                    raise RuntimeError(f"the DALI training pipeline ended at step {step} of {self.steps_per_epoch}")
+                raise self._decode_failure(err, self._feeder.files(epoch, step, 4)) from None
             self._position = [epoch, step + 1]
-            yield batch
-        self._train_iterator = None
+            yield self._batch(out)
+        self._dali_state = self._train.checkpoints()[0]  # before reset() moves it to the next epoch
+        self._end_epoch()  # prefetching the next epoch overlaps the evaluation
+        self._train_next = (epoch + 1, 0)
 
     def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices, valid = sharding.rank_eval_indices(self.eval_size, self.rank, self.world)
@@ -177,7 +257,7 @@ class DaliImageNetSource:
             labels = [self.val_items[i][1] if ok else -1 for i, ok in zip(indices, valid)]
             pipe = _eval_pipeline(files, labels, self.image_size, self.resize_size, self.decode, self.layout,
                                   self.on_gpu, batch_size=self.eval_local_batch, seed=0, **self.common)
-            self._eval = self._iterator(pipe, files, self.eval_local_batch, train=False)
+            self._eval = self._iterator(pipe, files[:3 * self.eval_local_batch], self.eval_local_batch, train=False)
             self.eval_pipelines_built += 1
         self._eval_clean = False
         count = -(-len(files) // self.eval_local_batch)
@@ -185,15 +265,19 @@ class DaliImageNetSource:
         self._eval_clean = True
 
     def state(self) -> dict:
-        """The DALI checkpoint after the last batch handed out (per rank)."""
-        if self._train_iterator is None or self._position is None:
+        """DALI's checkpoint after the last batch handed out, and the origin that maps it to (epoch, step)."""
+        if self._train is None or self._position is None:
             return {}
-        dali_state = base64.b64encode(self._train_iterator.checkpoints()[0]).decode()  # JSON-safe
-        return {"position": self._position, "world": self.world, "dali": dali_state}
+        dali_state = self._dali_state or self._train.checkpoints()[0]
+        return {"position": self._position, "world": self.world, "origin": list(self._feeder.origin),
+                "dali": base64.b64encode(dali_state).decode()}  # JSON-safe
 
     def load_state(self, state: dict) -> None:
-        if state and state.get("world") == self.world:
+        if state and state.get("world") == self.world and "origin" in state:
             self._resume = state
+        elif state and "origin" not in state:
+            log.warning("data state written by an earlier version of the DALI pipeline: the epoch goes on with "
+                        "fresh augmentation randomness")
         elif state:
             log.warning("data state saved at world size %s, now %s: the epoch's remaining samples are "
                         "re-split over the new ranks with fresh augmentation randomness", state.get("world"), self.world)
