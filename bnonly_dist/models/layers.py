@@ -52,6 +52,16 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size, stride: tuple[int, ...]
     return flat[:shape.numel()].as_strided(shape, stride)
 
 
+def apply_mask(grad: torch.Tensor, packed: torch.Tensor, shape: torch.Size, stride: tuple[int, ...]) -> torch.Tensor:
+    """grad where the packed mask is set, 0 elsewhere, in the forward's memory layout.
+
+    The layout matters: a gradient arriving in another layout (NCHW from the average pool
+    under channels_last) would otherwise stay in it down the residual path, and BN's
+    backward on a gradient and input of different layouts ran 2-7x slower on the CPU."""
+    mask = unpack_bits(packed, shape, stride)
+    return torch.mul(grad, mask, out=torch.empty_like(mask, dtype=grad.dtype))
+
+
 class FrozenConv2dFunction(torch.autograd.Function):
     """conv2d with a frozen weight: saves the weight, returns only the input gradient."""
 
@@ -94,7 +104,7 @@ class BatchNormReLUFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, mask, weight, mean, invstd = ctx.saved_tensors
         if ctx.relu:
-            grad_out = grad_out * unpack_bits(mask, *ctx.mask_layout)
+            grad_out = apply_mask(grad_out, mask, *ctx.mask_layout)
         needs = ctx.needs_input_grad
         grad_in, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
             grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, [needs[0], needs[1], needs[2]])
@@ -116,7 +126,7 @@ class ReLUMaskFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (mask,) = ctx.saved_tensors
-        return grad_out * unpack_bits(mask, *ctx.layout)
+        return apply_mask(grad_out, mask, *ctx.layout)
 
 
 class MaxPoolFunction(torch.autograd.Function):
