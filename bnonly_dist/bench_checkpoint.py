@@ -22,7 +22,7 @@ def _bytes(folder: Path) -> int:
 
 def run(cfg: Config, out_dir: Path, repeats: int = 3) -> dict:
     ctx = dist.init(cfg.train.device, cfg.dist.timeout_s, cfg.train.deterministic)
-    plan = plans.resolve(cfg, ctx.device)
+    plan = plans.resolve(cfg, ctx.device, ctx.world)
     classes = network.num_classes(cfg)
     size = 32 if models.parse_arch(cfg.model.arch).family == "cifar" else cfg.data.image_size
     start = time.perf_counter()  # what a resume without stored frozen weights does instead of reading them

@@ -44,8 +44,9 @@ def variant_plan(cfg: Config, device: torch.device, variant: str) -> tuple[str, 
         return "all", resolve(cfg.model_copy(update={"mode": "all"}), device)
     plan = resolve(cfg, device)
     if variant == "naive":
-        return cfg.mode, replace(plan, lean=False, channels_last=False, checkpointed_stages=(), frozen_dtype=None)
-    return cfg.mode, replace(plan, lean=variant == "bn-lean")
+        return cfg.mode, replace(plan, lean=False, lean_why="the naive variant", channels_last=False,
+                                 checkpointed_stages=(), frozen_dtype=None)
+    return cfg.mode, replace(plan, lean=variant == "bn-lean", lean_why=f"the {variant} variant")
 
 
 def saved_activation_bytes(model: torch.nn.Module, images, labels, autocast) -> int:

@@ -121,7 +121,8 @@ class TrainConfig(_Section):
                                    "all-reduce); all ranks still stop after the same step", gt=0)
     lean_autograd: bool | Literal["auto"] = _field(
         "auto", "frozen convolutions keep only their weight for backward, BN(+ReLU) its input and a 1-bit ReLU "
-        "mask (models/layers.py); auto: on where the mode freezes the convolutions")
+        "mask (models/layers.py); auto: on where the mode freezes the convolutions and plain autograd would keep more "
+        "than half the rank's memory (plain is faster where it fits; plan.py)")
     activation_checkpointing: list[int] = _field(
         [], "residual stages (1 = layer1) recomputed in backward instead of keeping their activations; same bits, "
         "about one extra forward")

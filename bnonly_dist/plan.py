@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bnonly_dist import modes
+from bnonly_dist import memory, modes
 from bnonly_dist.config import Config, ConfigError
 
 
@@ -23,6 +23,7 @@ class Plan:
     bf16: bool  # bf16 autocast for forward and backward
     channels_last: bool  # NHWC activations and weights
     lean: bool  # lean autograd for frozen layers (models/layers.py)
+    lean_why: str  # what decided lean (the auto rule's estimate, or the key)
     checkpointed_stages: tuple[int, ...]  # residual stages recomputed in backward
     frozen_dtype: torch.dtype | None  # storage dtype of frozen conv/linear weights; None = fp32
     decode: str | None  # DALI JPEG decode (cpu | mixed) for ImageNet; None for other data
@@ -46,7 +47,7 @@ class Plan:
         frozen = "bf16" if self.frozen_dtype == torch.bfloat16 else "fp32"
         stages = ",".join(map(str, self.checkpointed_stages)) or "none"
         return (f"plan: device {self.device}, {self.precision}, channels_last {self.channels_last}, "
-                f"lean autograd {self.lean}, checkpointed stages {stages}, frozen weights {frozen}, "
+                f"lean autograd {self.lean} ({self.lean_why}), checkpointed stages {stages}, frozen weights {frozen}, "
                 f"decode {self.decode or 'n/a'}, engine {self.engine}, compile {self.compile}, "
                 f"deterministic {self.deterministic}")
 
@@ -60,13 +61,32 @@ def default_channels_last(device: torch.device, engine: str = "ddp") -> bool:
     return device.type in ("cuda", "cpu") and engine == "ddp"
 
 
-def default_lean(mode: str) -> bool:
-    """train.lean_autograd=auto: on where the mode leaves the convolutions frozen."""
-    return modes.freezes_convolutions(mode)
+# train.lean_autograd=auto turns the lean path on when plain autograd's saved activations
+# would take more than this share of a rank's memory. Below it plain autograd is faster:
+# on the CPU its BN-only step took 0.92x the time of the lean one (CIFAR ResNet-110,
+# docs/benchmarks.md); the lean path costs a pack and an unpack of each ReLU mask.
+LEAN_MEMORY_SHARE = 0.5
 
 
-def resolve(cfg: Config, device: torch.device) -> Plan:
-    """The Plan of cfg on device; ConfigError naming the key if the device cannot run it."""
+def default_lean(cfg: Config, device: torch.device, world: int, bf16: bool, channels_last: bool) -> tuple[bool, str]:
+    """train.lean_autograd=auto: (on?, why) — on where the mode freezes the convolutions and
+    plain autograd would keep more than LEAN_MEMORY_SHARE of the rank's memory."""
+    if not modes.freezes_convolutions(cfg.mode):
+        return False, "the mode trains convolutions"
+    have = memory.rank_memory_bytes(device)
+    if have is None:
+        return True, "memory of the device unknown here"
+    from bnonly_dist.network import num_classes  # network imports this module
+    need = memory.plain_saved_bytes(cfg.model.arch, num_classes(cfg), cfg.mode, max(1, cfg.data.batch_size // world),
+                                    cfg.data.image_size, channels_last, cfg.train.activation_checkpointing, bf16)
+    on = need > LEAN_MEMORY_SHARE * have
+    return on, (f"plain autograd keeps {need / 2**30:.1f} GiB of the rank's {have / 2**30:.0f} GiB, "
+                f"{'more' if on else 'not more'} than {LEAN_MEMORY_SHARE:.0%}")
+
+
+def resolve(cfg: Config, device: torch.device, world: int = 1) -> Plan:
+    """The Plan of cfg on device for one of world ranks; ConfigError naming the key if the
+    device cannot run it."""
     train, on_gpu = cfg.train, device.type == "cuda"
     bf16 = train.precision == "bf16" or (train.precision == "auto" and on_gpu)
     if train.frozen_dtype == "bf16" and not bf16:  # precision=fp32 is refused by the validator already
@@ -74,13 +94,16 @@ def resolve(cfg: Config, device: torch.device) -> Plan:
                           "set train.precision=bf16")
     channels_last = (default_channels_last(device, cfg.dist.engine) if train.channels_last == "auto"
                      else train.channels_last)
-    lean = default_lean(cfg.mode) if train.lean_autograd == "auto" else train.lean_autograd
+    if train.lean_autograd == "auto":
+        lean, lean_why = default_lean(cfg, device, world, bf16, channels_last)
+    else:
+        lean, lean_why = train.lean_autograd, "train.lean_autograd"
     decode = None
     if cfg.data.name == "imagenet":
         decode = cfg.data.decode if cfg.data.decode != "auto" else ("mixed" if on_gpu else "cpu")
         if decode == "mixed" and not on_gpu:
             raise ConfigError("data.decode=mixed decodes on the GPU but this run is on the CPU; use data.decode=cpu")
-    return Plan(device=device, bf16=bf16, channels_last=channels_last, lean=lean,
+    return Plan(device=device, bf16=bf16, channels_last=channels_last, lean=lean, lean_why=lean_why,
                 checkpointed_stages=tuple(train.activation_checkpointing),
                 frozen_dtype=torch.bfloat16 if train.frozen_dtype == "bf16" else None, decode=decode,
                 engine=cfg.dist.engine, compile=train.compile, deterministic=train.deterministic)

@@ -80,7 +80,7 @@ class Run:
         self.paths = paths.RunPaths(paths.run_dir(cfg, run_dir))
         self.run_dir = self.paths.root
         # Everything that can refuse the run does so before anything is written.
-        self.plan = plans.resolve(cfg, self.ctx.device)
+        self.plan = plans.resolve(cfg, self.ctx.device, self.ctx.world)
         self._on_rank0(rundir.check, cfg, self.run_dir)
         self.done = dist.broadcast_object(finished_summary(self.paths, cfg) if self.ctx.is_main else None)
         if self.done:

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from bnonly_dist import config, network, plan
+from bnonly_dist import config, memory, network, plan
 from bnonly_dist.config import ConfigError
 
 CPU = torch.device("cpu")
@@ -18,7 +18,7 @@ def cfg(*overrides, path="configs/cifar10_resnet20.yaml"):
 def test_auto_settings_resolve_once_for_the_device():
     p = plan.resolve(cfg(), CPU)
     assert (p.device, p.bf16, p.precision, p.frozen_dtype, p.engine) == (CPU, False, "fp32", None, "ddp")
-    assert p.channels_last == plan.default_channels_last(CPU) and p.lean == plan.default_lean("bn")
+    assert p.channels_last == plan.default_channels_last(CPU) and not p.lean  # ResNet-20 fits: plain is faster
     assert p.decode is None and p.checkpointed_stages == ()
     explicit = plan.resolve(cfg("train.precision=bf16", "train.channels_last=true", "train.lean_autograd=false",
                                 "train.frozen_dtype=bf16", "train.activation_checkpointing=[3,1]"), CPU)
@@ -27,6 +27,32 @@ def test_auto_settings_resolve_once_for_the_device():
     assert explicit.memory_format == torch.channels_last
     line = explicit.describe()
     assert "\n" not in line and "bf16" in line and "checkpointed stages 1,3" in line
+
+
+def test_lean_auto_turns_on_where_plain_autograd_would_not_fit(monkeypatch):
+    need = memory.plain_saved_bytes("cifar_resnet_20", 10, "bn", 128, 224, True)
+    monkeypatch.setattr(memory, "rank_memory_bytes", lambda device: int(need / plan.LEAN_MEMORY_SHARE) + 1)
+    fits = plan.resolve(cfg(), CPU)
+    assert not fits.lean and "not more than 50%" in fits.describe()
+    assert plan.resolve(cfg("data.batch_size=256"), CPU).lean  # twice the images, twice the bytes
+    assert not plan.resolve(cfg("data.batch_size=256"), CPU, world=2).lean  # each rank keeps half of them
+    assert not plan.resolve(cfg("data.batch_size=256", "mode=all"), CPU).lean  # nothing frozen to be lean about
+    assert not plan.resolve(cfg("data.batch_size=256", "train.lean_autograd=false"), CPU).lean
+    monkeypatch.setattr(memory, "rank_memory_bytes", lambda device: None)
+    assert plan.resolve(cfg(), CPU).lean  # memory unknown: the choice that fits
+
+
+@pytest.mark.parametrize("arch, mode, stages", [("cifar_resnet_20", "bn", ()), ("cifar_resnet_20", "all", ()),
+                                                ("cifar_resnet_20", "bn", (2,)), ("imagenet_resnet_18_8", "bn", ())])
+def test_saved_bytes_estimate_is_what_autograd_keeps(arch, mode, stages):
+    from bnonly_dist.bench_runner import saved_activation_bytes
+    c = cfg(f"model.arch={arch}", f"mode={mode}", "data.image_size=64", f"train.activation_checkpointing={list(stages)}",
+            "train.lean_autograd=false")
+    net = network.build(c, plan.resolve(c, CPU), 10)
+    images = torch.randn(4, 3, 32 if "cifar" in arch else 64, 32 if "cifar" in arch else 64)
+    kept = saved_activation_bytes(net.model, images.contiguous(memory_format=torch.channels_last),
+                                  torch.zeros(4, dtype=torch.long), plan.resolve(c, CPU).autocast)
+    assert memory.plain_saved_bytes(arch, 10, mode, 4, 64, True, stages) == kept
 
 
 def test_imagenet_decode_resolves_per_device_and_refuses_gpu_decode_on_cpu():
