@@ -156,3 +156,13 @@ def test_dali_decodes_onto_the_gpu(decode, tmp_path):
     for _ in range(2):  # one pipeline serves every evaluation
         assert sum(int((labels >= 0).sum()) for _, labels in source.eval_batches()) == 20
     assert source.eval_pipelines_built == 1
+    epoch = source.train_epoch(1)
+    next(epoch)
+    state = source.state()
+    rest = list(epoch)  # the training pipeline goes on into epoch 1, and resumes there bit for bit
+    again = DaliImageNetSource(str(root), 16, 8, 0, 1, seed=0, device=GPU, decode=decode, num_threads=2,
+                               image_size=224, resize_size=256, min_area=0.08, channels_last=True)
+    again.load_state(state)
+    resumed = list(again.train_epoch(1, start_step=1))
+    assert source.train_pipelines_built == 1 and len(rest) == len(resumed) == 3
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(rest, resumed))

@@ -201,7 +201,7 @@ class DaliImageNetSource:
         return (epoch + 1, 0) if step >= self.steps_per_epoch else (epoch, step)
 
     def _build_train(self, origin: tuple[int, int], checkpoint: bytes | None) -> None:
-        self._train = None  # the old pipeline goes before the new one is built
+        self._train, self._position = None, None  # the old pipeline goes before the new one is built
         self._feeder = EpochFeeder(self.train_items, self.seed, self.global_batch, self.rank, self.world, origin)
         pipe = _train_pipeline(self._feeder, self.image_size, self.min_area, self.decode, self.layout, self.on_gpu,
                                batch_size=self.local_batch,
@@ -232,7 +232,6 @@ class DaliImageNetSource:
 
     def train_epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._ready(epoch, start_step)
-        self._dali_state = None
         for step in range(start_step, self.steps_per_epoch):
             try:
                 out = next(self._train)[0]
@@ -241,7 +240,7 @@ class DaliImageNetSource:
                 if isinstance(err, StopIteration):
                     raise RuntimeError(f"the DALI training pipeline ended at step {step} of {self.steps_per_epoch}")
                 raise self._decode_failure(err, self._feeder.files(epoch, step, 4)) from None
-            self._position = [epoch, step + 1]
+            self._position, self._dali_state = [epoch, step + 1], None  # state() asks the iterator
             yield self._batch(out)
         self._dali_state = self._train.checkpoints()[0]  # before reset() moves it to the next epoch
         self._end_epoch()  # prefetching the next epoch overlaps the evaluation
