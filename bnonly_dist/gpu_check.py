@@ -145,11 +145,13 @@ def main(argv: list[str] | None = None) -> int:
                              f"--junitxml={args.out / 'cuda-tests.xml'}"], 150,
               skip="--dry-run" if args.dry_run else no_config or no_pytest)
     results = {}
-    for name, conf, limit, timeout in (("bench-cifar-resnet110", "configs/cifar10_resnet110.yaml", 4096, 90),
-                                       ("bench-imagenet-resnet50", "configs/imagenet_resnet50.yaml", 0, 90)):
+    for name, conf, limit, variants, timeout in (
+            ("bench-cifar-resnet110", "configs/cifar10_resnet110.yaml", 4096, "all,bn-plain,bn-lean", 90),
+            ("bench-imagenet-resnet50", "configs/imagenet_resnet50.yaml", 0, "all,naive,bn-plain,bn-lean", 120)):
         path = args.out / f"{name}.json"
-        part = check.run(name, [py, "-m", "bnonly_dist.cli", "bench", conf, *BENCH, "--steps", "10", "--warmup", "3",
-                                "--max-batch-limit", str(limit), "--json", str(path)], timeout, skip=no_gpu or no_config)
+        part = check.run(name, [py, "-m", "bnonly_dist.cli", "bench", conf, *BENCH, "--variants", variants, "--steps",
+                                "10", "--warmup", "3", "--max-batch-limit", str(limit), "--json", str(path)], timeout,
+                         skip=no_gpu or no_config)
         results[name] = bench_json(part, path)
     data = args.out / "fake-imagenet"
     gen = check.run("dali-data", [py, "-m", "bnonly_dist.cli", "data", "fake-imagenet", str(data), "--classes", "8",

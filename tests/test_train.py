@@ -83,11 +83,11 @@ def test_memory_options_may_change_on_resume(tiny_cfg, tmp_path):
     """Lean autograd, checkpointed stages and the frozen dtype change memory, not the run."""
     part = tmp_path / "part"
     first = train.run(tiny_cfg("train.precision=bf16", "train.lean_autograd=false", "train.max_steps=13"), part)
-    resumed = train.run(tiny_cfg("train.precision=bf16", "train.frozen_dtype=bf16",
+    resumed = train.run(tiny_cfg("train.precision=bf16", "train.frozen_dtype=bf16", "train.lean_autograd=true",
                                  "train.activation_checkpointing=[1]"), part)
     assert first["step"] == 13 and resumed["finished"] and resumed["trainable_params"] == first["trainable_params"]
     log_text = (part / "logs" / "rank0.log").read_text()
-    assert "resumed from" in log_text and "lean autograd True, checkpointed stages 1," in log_text
+    assert "resumed from" in log_text and "lean autograd True (train.lean_autograd), checkpointed stages 1," in log_text
 
 
 def test_resume_skips_a_damaged_checkpoint_and_unfinished_saves(tiny_cfg, tmp_path):
