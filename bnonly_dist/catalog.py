@@ -77,7 +77,7 @@ MODES = {
 
 
 def freezes_convolutions(mode_name: str) -> bool:
-    """Whether the mode leaves every 3x3/1x1 body convolution frozen (the lean path's default)."""
+    """Whether the mode leaves every 3x3/1x1 body convolution frozen (where the lean path can apply)."""
     mode = MODES[mode_name]
     return "conv" not in mode.trains and not mode.random_per_channel
 

@@ -58,7 +58,7 @@ def run(run_dir: Path, overrides: list[str] = ()) -> dict:
 
 
 def _evaluate(run_paths: RunPaths, cfg, identity: dict, ctx) -> dict:
-    plan = plans.resolve(cfg, ctx.device)
+    plan = plans.resolve(cfg, ctx.device, ctx.world)
     source = data.build(cfg, plan, ctx.rank, ctx.world)
     classes = network.num_classes(cfg, source)
     net = network.build(cfg, plan, classes)

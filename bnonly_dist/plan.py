@@ -1,6 +1,6 @@
 """The Plan: every device-dependent or "auto" setting of a run, resolved once.
 
-Built from (config, device) right after dist.init, logged on one line at start, and read
+Built from (config, device, world) right after dist.init, logged on one line at start, and read
 by train, bench, bench-checkpoint, eval and analysis alike. Nothing downstream looks at
 an "auto" value again. Rules across config keys that do not depend on the device live in
 the config validator (config.py); the ones that do are checked here, before any data or

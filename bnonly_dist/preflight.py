@@ -58,7 +58,7 @@ def check_run(cfg: Config, run_dir: Path, target: Target, seen: dict | None = No
     from bnonly_dist.data import sharding
     require_data(cfg)
     sharding.per_rank(cfg.data.batch_size, target.world)
-    plan.resolve(cfg, torch.device(job_device(cfg, target)))  # device rules (decode, bf16); builds nothing
+    plan.resolve(cfg, torch.device(job_device(cfg, target)), target.world)  # device rules; builds nothing real
     rundir.check(cfg, run_dir)
     seen = {} if seen is None else seen
     key = (cfg.data.name, cfg.data.root, cfg.data.batch_size)

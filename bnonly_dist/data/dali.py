@@ -200,25 +200,27 @@ class DaliImageNetSource:
         """(epoch, step) with the end of an epoch written as the start of the next."""
         return (epoch + 1, 0) if step >= self.steps_per_epoch else (epoch, step)
 
-    def _build_train(self, origin: tuple[int, int], checkpoint: bytes | None) -> None:
+    def _build_train(self, origin: tuple[int, int], checkpoint: bytes | None, at: tuple[int, int]) -> None:
+        """A training pipeline whose first batch is at origin, restored to `at` from checkpoint."""
         self._train, self._position = None, None  # the old pipeline goes before the new one is built
         self._feeder = EpochFeeder(self.train_items, self.seed, self.global_batch, self.rank, self.world, origin)
         pipe = _train_pipeline(self._feeder, self.image_size, self.min_area, self.decode, self.layout, self.on_gpu,
                                batch_size=self.local_batch,
                                seed=name_seed(self.seed, f"dali/{origin[0]}/{origin[1]}/{self.rank}") % 2**31,
                                checkpoint=checkpoint, **self.common)
-        self._train = self._iterator(pipe, self._feeder.files(*origin, 3), self.local_batch, train=True)
+        first = self._feeder.files(*at, 3) if at[1] < self.steps_per_epoch else []  # decoded as it is built
+        self._train = self._iterator(pipe, first, self.local_batch, train=True)
         self.train_pipelines_built += 1
 
     def _ready(self, epoch: int, start_step: int) -> None:
         """The training iterator, about to hand out (epoch, start_step)."""
         restore = self._take_resume(epoch, start_step)
         if restore:
-            self._build_train(tuple(restore["origin"]), base64.b64decode(restore["dali"]))
+            self._build_train(tuple(restore["origin"]), base64.b64decode(restore["dali"]), tuple(restore["position"]))
             if restore["position"][1] >= self.steps_per_epoch:  # saved after an epoch's last batch
                 self._end_epoch()
         elif self._train is None or self._train_next != (epoch, start_step):
-            self._build_train((epoch, start_step), None)
+            self._build_train((epoch, start_step), None, (epoch, start_step))
         self._train_next = None  # unknown until this epoch runs to its end
 
     def _end_epoch(self) -> None:

@@ -248,13 +248,17 @@ class Stage(nn.Sequential):
 
     checkpointed = False
 
+    def segments(self) -> list[list[nn.Module]]:
+        """The blocks in about sqrt(blocks) consecutive segments, each recomputed as one."""
+        blocks = list(self)
+        size = max(1, round(len(blocks) ** 0.5))
+        return [blocks[start:start + size] for start in range(0, len(blocks), size)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.checkpointed and torch.is_grad_enabled()):
             return super().forward(x)
-        blocks = list(self)
-        size = max(1, round(len(blocks) ** 0.5))
-        for start in range(0, len(blocks), size):
-            x = torch.utils.checkpoint.checkpoint(_run_blocks, blocks[start:start + size], x, use_reentrant=False,
+        for segment in self.segments():
+            x = torch.utils.checkpoint.checkpoint(_run_blocks, segment, x, use_reentrant=False,
                                                   context_fn=_checkpoint_contexts)
         return x
 
