@@ -168,7 +168,11 @@ def barrier() -> None:
 
 
 def teardown() -> None:
+    """After a run every rank finished: wait for all (host-side barrier: collective), then
+    destroy the groups, so no rank exits, taking the rendezvous store with it, while a
+    peer is still in its last collective (seen once as a rank aborting at exit under load)."""
     global _control_group
     if torch_dist.is_initialized():
+        torch_dist.barrier(group=_control_group)
         torch_dist.destroy_process_group()
     _control_group = None
