@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bnonly_dist import models, network
+from bnonly_dist import memory, models, network
 from bnonly_dist.config import Config, ConfigError
 from bnonly_dist.dist import choose_device
 from bnonly_dist.engines.base import Engine
@@ -51,19 +51,10 @@ def variant_plan(cfg: Config, device: torch.device, variant: str) -> tuple[str, 
 
 def saved_activation_bytes(model: torch.nn.Module, images, labels, autocast) -> int:
     """Bytes autograd keeps for backward (unique storages, parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
+    with memory.saved_storages(model) as kept, autocast():
         loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
     del loss
-    return sum(seen.values())
+    return sum(size for size, _ in kept.values())
 
 
 def sync(device: torch.device) -> None:

@@ -3,10 +3,12 @@ train.lean_autograd=auto (plan.py).
 
 The estimate runs the network's forward on the meta device (shapes only: no memory, no
 compute; 0.1-0.4 s for ResNet-50 to ResNet-200) under saved-tensor hooks, counting each
-kept storage once, as `bnonly bench` counts real ones.
+kept storage once with the very counter `bnonly bench` uses on real ones (saved_storages).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import re
 from pathlib import Path
@@ -17,8 +19,26 @@ from bnonly_dist import models, modes
 from bnonly_dist.catalog import parse_arch
 
 
+@contextlib.contextmanager
+def saved_storages(model: torch.nn.Module, label=lambda: None):
+    """Every storage autograd saves for backward inside the block, once, parameters excluded:
+    {storage: (bytes, label() when first saved)}. Works on real and on meta tensors."""
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    kept: dict[int, tuple[int, object]] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in params and storage._cdata not in kept:
+            kept[storage._cdata] = (storage.nbytes(), label())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield kept
+
+
+@functools.lru_cache(maxsize=64)  # a sweep's preflight asks once per point, mostly the same question
 def plain_saved_bytes(arch: str, classes: int, mode: str, batch: int, image_size: int, channels_last: bool,
-                      checkpointed_stages=(), bf16: bool = False) -> int:
+                      checkpointed_stages: tuple[int, ...] = (), bf16: bool = False) -> int:
     """Bytes plain autograd holds for backward at its peak in one step of `batch` images (one rank).
 
     A checkpointed stage holds its segments' inputs, and during backward one segment's
@@ -29,12 +49,11 @@ def plain_saved_bytes(arch: str, classes: int, mode: str, batch: int, image_size
     modes.apply(model, mode, seed=0)  # requires_grad per mode: what autograd keeps depends on it
     models.set_memory_options(model, False)  # counted without checkpointing, segment by segment
     model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    segment_of = {block: (number, k) for number, stage in enumerate(model.stages(), 1) if number in checkpointed_stages
-                  for k, segment in enumerate(stage.segments()) for block in segment}
-    firsts = {segment[0] for number, stage in enumerate(model.stages(), 1) if number in checkpointed_stages
-              for segment in stage.segments()}
-    params = {p.untyped_storage()._cdata for p in model.parameters()}
-    kept: dict[int, tuple[int, object]] = {}  # storage -> (bytes, segment or None)
+    segment_of, firsts = {}, set()  # block -> its segment (stage, k); the first block of each segment
+    for number, stage in enumerate(model.stages(), 1):
+        for k, segment in enumerate(stage.segments() if number in checkpointed_stages else []):
+            segment_of.update((block, (number, k)) for block in segment)
+            firsts.add(segment[0])
     inputs: dict[object, int] = {}  # segment -> bytes of its input, which checkpointing keeps
     running = [None]
 
@@ -50,16 +69,10 @@ def plain_saved_bytes(arch: str, classes: int, mode: str, batch: int, image_size
         block.register_forward_pre_hook(enter)
         block.register_forward_hook(leave)
 
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage._cdata not in params and storage._cdata not in kept:
-            kept[storage._cdata] = (storage.nbytes(), running[0])
-        return tensor
-
     side = 32 if parse_arch(arch).family == "cifar" else image_size
     images = torch.empty(batch, 3, side, side, device="meta")
     labels = torch.empty(batch, dtype=torch.long, device="meta")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with saved_storages(model, label=lambda: running[0]) as kept:  # storage -> (bytes, segment or None)
         torch.nn.functional.cross_entropy(model(images), labels)
     per_segment: dict[object, int] = {}
     for size, segment in kept.values():

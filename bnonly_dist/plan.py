@@ -78,7 +78,7 @@ def default_lean(cfg: Config, device: torch.device, world: int, bf16: bool, chan
         return True, "memory of the device unknown here"
     from bnonly_dist.network import num_classes  # network imports this module
     need = memory.plain_saved_bytes(cfg.model.arch, num_classes(cfg), cfg.mode, max(1, cfg.data.batch_size // world),
-                                    cfg.data.image_size, channels_last, cfg.train.activation_checkpointing, bf16)
+                                    cfg.data.image_size, channels_last, tuple(cfg.train.activation_checkpointing), bf16)
     on = need > LEAN_MEMORY_SHARE * have
     return on, (f"plain autograd keeps {need / 2**30:.1f} GiB of the rank's {have / 2**30:.0f} GiB, "
                 f"{'more' if on else 'not more'} than {LEAN_MEMORY_SHARE:.0%}")

@@ -160,7 +160,7 @@ class DaliImageNetSource:
         where = f"corrupt image {bad[0]}" if bad else f"DALI failed ({str(err).splitlines()[0]})"
         return DataError(f"{where}; delete or replace it (`bnonly data check DIR --decode` lists all)")
 
-    def _iterator(self, pipe, files: list[str], local_batch: int, train: bool):
+    def _iterator(self, pipe, files: list[str], train: bool):
         """The DALI iterator over a built pipe; a decode failure becomes a DataError naming the file."""
         _, iterator_cls, last_batch = _dali()
         try:  # the iterator decodes its first batches as it is built
@@ -209,7 +209,7 @@ class DaliImageNetSource:
                                seed=name_seed(self.seed, f"dali/{origin[0]}/{origin[1]}/{self.rank}") % 2**31,
                                checkpoint=checkpoint, **self.common)
         first = self._feeder.files(*at, 3) if at[1] < self.steps_per_epoch else []  # decoded as it is built
-        self._train = self._iterator(pipe, first, self.local_batch, train=True)
+        self._train = self._iterator(pipe, first, train=True)
         self.train_pipelines_built += 1
 
     def _ready(self, epoch: int, start_step: int) -> None:
@@ -258,7 +258,7 @@ class DaliImageNetSource:
             labels = [self.val_items[i][1] if ok else -1 for i, ok in zip(indices, valid)]
             pipe = _eval_pipeline(files, labels, self.image_size, self.resize_size, self.decode, self.layout,
                                   self.on_gpu, batch_size=self.eval_local_batch, seed=0, **self.common)
-            self._eval = self._iterator(pipe, files[:3 * self.eval_local_batch], self.eval_local_batch, train=False)
+            self._eval = self._iterator(pipe, files[:3 * self.eval_local_batch], train=False)
             self.eval_pipelines_built += 1
         self._eval_clean = False
         count = -(-len(files) // self.eval_local_batch)
