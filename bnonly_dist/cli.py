@@ -11,25 +11,27 @@ import os
 import sys
 from pathlib import Path
 
-from bnonly_dist.catalog import ARCH_FORMS, MODES
 from bnonly_dist.config import ConfigError, load, load_with_sources, parse_args
-from bnonly_dist.paths import run_dir as run_dir_of
+from bnonly_dist.config.catalog import ARCH_FORMS, MODES
+from bnonly_dist.run.paths import run_dir as run_dir_of
 
 
 def _train(args) -> None:
-    from bnonly_dist import dist, train
+    from bnonly_dist import dist
+    from bnonly_dist.run import train
     train.run(load(args.config, args.overrides), args.run_dir)
     dist.teardown()
 
 
 def _eval(args) -> None:
-    from bnonly_dist import dist, eval_run
+    from bnonly_dist import dist
+    from bnonly_dist.run import eval_run
     eval_run.run(args.run_dir, args.overrides)
     dist.teardown()
 
 
 def _config(args) -> None:
-    from bnonly_dist import config_reference
+    from bnonly_dist.config import reference as config_reference
     if args.keys or args.config is None:
         print(config_reference.key_list())
         return
@@ -55,14 +57,14 @@ def _run_dir(args) -> None:
 def _sweep_points(args) -> None:
     import shlex
 
-    from bnonly_dist import sweep
+    from bnonly_dist.launch import sweep
     spec = sweep.load(args.sweep, args.overrides)
     for point in spec.points:  # shell words: config, overrides, run directory
         print(shlex.join([str(spec.config), *spec.common, *point.overrides, str(point.run_dir)]))
 
 
 def _bench(args) -> None:
-    from bnonly_dist import bench
+    from bnonly_dist.perf import bench
     report = bench.run(load(args.config, args.overrides), steps=args.steps, warmup=args.warmup,
                        variants=[v for v in args.variants.split(",") if v], with_data=args.data,
                        max_batch_limit=args.max_batch_limit, echo=lambda line: print(line, flush=True))
@@ -72,7 +74,7 @@ def _bench(args) -> None:
 
 
 def _bench_checkpoint(args) -> None:
-    from bnonly_dist import bench_checkpoint
+    from bnonly_dist.perf import bench_checkpoint
     report = bench_checkpoint.run(load(args.config, args.overrides), args.dir, args.repeats)
     if os.environ.get("RANK", "0") != "0":
         return
@@ -205,10 +207,10 @@ def parser() -> argparse.ArgumentParser:
 
 def _run_errors() -> tuple[type[Exception], ...]:
     """Errors of a run, named in one line (imported only once one is raised: they pull in torch)."""
-    from bnonly_dist.bench_runner import VariantFailed
-    from bnonly_dist.checkpoint import CheckpointError
     from bnonly_dist.data.layout import DataError
-    from bnonly_dist.train import Diverged
+    from bnonly_dist.perf.bench_runner import VariantFailed
+    from bnonly_dist.run.checkpoint import CheckpointError
+    from bnonly_dist.run.train import Diverged
     return DataError, CheckpointError, Diverged, VariantFailed
 
 
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import yaml
 
-    from bnonly_dist.rundir import RunDirError
+    from bnonly_dist.run.rundir import RunDirError
     args = parse_args(parser(), argv)
     try:
         args.func(args)

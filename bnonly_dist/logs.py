@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from bnonly_dist.logsafe import SafeFileHandler, SafeStreamHandler
-from bnonly_dist.paths import RunPaths
+from bnonly_dist.run.paths import RunPaths
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:

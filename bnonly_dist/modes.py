@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bnonly_dist.catalog import MODES, freezes_convolutions  # noqa: F401  (re-exported)
+from bnonly_dist.config.catalog import MODES, freezes_convolutions  # noqa: F401  (re-exported)
 from bnonly_dist.models import parameter_roles
 from bnonly_dist.models.init import name_seed
 

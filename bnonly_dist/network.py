@@ -11,18 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from bnonly_dist import checkpoint, models, modes
+from bnonly_dist import models, modes
 from bnonly_dist.config import Config
-from bnonly_dist.plan import Plan
-
-def num_classes(cfg: Config, source=None) -> int:
-    """model.num_classes if set, else the data source's count, else the architecture family's
-    data set's (CIFAR-10: 10, ImageNet: 1000; what bench and bench-checkpoint build without data)."""
-    if cfg.model.num_classes:
-        return cfg.model.num_classes
-    if source is not None:
-        return source.num_classes
-    return models.DEFAULT_CLASSES[models.parse_arch(cfg.model.arch).family]
+from bnonly_dist.config.plan import Plan
+from bnonly_dist.run import checkpoint
 
 
 @dataclass

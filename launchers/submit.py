@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bnonly_dist import cluster
+from bnonly_dist.launch import cluster
 
 
 def parse(argv):
@@ -34,10 +34,12 @@ def parse(argv):
 
 def main(argv=None) -> int:
     args = parse(argv)
-    from bnonly_dist import config, preflight, rundir
+    from bnonly_dist import config
     from bnonly_dist.data.layout import DataError
-    from bnonly_dist.jobs import TrainJob
-    from bnonly_dist.paths import RunPaths, run_dir
+    from bnonly_dist.launch import preflight
+    from bnonly_dist.launch.jobs import TrainJob
+    from bnonly_dist.run import rundir
+    from bnonly_dist.run.paths import RunPaths, run_dir
     try:
         cfg = config.load(args.config, args.overrides)
         preflight.require_data(cfg)  # before a question about where to run
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
         lines = [line]
         if target.slurm and not args.dry_run:
             lines.append(preflight.check_capacity(res))  # a job no partition can run would pend forever
-        lines += preflight.check_run(cfg, paths.root, target)
+        lines += preflight.check_run(cfg, paths.root, target, preview_run_dir=args.dry_run)
         print("\n".join(x for x in lines if x))
         name = f"bnonly-{paths.root.name}"[:100]
         if args.dry_run:

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bnonly_dist import cluster
+from bnonly_dist.launch import cluster
 
 
 def parse(argv):
@@ -31,11 +31,12 @@ def parse(argv):
 
 def main(argv=None) -> int:
     args = parse(argv)
-    from bnonly_dist import preflight, rundir, sweep
     from bnonly_dist.config import ConfigError
     from bnonly_dist.data.layout import DataError
-    from bnonly_dist.jobs import TrainJob
-    from bnonly_dist.paths import RunPaths
+    from bnonly_dist.launch import preflight, sweep
+    from bnonly_dist.launch.jobs import TrainJob
+    from bnonly_dist.run import rundir
+    from bnonly_dist.run.paths import RunPaths
     try:
         spec = sweep.load(args.sweep, args.overrides)  # every point's config, validated
         res = cluster.resources(args, spec.slurm)
@@ -63,14 +64,13 @@ def main(argv=None) -> int:
         if target.slurm and not args.dry_run:
             lines.append(preflight.check_capacity(res))  # a job no partition can run would pend forever
         for point in todo:
-            lines += preflight.check_run(point.cfg, point.run_dir, target, seen)
+            lines += preflight.check_run(point.cfg, point.run_dir, target, seen, preview_run_dir=args.dry_run)
         print("\n".join(x for x in lines if x))
         if args.dry_run:
             print(cluster.sbatch_script(job_dir, res, name, array=len(todo)))
             return 0
         with cluster.created(*(p.run_dir for p in todo)):  # the launch goes ahead; see submit.py
-            for point in todo:
-                rundir.prepare(point.cfg, point.run_dir)
+            rundir.prepare_all([(p.cfg, p.run_dir) for p in todo])
             executor = cluster.executor(job_dir, res, name, target)
             with executor.batch():  # one job array
                 jobs = [executor.submit(TrainJob(p.cfg.to_dict(), p.run_dir)) for p in todo]

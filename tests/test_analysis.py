@@ -7,9 +7,11 @@ import sys
 import pytest
 import torch
 
-from bnonly_dist import analysis, models, sweep, train
+from bnonly_dist import analysis, models
 from bnonly_dist.analysis import gamma, runs
 from bnonly_dist.data.layout import load_cifar10
+from bnonly_dist.launch import sweep
+from bnonly_dist.run import train
 
 THRESHOLD = 0.01
 

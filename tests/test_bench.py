@@ -6,7 +6,8 @@ import weakref
 import pytest
 import torch
 
-from bnonly_dist import bench, bench_runner, config
+from bnonly_dist import config
+from bnonly_dist.perf import bench, bench_runner
 
 
 def test_bench_reports_all_plain_and_lean_side_by_side(tmp_path):

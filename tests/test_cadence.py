@@ -1,6 +1,7 @@
 """When the loop speaks: metric rows on the log_every grid (the same steps on every rank), a
 console line for the first step and whenever nothing was printed for 30 s, evaluations at epoch ends."""
-from bnonly_dist import config, train
+from bnonly_dist import config
+from bnonly_dist.run import train
 
 
 def test_rows_follow_the_grid_and_the_console_is_never_silent_for_30_s(monkeypatch):

@@ -15,10 +15,11 @@ import time
 import pytest
 import torch
 
-from bnonly_dist import checkpoint, checkpoint_files, config, models, modes, rundir, stop
-from bnonly_dist.checkpoint import CheckpointError, CheckpointIncompatible, Checkpointer
+from bnonly_dist import config, models, modes
 from bnonly_dist.engines.base import Engine
-from bnonly_dist.paths import RunPaths
+from bnonly_dist.run import checkpoint, checkpoint_files, rundir, stop
+from bnonly_dist.run.checkpoint import Checkpointer, CheckpointError, CheckpointIncompatible
+from bnonly_dist.run.paths import RunPaths
 
 IDENTITY = {"optim.lr": 0.1, "seed": 0}
 
@@ -216,19 +217,47 @@ def test_run_dir_paths_are_checked_before_anything_is_created(tmp_path, layout, 
 
 def test_one_trainer_per_run_dir(tmp_path):
     run_dir = tmp_path / "run"
-    lock = rundir.prepare(cfg(), run_dir, hold=True)
+    lock = rundir.create(cfg(), run_dir, rundir.claim(cfg(), run_dir))
     config_before = RunPaths(run_dir).config.read_bytes()
     with pytest.raises(rundir.RunDirInUse, match=f"in use by another trainer \\(pid {os.getpid()} on host "):
-        rundir.prepare(cfg("train.max_steps=3"), run_dir, hold=True)
+        rundir.claim(cfg("train.max_steps=3"), run_dir)
     assert RunPaths(run_dir).config.read_bytes() == config_before  # the refused one wrote nothing
     lock.release()
-    rundir.prepare(cfg(), run_dir, hold=True).release()
+    rundir.create(cfg(), run_dir, rundir.claim(cfg(), run_dir)).release()
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_a_start_checks_its_run_dir_once_under_the_lock(tmp_path, monkeypatch, exists):
+    run_dir = tmp_path / "run"
+    if exists:
+        rundir.prepare(cfg(), run_dir)
+    checked = []
+    real = rundir._check_identity
+
+    def spy(config, root):
+        with pytest.raises(rundir.RunDirInUse):  # the lock is held while the identity is read
+            rundir.acquire(root)
+        checked.append(root)
+        real(config, root)
+
+    monkeypatch.setattr(rundir, "_check_identity", spy)
+    rundir.prepare(cfg(), run_dir)
+    assert checked == [run_dir]
+
+
+def test_a_sweep_refuses_before_creating_any_run_dir(tmp_path):
+    taken = tmp_path / "b"
+    rundir.prepare(cfg("optim.lr=0.5"), taken)
+    with pytest.raises(config.ConfigError, match="holds a run with optim.lr=0.5"):
+        rundir.prepare_all([(cfg(), tmp_path / "a"), (cfg(), taken)])
+    assert not (tmp_path / "a").exists()
+    rundir.acquire(taken).release()  # no lock left behind
 
 
 def test_a_killed_trainer_leaves_no_stale_lock(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from bnonly_dist import rundir; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from bnonly_dist.run import rundir; "
                                f"rundir.acquire({str(run_dir)!r}); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bnonly_dist import cluster, sweep
 from bnonly_dist.config import ConfigError
+from bnonly_dist.launch import cluster, sweep
 
 
 def submit(*args, env=None):

@@ -83,10 +83,10 @@ def test_run_name_ignores_pacing_keys():
 
 
 def test_docs_config_md_is_generated_from_the_schema():
-    from bnonly_dist import config_reference
+    from bnonly_dist.config import reference as config_reference
     with open("docs/config.md") as f:
         assert f.read() == config_reference.generate_markdown(), \
-            "docs/config.md is stale: python -m bnonly_dist.config_reference > docs/config.md"
+            "docs/config.md is stale: python -m bnonly_dist.config.reference > docs/config.md"
     names = [k.name for k in config_reference.keys()]
     assert "optim.lr" in names and "data.image_size" in names and len(names) == len(set(names))
     assert all(k.description for k in config_reference.keys())  # every key documented

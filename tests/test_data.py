@@ -1,7 +1,7 @@
 import pickle
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest

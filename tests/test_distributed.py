@@ -13,8 +13,10 @@ import torch
 from launch import Launch, committed_steps, run, run_torchrun, train_losses
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from bnonly_dist import checkpoint, config, engines, models, modes, plan
+from bnonly_dist import config, engines, models, modes
+from bnonly_dist.config import plan
 from bnonly_dist.dist import Context
+from bnonly_dist.run import checkpoint
 
 ENGINES = {"ddp": ["dist.engine=ddp"], "fsdp": ["dist.engine=fsdp"],
            "zero1": ["dist.engine=deepspeed", "dist.zero_stage=1"],

@@ -22,7 +22,6 @@ import pytest
 import torch
 from launch import committed_steps
 
-
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/cifar10_resnet14.yaml"
 IGNORED = ("logs", "tb", ".lock")  # written by any start; never part of what must survive
@@ -152,7 +151,7 @@ def unfinished(env: Env) -> None:
 
 def run_dir_in_use(env):
     unfinished(env)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; from bnonly_dist import rundir; "
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from bnonly_dist.run import rundir; "
                                f"rundir.acquire({str(env.run)!r}); print('held', flush=True); time.sleep(120)"],
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     env.cleanups.append(lambda: (holder.kill(), holder.wait()))

@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnonly_dist import config, dist, engines, models, modes, network, train
-from bnonly_dist import plan as plan_mod
+from bnonly_dist import config, dist, engines, models, modes, network
+from bnonly_dist.config import plan as plan_mod
 from bnonly_dist.data import fake
+from bnonly_dist.run import train
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -106,7 +107,7 @@ def test_fsdp_over_nccl_gathers_bf16(nccl_group):
 
     from bnonly_dist.engines.base import Engine
     from bnonly_dist.engines.fsdp import shard, shard_units
-    from bnonly_dist.optim import make_optimizer
+    from bnonly_dist.run.optim import make_optimizer
     cfg = cfg_for("fsdp")
     plan = plan_mod.resolve(cfg, GPU)
     assert plan.bf16 and plan.channels_last

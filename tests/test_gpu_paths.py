@@ -12,12 +12,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from bnonly_dist import config, dist, engines, models, modes, network
-from bnonly_dist import plan as plan_mod
+from bnonly_dist.config import plan as plan_mod
 from bnonly_dist.data import sharding
 from bnonly_dist.data.cifar import CifarSource, augment
 from bnonly_dist.data.dali import DaliImageNetSource
-from bnonly_dist.evaluate import evaluate
 from bnonly_dist.models.init import name_seed
+from bnonly_dist.run.evaluate import evaluate
 
 CPU = torch.device("cpu")
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUBLAS_WORKSPACE_CONFIG",
@@ -134,7 +134,8 @@ def test_deepspeed_starts_on_the_chosen_gpu_with_the_plans_autocast(precision, e
 DEEPSPEED_CONV_DTYPE = """
 import sys, torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from bnonly_dist import config, dist, engines, network, plan as plan_mod
+from bnonly_dist import config, dist, engines, network
+from bnonly_dist.config import plan as plan_mod
 from bnonly_dist.engines import deepspeed as ds_engine
 
 class Convs(TorchDispatchMode):  # the dtype each convolution kernel computes in (after autocast)
@@ -178,7 +179,6 @@ def test_deepspeed_convolutions_see_bf16_in_a_single_process(configured):
 # --- 2. FSDP mixed precision ---------------------------------------------------------------
 def test_fsdp_gathers_conv_weights_in_bf16_and_keeps_bn_fp32():
     from torch.distributed.device_mesh import init_device_mesh
-
     from torch.distributed.fsdp import FSDPModule
 
     from bnonly_dist.engines.fsdp import shard, shard_units

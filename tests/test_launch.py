@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from bnonly_dist import preflight
 from bnonly_dist.config import ConfigError
+from bnonly_dist.launch import preflight
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = "configs/cifar10_resnet14.yaml"
@@ -213,7 +213,7 @@ def test_the_documented_dry_run_works_without_a_cluster_file(no_slurm):
 
 
 def test_without_slurm_a_gpu_machine_runs_one_process_per_gpu(monkeypatch):
-    from bnonly_dist import cluster
+    from bnonly_dist.launch import cluster
     monkeypatch.setattr(cluster, "slurm_available", lambda: False)
     monkeypatch.setattr(cluster, "local_gpus", lambda: 4)
     res = {"nodes": 8, "gpus_per_node": 8}

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnonly_dist import bench_runner, config, models, modes, plan
-from bnonly_dist.config import ConfigError
+from bnonly_dist import config, models, modes
+from bnonly_dist.config import ConfigError, plan
 from bnonly_dist.models import layers
+from bnonly_dist.perf import bench_runner
 
 # One architecture per block family: CIFAR basic blocks, ImageNet basic blocks, ImageNet
 # bottlenecks (narrow, so that float64 stays fast), each with projection shortcuts.
@@ -198,7 +199,7 @@ def test_frozen_bf16_weights_give_the_same_gradients_under_autocast():
 
 
 def test_lean_default_follows_the_mode(monkeypatch):
-    from bnonly_dist import memory
+    from bnonly_dist.perf import memory
     monkeypatch.setattr(memory, "rank_memory_bytes", lambda device: 2**20)  # 1 MiB: nothing plain fits
     cfg = lambda *o: config.load("configs/cifar10_resnet20.yaml", list(o))  # noqa: E731
     lean = lambda c: plan.resolve(c, torch.device("cpu")).lean  # noqa: E731

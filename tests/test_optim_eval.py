@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from bnonly_dist.config import OptimConfig
-from bnonly_dist.evaluate import evaluate
-from bnonly_dist.optim import lr_at
+from bnonly_dist.run.evaluate import evaluate
+from bnonly_dist.run.optim import lr_at
 
 
 def test_step_schedule_with_warmup():

@@ -5,8 +5,9 @@ import sys
 import pytest
 import torch
 
-from bnonly_dist import config, memory, network, plan
-from bnonly_dist.config import ConfigError
+from bnonly_dist import config, network
+from bnonly_dist.config import ConfigError, plan
+from bnonly_dist.perf import memory
 
 CPU = torch.device("cpu")
 
@@ -43,7 +44,7 @@ def test_lean_auto_turns_on_where_plain_autograd_would_not_fit(monkeypatch):
 
 
 def real_saved_bytes(arch, mode, stages=()):
-    from bnonly_dist.bench_runner import saved_activation_bytes
+    from bnonly_dist.perf.bench_runner import saved_activation_bytes
     c = cfg(f"model.arch={arch}", f"mode={mode}", "data.image_size=64", f"train.activation_checkpointing={list(stages)}",
             "train.lean_autograd=false")
     net = network.build(c, plan.resolve(c, CPU), 10)

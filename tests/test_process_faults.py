@@ -17,7 +17,7 @@ import pytest
 from launch import committed_steps
 from test_faults import CONFIG, REPO, base_overrides, cli
 
-from bnonly_dist import checkpoint, checkpoint_files
+from bnonly_dist.run import checkpoint, checkpoint_files
 
 
 def test_ctrl_c_stops_with_a_checkpoint_and_twice_aborts(cifar_root, tmp_path):

@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from bnonly_dist import checkpoint, train
+from bnonly_dist.run import checkpoint, train
 
 
 def tree_digest(root):

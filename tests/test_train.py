@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from bnonly_dist import checkpoint, config, engines, models, modes, train
-from bnonly_dist.checkpoint import CheckpointError
+from bnonly_dist import config, engines, models, modes
 from bnonly_dist.config import ConfigError
 from bnonly_dist.engines.base import Engine
+from bnonly_dist.run import checkpoint, train
+from bnonly_dist.run.checkpoint import CheckpointError
 
 
 def read_metrics(run_dir):

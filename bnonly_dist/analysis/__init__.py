@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from bnonly_dist.analysis import figures, gamma, runs, tables
-from bnonly_dist.checkpoint import CheckpointError
 from bnonly_dist.data.layout import DataError
+from bnonly_dist.run.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 

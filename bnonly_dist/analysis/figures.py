@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 from bnonly_dist.analysis.gamma import GammaReport  # noqa: E402
 from bnonly_dist.analysis.runs import RunRecord  # noqa: E402
-from bnonly_dist.bn_stats import bn_stage  # noqa: E402
+from bnonly_dist.run.bn_stats import bn_stage  # noqa: E402
 
 COLORS = {"all": "tab:blue", "bn": "tab:orange", "bn_output": "tab:olive", "bn_shortcut_output": "tab:green",
           "shortcut_output": "tab:red", "output": "tab:purple", "none": "tab:gray",

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-from bnonly_dist import checkpoint, data, network
-from bnonly_dist import plan as plans
+from bnonly_dist import data, network
 from bnonly_dist.analysis.runs import RunRecord
-from bnonly_dist.bn_stats import bn_parameters
+from bnonly_dist.config import plan as plans
 from bnonly_dist.engines.base import Engine
-from bnonly_dist.evaluate import evaluate
+from bnonly_dist.run import checkpoint
+from bnonly_dist.run.bn_stats import bn_parameters
+from bnonly_dist.run.evaluate import evaluate
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from bnonly_dist import config, models
 from bnonly_dist.config import ConfigError
@@ -46,7 +45,7 @@ class RunRecord:
 
 def _run_dirs(path: Path) -> list[Path]:
     if path.is_file():  # a sweep file: its points' run directories
-        from bnonly_dist import sweep
+        from bnonly_dist.launch import sweep
         return [p.run_dir for p in sweep.load(path).points]
     if (path / "config.yaml").is_file():
         return [path]
@@ -94,8 +93,8 @@ def read(run_dir: Path) -> RunRecord | None:
         return None
     config_path = run_dir / "config.yaml"
     try:
-        cfg = config.from_dict(yaml.safe_load(config_path.read_bytes().decode("utf-8")))
-    except (OSError, ValueError, yaml.YAMLError, ConfigError, AttributeError) as err:
+        cfg = config.from_dict(config.read_run_config(config_path))
+    except ConfigError as err:
         log.warning("skipping %s: %s is unreadable (%s)", run_dir, config_path, str(err).splitlines()[0][:200])
         return None
     evals = [r for r in _metrics_rows(run_dir / "metrics.jsonl") if r["kind"] == "eval"]

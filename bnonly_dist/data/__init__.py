@@ -7,8 +7,8 @@ for padding, and state()/load_state() for what a resume needs beyond (epoch, ste
 from __future__ import annotations
 
 from bnonly_dist.config import Config
+from bnonly_dist.config.plan import Plan
 from bnonly_dist.data.layout import DataError
-from bnonly_dist.plan import Plan
 
 
 def build(cfg: Config, plan: Plan, rank: int, world: int):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from bnonly_dist.config import Config
+from bnonly_dist.config.plan import Plan
 from bnonly_dist.dist import Context
 from bnonly_dist.engines.base import Engine
-from bnonly_dist.plan import Plan
 
 
 def wrap(cfg: Config, plan: Plan, model: torch.nn.Module, masks: dict, ctx: Context) -> Engine:

@@ -8,7 +8,7 @@ from torch.nn.parallel import DistributedDataParallel
 from bnonly_dist.config import Config
 from bnonly_dist.dist import Context
 from bnonly_dist.engines.base import Engine
-from bnonly_dist.optim import make_optimizer
+from bnonly_dist.run.optim import make_optimizer
 
 
 class DDPEngine(Engine):

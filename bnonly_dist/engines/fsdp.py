@@ -10,10 +10,10 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import distribute_tensor
 
 from bnonly_dist.config import Config
+from bnonly_dist.config.plan import Plan
 from bnonly_dist.dist import Context
 from bnonly_dist.engines.base import Engine, contiguous_parameters
-from bnonly_dist.optim import make_optimizer
-from bnonly_dist.plan import Plan
+from bnonly_dist.run.optim import make_optimizer
 
 
 def shard_units(model: torch.nn.Module, unit: str) -> list[torch.nn.Module]:

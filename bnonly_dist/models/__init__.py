@@ -4,14 +4,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bnonly_dist.config.catalog import DEFAULT_CLASSES, Arch, parse_arch  # noqa: F401  (re-exported)
 from bnonly_dist.models.cifar_resnet import CifarResNet
-from bnonly_dist.catalog import Arch, parse_arch  # noqa: F401  (re-exported)
 from bnonly_dist.models.imagenet_resnet import ImageNetResNet
 from bnonly_dist.models.init import initialize
 from bnonly_dist.models.layers import set_lean
 
 ROLES = ("conv", "shortcut", "bn", "output")
-DEFAULT_CLASSES = {"cifar": 10, "imagenet": 1000}  # the data set each family was made for
 
 
 def create(name: str, num_classes: int, device: torch.device | str = "cpu") -> nn.Module:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from bnonly_dist.catalog import STAGE_BLOCKS
+from bnonly_dist.config.catalog import STAGE_BLOCKS
 from bnonly_dist.models.blocks import BasicBlock, Bottleneck, ResNet
 from bnonly_dist.models.layers import BatchNorm2d, Conv2d, MaxPool2d
 

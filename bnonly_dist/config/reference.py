@@ -15,8 +15,8 @@ from bnonly_dist.config import Config
 
 DOC_HEADER = """# Config reference
 
-Generated from the schema (`bnonly_dist/config.py`) by
-`python -m bnonly_dist.config_reference > docs/config.md`; a test fails when it is stale.
+Generated from the schema (`bnonly_dist/config/schema.py`) by
+`python -m bnonly_dist.config.reference > docs/config.md`; a test fails when it is stale.
 `bnonly config CONFIG [key=value ...]` prints a config resolved, with where each value
 came from. Set a key in a YAML file or on the command line as `section.key=value` (the value
 is read as YAML: `optim.milestones=[30,60]`, `train.max_steps=null`).

@@ -1,9 +1,10 @@
-"""A run directory: check that it may hold this run, lock it, then create it and save the config.
+"""A run directory: claim it for one start, create it, save the config.
 
-check() touches nothing on disk, so a refused launch leaves nothing behind; prepare()
-creates the directory, takes the run's lock (an exclusive flock on RUN/.lock: one trainer
-per run directory; the OS drops it when the process dies, so a killed run leaves no stale
-lock) and writes config.yaml atomically (rank 0 only).
+A start checks the directory once, under its lock (an exclusive flock on RUN/.lock: one
+trainer per run directory; the OS drops it when the process dies, so a killed run leaves
+no stale lock). claim() refuses a directory that cannot hold this run and creates nothing
+new; create() makes the directory and writes config.yaml atomically (rank 0 only).
+check() is the read-only preview of the same refusals, for dry runs.
 
 The run's identity is read from config.yaml, or, when that is missing or unreadable while
 checkpoints exist, from the newest checkpoint's marker: a run that computes something
@@ -16,11 +17,9 @@ import os
 import socket
 from pathlib import Path
 
-import yaml
-
-from bnonly_dist.checkpoint_files import newest_identity
-from bnonly_dist.config import Config, ConfigError, from_dict, save
-from bnonly_dist.paths import RunPaths
+from bnonly_dist.config import Config, ConfigError, from_dict, read_run_config, save
+from bnonly_dist.run.checkpoint_files import newest_identity
+from bnonly_dist.run.paths import RunPaths
 
 
 class RunDirError(ConfigError):
@@ -67,12 +66,9 @@ def _saved_identity(paths: RunPaths) -> tuple[dict, str] | None:
     problem = None
     if paths.config.is_file():
         try:
-            data = yaml.safe_load(paths.config.read_bytes().decode("utf-8"))
-            if not isinstance(data, dict):
-                raise ConfigError(f"it holds {type(data).__name__}, not a mapping")
-            return from_dict(data).identity(), str(paths.config)
-        except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError) as err:
-            problem = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            return from_dict(read_run_config(paths.config)).identity(), str(paths.config)
+        except ConfigError as err:
+            problem = str(err).splitlines()[0]
     stored = newest_identity(paths.checkpoints)
     if stored:
         return stored[1], f"{stored[0]}/commit.json"
@@ -82,10 +78,7 @@ def _saved_identity(paths: RunPaths) -> tuple[dict, str] | None:
     return None
 
 
-def check(cfg: Config, run_dir: Path) -> None:
-    """ConfigError if run_dir cannot hold this run or holds a run that computes something else."""
-    root = Path(run_dir)
-    _check_paths(root)
+def _check_identity(cfg: Config, root: Path) -> None:
     saved = _saved_identity(RunPaths(root)) if root.is_dir() else None
     if saved is None:
         return
@@ -95,8 +88,15 @@ def check(cfg: Config, run_dir: Path) -> None:
     changed = sorted(k for k in keys if old.get(k) != new.get(k))
     if changed:
         key = changed[0]
-        raise ConfigError(f"{run_dir} holds a run with {key}={old.get(key)!r}, not {new.get(key)!r} (from {source}); "
+        raise ConfigError(f"{root} holds a run with {key}={old.get(key)!r}, not {new.get(key)!r} (from {source}); "
                           "pass a new --run-dir or the original settings")
+
+
+def check(cfg: Config, run_dir: Path) -> None:
+    """ConfigError if run_dir cannot hold this run; reads only (a dry run's preview of claim())."""
+    root = Path(run_dir)
+    _check_paths(root)
+    _check_identity(cfg, root)
 
 
 class RunLock:
@@ -153,19 +153,41 @@ def acquire(run_dir: Path) -> RunLock:
     return RunLock(path, fd)
 
 
-def prepare(cfg: Config, run_dir: Path, hold: bool = False) -> RunLock | None:
-    """check(), create run_dir, take its lock, (re)write config.yaml (one process).
+def claim(cfg: Config, run_dir: Path) -> RunLock | None:
+    """The one check of a start: ConfigError if run_dir cannot hold this run; creates nothing new.
 
-    hold=True (the trainer's rank 0) returns the lock, to keep for the whole run; otherwise
-    (launchers) it is released at once, after refusing a run dir that a trainer holds.
+    Where run_dir exists, its lock is taken before its identity is read: a trainer writes
+    config.yaml only while it holds the lock, so what was read cannot change before this
+    start writes its own (race-free). Where it does not exist there is nothing to read yet
+    and None is returned: create() checks once it has made and locked the directory.
     """
-    check(cfg, run_dir)
-    paths = RunPaths(Path(run_dir))
+    root = Path(run_dir)
+    _check_paths(root)
+    if not root.is_dir():
+        return None
+    lock = acquire(root)
     try:
-        paths.root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise RunDirError(f"cannot create run dir {paths.root} ({err.strerror}); pass another --run-dir") from None
-    lock = acquire(paths.root)
+        _check_identity(cfg, root)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def create(cfg: Config, run_dir: Path, lock: RunLock | None) -> RunLock:
+    """Make run_dir (claimed by claim(), which returned lock), hold its lock, (re)write config.yaml."""
+    paths = RunPaths(Path(run_dir))
+    if lock is None:
+        try:
+            paths.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunDirError(f"cannot create run dir {paths.root} ({err.strerror}); pass another --run-dir") from None
+        lock = acquire(paths.root)
+        try:  # another process may have made it since claim(): its identity is read under the lock, once
+            _check_identity(cfg, paths.root)
+        except BaseException:
+            lock.release()
+            raise
     try:
         tmp = paths.root / ".config.yaml.tmp"
         save(cfg, tmp)
@@ -178,7 +200,24 @@ def prepare(cfg: Config, run_dir: Path, hold: bool = False) -> RunLock | None:
     except BaseException:
         lock.release()
         raise
-    if not hold:
-        lock.release()
-        return None
     return lock
+
+
+def prepare_all(runs: list[tuple[Config, Path]]) -> None:
+    """Launchers: claim every (config, run dir) before creating any, so that a refused one leaves
+    nothing behind; then create them and let the locks go (each job's trainer takes its own)."""
+    locks: list[RunLock | None] = []
+    try:
+        for cfg, run_dir in runs:
+            locks.append(claim(cfg, run_dir))
+        for i, (cfg, run_dir) in enumerate(runs):
+            locks[i] = create(cfg, run_dir, locks[i])
+    finally:
+        for lock in locks:
+            if lock is not None:
+                lock.release()
+
+
+def prepare(cfg: Config, run_dir: Path) -> None:
+    """prepare_all for one run."""
+    prepare_all([(cfg, run_dir)])

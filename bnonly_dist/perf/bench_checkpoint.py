@@ -11,9 +11,11 @@ from pathlib import Path
 
 import torch
 
-from bnonly_dist import checkpoint, dist, engines, models, network
-from bnonly_dist import plan as plans
+from bnonly_dist import dist, engines, models, network
 from bnonly_dist.config import Config
+from bnonly_dist.config import plan as plans
+from bnonly_dist.config.catalog import num_classes
+from bnonly_dist.run import checkpoint
 
 
 def _bytes(folder: Path) -> int:
@@ -23,7 +25,7 @@ def _bytes(folder: Path) -> int:
 def run(cfg: Config, out_dir: Path, repeats: int = 3) -> dict:
     ctx = dist.init(cfg.train.device, cfg.dist.timeout_s, cfg.train.deterministic)
     plan = plans.resolve(cfg, ctx.device, ctx.world)
-    classes = network.num_classes(cfg)
+    classes = num_classes(cfg)
     size = 32 if models.parse_arch(cfg.model.arch).family == "cifar" else cfg.data.image_size
     start = time.perf_counter()  # what a resume without stored frozen weights does instead of reading them
     net = network.build(cfg, plan, classes)

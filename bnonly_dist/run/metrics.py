@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from bnonly_dist.bn_stats import bn_affine
-from bnonly_dist.paths import RunPaths
+from bnonly_dist.run.bn_stats import bn_affine
+from bnonly_dist.run.paths import RunPaths
 
 
 class Metrics:

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bnonly_dist.paths import RunPaths
+from bnonly_dist.run.paths import RunPaths
 
 RESOURCE_KEYS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "partition", "account", "qos", "time",
                  "mem", "constraint", "exclude", "setup", "max_requeues", "signal_delay_s")

@@ -90,3 +90,16 @@ def masks_gradients(mode_name: str) -> bool:
 def trains_nothing(mode_name: str) -> bool:
     mode = MODES[mode_name]
     return not mode.trains and not mode.random_per_channel
+
+
+DEFAULT_CLASSES = {"cifar": 10, "imagenet": 1000}  # the data set each family was made for
+
+
+def num_classes(cfg, source=None) -> int:
+    """The class count of a Config: model.num_classes if set, else the data source's count, else the architecture family's
+    data set's (CIFAR-10: 10, ImageNet: 1000; what bench and bench-checkpoint build without data)."""
+    if cfg.model.num_classes:
+        return cfg.model.num_classes
+    if source is not None:
+        return source.num_classes
+    return DEFAULT_CLASSES[parse_arch(cfg.model.arch).family]

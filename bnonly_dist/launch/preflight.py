@@ -12,9 +12,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from bnonly_dist.cluster import Target, tasks_per_node
 from bnonly_dist.config import Config, ConfigError
 from bnonly_dist.data.layout import DataError
+from bnonly_dist.launch.cluster import Target, tasks_per_node
 
 
 def require_data(cfg: Config) -> None:
@@ -50,16 +50,23 @@ def check_data(cfg: Config, target: Target) -> str:
             f"{report['train_images']} train / {report['val_images']} val images")
 
 
-def check_run(cfg: Config, run_dir: Path, target: Target, seen: dict | None = None) -> list[str]:
-    """Every check of one run under target; returns the lines to print (data lines once per data set)."""
+def check_run(cfg: Config, run_dir: Path, target: Target, seen: dict | None = None,
+              preview_run_dir: bool = False) -> list[str]:
+    """Every check of one run under target; returns the lines to print (data lines once per data set).
+
+    The run directory is checked here only as a dry run's preview: a launch checks it once,
+    under its lock, in rundir.claim.
+    """
     import torch
 
-    from bnonly_dist import plan, rundir
+    from bnonly_dist.config import plan
     from bnonly_dist.data import sharding
+    from bnonly_dist.run import rundir
     require_data(cfg)
     sharding.per_rank(cfg.data.batch_size, target.world)
     plan.resolve(cfg, torch.device(job_device(cfg, target)), target.world)  # device rules; builds nothing real
-    rundir.check(cfg, run_dir)
+    if preview_run_dir:
+        rundir.check(cfg, run_dir)
     seen = {} if seen is None else seen
     key = (cfg.data.name, cfg.data.root, cfg.data.batch_size)
     if key in seen:

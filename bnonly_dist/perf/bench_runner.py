@@ -13,12 +13,14 @@ from dataclasses import replace
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bnonly_dist import memory, models, network
+from bnonly_dist import models, network
 from bnonly_dist.config import Config, ConfigError
+from bnonly_dist.config.catalog import num_classes
+from bnonly_dist.config.plan import Plan, resolve
 from bnonly_dist.dist import choose_device
 from bnonly_dist.engines.base import Engine
-from bnonly_dist.optim import make_optimizer
-from bnonly_dist.plan import Plan, resolve
+from bnonly_dist.perf import memory
+from bnonly_dist.run.optim import make_optimizer
 
 DELAY_ENV = "BNONLY_BENCH_DELAY"  # test hook: "variant=seconds" sleeps inside that variant's timed step
 
@@ -72,7 +74,7 @@ class Runner:
         torch.backends.cudnn.benchmark = not cfg.train.deterministic
         self.mode, self.plan = variant_plan(cfg, self.device, variant)
         self.size = 32 if models.parse_arch(cfg.model.arch).family == "cifar" else cfg.data.image_size
-        self.classes = network.num_classes(cfg)
+        self.classes = num_classes(cfg)
         generator = torch.Generator().manual_seed(cfg.seed)
         images = torch.randn(batch, 3, self.size, self.size, generator=generator)
         self.labels = torch.randint(0, self.classes, (batch,), generator=generator).to(self.device)

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from bnonly_dist import memory, modes
+from bnonly_dist import modes
 from bnonly_dist.config import Config, ConfigError
+from bnonly_dist.config.catalog import num_classes
+from bnonly_dist.perf import memory
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,6 @@ def default_lean(cfg: Config, device: torch.device, world: int, bf16: bool, chan
     have = memory.rank_memory_bytes(device)
     if have is None:
         return True, "memory of the device unknown here"
-    from bnonly_dist.network import num_classes  # network imports this module
     need = memory.plain_saved_bytes(cfg.model.arch, num_classes(cfg), cfg.mode, max(1, cfg.data.batch_size // world),
                                     cfg.data.image_size, channels_last, tuple(cfg.train.activation_checkpointing), bf16)
     on = need > LEAN_MEMORY_SHARE * have

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from bnonly_dist import models, modes
-from bnonly_dist.catalog import parse_arch
+from bnonly_dist.config.catalog import parse_arch
 
 
 @contextlib.contextmanager

@@ -11,14 +11,15 @@ import logging
 import time
 from pathlib import Path
 
-import yaml
 
-from bnonly_dist import data, dist, engines, network, rundir
-from bnonly_dist import plan as plans
-from bnonly_dist.checkpoint import Checkpointer, CheckpointError
-from bnonly_dist.config import ConfigError, apply_overrides, from_dict, parse_override
-from bnonly_dist.evaluate import evaluate
-from bnonly_dist.paths import RunPaths
+from bnonly_dist import data, dist, engines, network
+from bnonly_dist.config import ConfigError, apply_overrides, from_dict, parse_override, read_run_config
+from bnonly_dist.config import plan as plans
+from bnonly_dist.config.catalog import num_classes
+from bnonly_dist.run import rundir
+from bnonly_dist.run.checkpoint import Checkpointer, CheckpointError
+from bnonly_dist.run.evaluate import evaluate
+from bnonly_dist.run.paths import RunPaths
 
 log = logging.getLogger(__name__)
 # What may differ from the run's own config: where the data is and how evaluation runs, not what was trained.
@@ -28,18 +29,12 @@ ALLOWED_PREFIXES = ("data.root", "data.eval_batch_size", "data.num_threads", "da
 
 def load_run_config(run_paths: RunPaths, overrides: list[str]):
     """(the run's config with the overrides, the run's own identity) from RUN/config.yaml."""
-    if not run_paths.config.is_file():
-        raise ConfigError(f"{run_paths.root} has no config.yaml: pass the directory of a run (bnonly train wrote it)")
     for text in overrides:
         key = ".".join(parse_override(text)[0])
         if key not in ALLOWED_PREFIXES:
             raise ConfigError(f"bnonly eval: {key} cannot change after training; only {', '.join(ALLOWED_PREFIXES)}")
-    try:
-        saved = yaml.safe_load(run_paths.config.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"{run_paths.config} is corrupt ({str(err).splitlines()[0]}); restore it") from None
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{run_paths.config} is corrupt (not a mapping); restore it")
+    saved = read_run_config(run_paths.config, f"{run_paths.root} has no config.yaml: pass the directory of a run "
+                                               "(bnonly train wrote it)")
     identity = from_dict(saved).identity()
     return from_dict(apply_overrides(saved, list(overrides))), identity
 
@@ -60,7 +55,7 @@ def run(run_dir: Path, overrides: list[str] = ()) -> dict:
 def _evaluate(run_paths: RunPaths, cfg, identity: dict, ctx) -> dict:
     plan = plans.resolve(cfg, ctx.device, ctx.world)
     source = data.build(cfg, plan, ctx.rank, ctx.world)
-    classes = network.num_classes(cfg, source)
+    classes = num_classes(cfg, source)
     net = network.build(cfg, plan, classes)
     engine = engines.wrap(cfg, plan, net.model, net.masks, ctx)
     ckpt = Checkpointer(run_paths.root, ctx.rank, ctx.world, engine, source, net.frozen_sha, every=1, keep=1,

@@ -1,7 +1,8 @@
 """One training run: build it from the config, then step, log, maybe evaluate, maybe save, stop if agreed.
 
 Flow: config -> dist.init (rank, world, device) -> plan.resolve (every auto setting) ->
-data.build -> rundir.prepare (config.yaml, lock) -> network.build -> engines.wrap ->
+rundir.claim (the one check, the lock) -> data.build ->
+rundir.create (config.yaml) -> network.build -> engines.wrap ->
 Checkpointer.resume -> the loop below -> summary.json.
 """
 from __future__ import annotations
@@ -16,18 +17,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bnonly_dist import data, dist, engines, network, paths, rundir
-from bnonly_dist import plan as plans
-from bnonly_dist.bn_stats import gamma_stats
-from bnonly_dist.checkpoint import Checkpointer, fingerprint
+from bnonly_dist import data, dist, engines, network
 from bnonly_dist.config import Config, ConfigError
+from bnonly_dist.config import plan as plans
+from bnonly_dist.config.catalog import num_classes
 from bnonly_dist.data.layout import check_num_classes
-from bnonly_dist.evaluate import evaluate
 from bnonly_dist.logs import setup_logging
-from bnonly_dist.meter import StepMeter
-from bnonly_dist.metrics import Metrics
-from bnonly_dist.optim import lr_at
-from bnonly_dist.stop import StopRequest
+from bnonly_dist.run import paths, rundir
+from bnonly_dist.run.bn_stats import gamma_stats
+from bnonly_dist.run.checkpoint import Checkpointer, fingerprint
+from bnonly_dist.run.evaluate import evaluate
+from bnonly_dist.run.meter import StepMeter
+from bnonly_dist.run.metrics import Metrics
+from bnonly_dist.run.optim import lr_at
+from bnonly_dist.run.stop import StopRequest
 
 log = logging.getLogger(__name__)
 QUIET_LIMIT_S = 30.0  # never leave the console silent longer than this, whatever train.log_every says
@@ -81,15 +84,17 @@ class Run:
         self.run_dir = self.paths.root
         # Everything that can refuse the run does so before anything is written.
         self.plan = plans.resolve(cfg, self.ctx.device, self.ctx.world)
-        self._on_rank0(rundir.check, cfg, self.run_dir)
-        self.done = dist.broadcast_object(finished_summary(self.paths, cfg) if self.ctx.is_main else None)
-        if self.done:
-            return
-        self.source = data.build(cfg, self.plan, self.ctx.rank, self.ctx.world)
-        check_num_classes(cfg.model.num_classes, self.source.num_classes, cfg.data.root or "the synthetic data")
-        # Rank 0 locks the run directory for the whole run (the OS drops the lock if the process dies).
-        self.lock = self._on_rank0(rundir.prepare, cfg, self.run_dir, True)
+        # Rank 0 holds the run directory's lock from its one check to the end of the run (the OS
+        # drops it if the process dies); claim() creates nothing, create() comes after the data.
+        self.lock = self._on_rank0(rundir.claim, cfg, self.run_dir)
         try:
+            self.done = dist.broadcast_object(finished_summary(self.paths, cfg) if self.ctx.is_main else None)
+            if self.done:
+                self.release()
+                return
+            self.source = data.build(cfg, self.plan, self.ctx.rank, self.ctx.world)
+            check_num_classes(cfg.model.num_classes, self.source.num_classes, cfg.data.root or "the synthetic data")
+            self.lock = self._on_rank0(rundir.create, cfg, self.run_dir, self.lock)
             self._build(cfg)
         except BaseException:
             self.release()
@@ -100,7 +105,7 @@ class Run:
         torch.use_deterministic_algorithms(self.plan.deterministic)
         torch.backends.cudnn.benchmark = not self.plan.deterministic
 
-        self.num_classes = network.num_classes(cfg, self.source)
+        self.num_classes = num_classes(cfg, self.source)
         # Every rank builds the same frozen weights from the seed; engines may then shard them.
         net = network.build(cfg, self.plan, self.num_classes)
         self.trainable, self.total_params = net.trainable, net.total

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from bnonly_dist.catalog import ARCH_FORMS, MODES, masks_gradients, parse_arch, trains_nothing
+from bnonly_dist.config.catalog import ARCH_FORMS, MODES, masks_gradients, parse_arch, trains_nothing
 
 # Keys that change how a run is watched, paced or held in memory, not what it computes
 # (beyond float rounding): a run directory may be resumed with other values for them, and
@@ -231,12 +231,27 @@ def read_mapping(path: Path, missing: str) -> dict:
         raise ConfigError(missing)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror}); fix its permissions") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def read_run_config(path: Path, missing: str | None = None) -> dict:
+    """The mapping in a run's saved config.yaml, the one reader of it (rundir, eval, analysis).
+
+    The empty-file rule, decided here: a run always writes its whole config, so an empty
+    config.yaml is damaged, like one that does not parse (unlike a user's YAML, where
+    read_mapping takes empty as {}). ConfigError naming the file either way.
+    """
+    data = read_mapping(path, missing or f"{path} does not exist; pass the directory of a run (bnonly train wrote it)")
+    if not data:
+        raise ConfigError(f"{path}: empty (a run writes its whole config there); restore it from a copy")
     return data
 
 

@@ -22,7 +22,7 @@ import yaml
 
 from bnonly_dist import config
 from bnonly_dist.config import ConfigError
-from bnonly_dist.paths import RunPaths, run_dir
+from bnonly_dist.run.paths import RunPaths, run_dir
 
 
 @dataclass(frozen=True)

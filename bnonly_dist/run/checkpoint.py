@@ -25,9 +25,20 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from bnonly_dist import dist
-from bnonly_dist.checkpoint_files import (COMMIT, CheckpointDamaged, CheckpointError, committed, damaged,
-                                          fsync_dir, move_aside, read_marker, step_dir, step_of, verify,
-                                          write_marker)
+from bnonly_dist.run.checkpoint_files import (
+    COMMIT,
+    CheckpointDamaged,
+    CheckpointError,
+    committed,
+    damaged,
+    fsync_dir,
+    move_aside,
+    read_marker,
+    step_dir,
+    step_of,
+    verify,
+    write_marker,
+)
 
 __all__ = ["COMMIT", "CheckpointDamaged", "CheckpointError", "CheckpointIncompatible", "Checkpointer",
            "FrozenWeightsMismatch", "Resumed", "complete_checkpoints", "fingerprint", "frozen_digest", "latest",

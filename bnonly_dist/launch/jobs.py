@@ -21,7 +21,8 @@ class TrainJob:
     def __call__(self) -> dict:
         import submitit
 
-        from bnonly_dist import config, dist, train
+        from bnonly_dist import config, dist
+        from bnonly_dist.run import train
         # Our port rule (see dist.master_port) rather than submitit's, which may pick an ephemeral port.
         os.environ.setdefault("MASTER_PORT", str(dist.master_port(submitit.JobEnvironment().job_id)))
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)

@@ -37,10 +37,10 @@ import torch
 
 from bnonly_dist import data, models
 from bnonly_dist.config import Config, ConfigError
+from bnonly_dist.config.plan import resolve
 from bnonly_dist.data.layout import DataError
 from bnonly_dist.dist import choose_device
-from bnonly_dist.bench_runner import answer, search_batch, serve, sync
-from bnonly_dist.plan import resolve
+from bnonly_dist.perf.bench_runner import answer, search_batch, serve, sync
 
 VARIANTS = ("all", "bn-plain", "bn-lean", "naive")
 DEFAULT_VARIANTS = ("all", "bn-plain", "bn-lean")
