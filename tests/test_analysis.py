@@ -3,6 +3,7 @@ import csv
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ def mini_sweep(cifar_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("mini")
     spec = root / "sweep.yaml"
     spec.write_text(
-        f"config: {train.__file__.rsplit('/', 2)[0]}/configs/cifar10_resnet14.yaml\n"
+        f"config: {Path(__file__).resolve().parents[1]}/configs/cifar10_resnet14.yaml\n"
         "grid: {model.arch: [cifar_resnet_8, cifar_resnet_14, cifar_resnet_14_32], mode: [all, bn], seed: [0, 1]}\n"
         f"overrides: {{data.root: {cifar_root}, data.batch_size: 64, data.eval_batch_size: 50, optim.epochs: 1, "
         f"train.device: cpu, train.deterministic: true, train.progress: lines, runs_root: {root / 'runs'}}}\n")
