@@ -103,6 +103,7 @@ def choose_device(preference: str, local_rank: int) -> torch.device:
 
 
 _control_group = None  # gloo group for host-side agreement (stop flags) without a GPU sync
+_bn_groups: dict = {}  # ranks per BN group -> this rank's group (bn_group)
 
 
 def device_local_rank(device: torch.device, local_rank: int) -> str:
@@ -162,6 +163,22 @@ def broadcast_object(obj):
     return box[0]
 
 
+def bn_group(ranks: int, timeout_s: int):
+    """The process group of the `ranks` consecutive ranks this one shares BN statistics with
+    (None for 1). Collective: every rank makes every group, once per process, in the same order;
+    on the device's backend (NCCL on GPU, gloo on the CPU), apart from DDP's default group."""
+    if ranks == 1 or not torch_dist.is_initialized():
+        return None
+    if ranks not in _bn_groups:
+        world, rank = torch_dist.get_world_size(), torch_dist.get_rank()
+        for start in range(0, world, ranks):
+            group = torch_dist.new_group(list(range(start, start + ranks)),
+                                         timeout=datetime.timedelta(seconds=timeout_s))
+            if start <= rank < start + ranks:
+                _bn_groups[ranks] = group
+    return _bn_groups[ranks]
+
+
 def barrier() -> None:
     if torch_dist.is_initialized():
         torch_dist.barrier(group=_control_group)
@@ -176,3 +193,4 @@ def teardown() -> None:
         torch_dist.barrier(group=_control_group)
         torch_dist.destroy_process_group()
     _control_group = None
+    _bn_groups.clear()

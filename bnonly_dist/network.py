@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from bnonly_dist import models, modes
+from bnonly_dist import dist, models, modes
 from bnonly_dist.config import Config
 from bnonly_dist.config.plan import Plan
+from bnonly_dist.models.layers import set_bn_groups
 from bnonly_dist.run import checkpoint
 
 
@@ -33,6 +34,7 @@ def build(cfg: Config, plan: Plan, classes: int, mode: str | None = None, lean: 
     frozen_sha = checkpoint.frozen_digest(model)
     models.set_memory_options(model, plan.lean if lean is None else lean, plan.checkpointed_stages,
                               plan.frozen_dtype)
+    set_bn_groups(model, plan.bn.per_rank, dist.bn_group(plan.bn.ranks, cfg.dist.timeout_s))  # collective: groups made once
     trainable, total = modes.trainable_count(model, masks), sum(p.numel() for p in model.parameters())
     model.to(plan.device, memory_format=plan.memory_format)
     return Network(model, {n: m.to(plan.device) for n, m in masks.items()}, frozen_sha, trainable, total)

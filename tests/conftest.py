@@ -23,7 +23,7 @@ def tiny_cfg(cifar_root):
     """A BN-only CIFAR run of a few steps (config overrides may be added)."""
     def make(*overrides):
         return config.load("configs/cifar10_resnet14.yaml", [
-            f"data.root={cifar_root}", "data.batch_size=32", "data.eval_batch_size=50", "optim.epochs=2",
+            f"data.root={cifar_root}", "data.batch_size=32", "train.bn_batch=32", "data.eval_batch_size=50", "optim.epochs=2",
             "optim.milestones=[1]", "train.device=cpu", "train.deterministic=true", "train.log_every=2",
             "train.checkpoint_every=4", "train.progress=lines", *overrides])
     return make

@@ -25,7 +25,8 @@ def mini_sweep(cifar_root, tmp_path_factory):
     spec.write_text(
         f"config: {Path(__file__).resolve().parents[1]}/configs/cifar10_resnet14.yaml\n"
         "grid: {model.arch: [cifar_resnet_8, cifar_resnet_14, cifar_resnet_14_32], mode: [all, bn], seed: [0, 1]}\n"
-        f"overrides: {{data.root: {cifar_root}, data.batch_size: 64, data.eval_batch_size: 50, optim.epochs: 1, "
+        f"overrides: {{data.root: {cifar_root}, data.batch_size: 64, train.bn_batch: 64, data.eval_batch_size: 50, "
+        "optim.epochs: 1, "
         f"train.device: cpu, train.deterministic: true, train.progress: lines, runs_root: {root / 'runs'}}}\n")
     points = sweep.load(spec).points
     for point in points:

@@ -13,7 +13,7 @@ from bnonly_dist.perf import bench, bench_runner
 def test_bench_reports_all_plain_and_lean_side_by_side(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "bnonly_dist.cli", "bench", "configs/cifar10_resnet14.yaml",
-                           "data.batch_size=16", "train.device=cpu", "--steps", "2", "--warmup", "1",
+                           "data.batch_size=16", "train.bn_batch=16", "train.device=cpu", "--steps", "2", "--warmup", "1",
                            "--json", str(out)], capture_output=True, text=True, check=True)
     report = json.loads(out.read_text())
     by_variant = {r["variant"]: r for r in report["results"]}
@@ -35,7 +35,8 @@ def test_bench_reports_all_plain_and_lean_side_by_side(tmp_path):
 
 def test_bench_times_the_data_pipeline_alone(tmp_path, imagenet_root):
     proc = subprocess.run([sys.executable, "-m", "bnonly_dist.cli", "bench", "configs/imagenet_resnet18.yaml",
-                           "data.batch_size=8", "data.image_size=64", "train.device=cpu", f"data.root={imagenet_root}",
+                           "data.batch_size=8", "train.bn_batch=8", "data.image_size=64", "train.device=cpu",
+                           f"data.root={imagenet_root}",
                            "--variants", "bn-lean", "--steps", "2", "--warmup", "1", "--data", "--json",
                            str(tmp_path / "b.json")], capture_output=True, text=True, check=True)
     report = json.loads((tmp_path / "b.json").read_text())
@@ -73,8 +74,9 @@ def test_a_variant_slowed_on_purpose_is_reported_slower_with_spreads(monkeypatch
     (far above a step of this tiny net, even on a loaded machine)."""
     monkeypatch.setenv(bench_runner.DELAY_ENV, "bn-plain=3")
     lines = []
-    report = bench.run(cfg("data.batch_size=4", "train.channels_last=true", "train.lean_autograd=false"), steps=3,
-                       warmup=1, variants=["all", "bn-plain", "naive"], echo=lines.append)
+    report = bench.run(cfg("data.batch_size=4", "train.bn_batch=4", "train.channels_last=true",
+                           "train.lean_autograd=false"), steps=3, warmup=1, variants=["all", "bn-plain", "naive"],
+                       echo=lines.append)
     by_variant = {r["variant"]: r for r in report["results"]}
     slowed = report["ratios"]["bn-plain"]
     for base in ["all", "naive"]:

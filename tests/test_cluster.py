@@ -58,7 +58,7 @@ def test_cluster_file_with_an_unknown_key_is_named(tmp_path):
 
 def test_local_executor_runs_the_job_here_on_two_tasks(cifar_root, tmp_path):
     out = submit("--local", "--tasks-per-node", "2", "--gpus-per-node", "0", "configs/cifar10_resnet14.yaml",
-                 f"data.root={cifar_root}", "data.batch_size=32", "optim.epochs=1", "train.device=cpu",
+                 f"data.root={cifar_root}", "data.batch_size=32", "train.bn_batch=32", "optim.epochs=1", "train.device=cpu",
                  "train.progress=lines", "--run-dir", str(tmp_path / "run"))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "on this machine" in out.stdout and "done" in out.stdout

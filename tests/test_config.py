@@ -17,7 +17,7 @@ def test_every_shipped_config_loads():
 
 def test_required_keys_exist_and_overrides_apply():
     cfg = config.load("configs/imagenet_resnet200.yaml", [
-        "optim.lr=0.2", "data.root=/data/imagenet", "mode=all", "seed=3", "data.batch_size=512",
+        "optim.lr=0.2", "data.root=/data/imagenet", "mode=all", "seed=3", "data.batch_size=512", "train.bn_batch=512",
         "optim.epochs=10", "train.max_steps=7", "optim.milestones=[3,6]"])
     assert (cfg.optim.lr, cfg.data.root, cfg.mode, cfg.seed) == (0.2, "/data/imagenet", "all", 3)
     assert (cfg.model.arch, cfg.data.batch_size, cfg.optim.epochs, cfg.train.max_steps) == ("imagenet_resnet_200", 512, 10, 7)

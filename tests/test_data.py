@@ -12,6 +12,7 @@ from bnonly_dist.data import layout, sharding
 from bnonly_dist.data.cifar import CifarSource, augment
 from bnonly_dist.data.dali import DaliImageNetSource
 from bnonly_dist.data.layout import DataError
+from bnonly_dist.config.plan import per_rank
 
 CPU = torch.device("cpu")
 
@@ -122,7 +123,7 @@ def test_train_sharding_sees_each_image_once_per_epoch(world):
 
 def test_batch_must_divide_world():
     with pytest.raises(ConfigError, match="multiple of 3"):
-        sharding.per_rank(128, 3)
+        per_rank(128, 3)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

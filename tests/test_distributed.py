@@ -28,7 +28,7 @@ STEPS = 20  # 2 epochs of 10 steps
 @pytest.fixture(scope="module")
 def overrides(cifar_root):
     def make(engine: str, *extra: str) -> list[str]:
-        return [f"data.root={cifar_root}", "data.batch_size=32", "data.eval_batch_size=50", "optim.epochs=2",
+        return [f"data.root={cifar_root}", "data.batch_size=32", "train.bn_batch=32", "data.eval_batch_size=50", "optim.epochs=2",
                 "optim.milestones=[1]", "train.device=cpu", "train.deterministic=true", "train.log_every=1",
                 "train.checkpoint_every=4", "train.progress=lines", "dist.timeout_s=30",
                 "train.channels_last=false",  # one layout for every engine (FSDP2 shards only NCHW weights)
@@ -211,7 +211,7 @@ def test_deepspeed_resumes_only_at_its_world_size(overrides, tmp_path):
 
 def test_dali_imagenet_on_two_ranks_resumes_bit_identical(imagenet_root, tmp_path):
     """Each rank restores its own DALI state: the augmentations after the kill are the ones it would have drawn."""
-    args = [f"data.root={imagenet_root}", "model.arch=imagenet_resnet_18_8", "data.batch_size=8",
+    args = [f"data.root={imagenet_root}", "model.arch=imagenet_resnet_18_8", "data.batch_size=8", "train.bn_batch=8",
             "data.eval_batch_size=6", "data.image_size=32", "data.resize_size=40", "data.num_threads=1",
             "optim.epochs=2", "train.device=cpu", "train.deterministic=true", "train.checkpoint_every=3",
             "train.progress=lines"]

@@ -28,7 +28,7 @@ IGNORED = ("logs", "tb", ".lock")  # written by any start; never part of what mu
 
 
 def base_overrides(cifar_root) -> list[str]:
-    return [f"data.root={cifar_root}", "data.batch_size=32", "data.eval_batch_size=50", "optim.epochs=1",
+    return [f"data.root={cifar_root}", "data.batch_size=32", "train.bn_batch=32", "data.eval_batch_size=50", "optim.epochs=1",
             "optim.milestones=[1]", "train.device=cpu", "train.deterministic=true", "train.log_every=5",
             "train.checkpoint_every=4", "train.progress=lines"]
 
@@ -106,7 +106,7 @@ def imagenet_copy(env: Env) -> Path:
 
 def imagenet_args(env: Env, root: Path, *extra: str) -> list[str]:
     return ["train", "configs/imagenet_resnet18.yaml", f"data.root={root}", "model.arch=imagenet_resnet_18_8",
-            "data.batch_size=8", "data.eval_batch_size=6", "data.image_size=32", "data.resize_size=40",
+            "data.batch_size=8", "train.bn_batch=8", "data.eval_batch_size=6", "data.image_size=32", "data.resize_size=40",
             "data.num_threads=1", "train.device=cpu", "data.decode=cpu", *extra, "--run-dir", str(env.tmp / "in-run")]
 
 

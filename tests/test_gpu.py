@@ -55,7 +55,7 @@ def test_lean_gradients_match_plain_under_bf16_channels_last(arch, size):
 @pytest.mark.parametrize("conf, size", [("configs/cifar10_resnet20.yaml", 32), ("configs/imagenet_resnet18.yaml", 224)])
 def test_twenty_steps_train_on_the_gpu(conf, size, mode, tmp_path):
     cfg = config.load(conf, [f"mode={mode}", "data.name=synthetic", f"data.synthetic_image_size={size}",
-                             "data.synthetic_samples=640", "data.batch_size=64", "data.eval_batch_size=64",
+                             "data.synthetic_samples=640", "data.batch_size=64", "train.bn_batch=64", "data.eval_batch_size=64",
                              "model.num_classes=10", "optim.epochs=2", "train.device=cuda", "train.log_every=5",
                              "train.progress=lines"])
     summary = train.run(cfg, tmp_path / "run")
@@ -76,7 +76,7 @@ def nccl_group():
 
 
 def cfg_for(engine: str):
-    return config.load("configs/cifar10_resnet20.yaml", ["data.name=synthetic", "data.batch_size=32",
+    return config.load("configs/cifar10_resnet20.yaml", ["data.name=synthetic", "data.batch_size=32", "train.bn_batch=32",
                                                           f"dist.engine={engine}", "train.device=cuda"])
 
 
@@ -122,7 +122,8 @@ def test_fsdp_over_nccl_gathers_bf16(nccl_group):
 def test_deepspeed_single_gpu_computes_in_bf16(tmp_path):
     pytest.importorskip("deepspeed")
     cfg = config.load("configs/cifar10_resnet20.yaml", [
-        "data.name=synthetic", "data.batch_size=32", "optim.epochs=1", "dist.engine=deepspeed", "train.device=cuda",
+        "data.name=synthetic", "data.batch_size=32", "train.bn_batch=32", "optim.epochs=1", "dist.engine=deepspeed",
+        "train.device=cuda",
         "train.max_steps=5", "train.frozen_dtype=bf16", "train.precision=bf16", "train.progress=lines"])
     summary = train.run(cfg, tmp_path / "run")  # bf16 frozen weights crash if DeepSpeed drops the autocast
     assert summary["step"] == 5 and summary["engine"] == "deepspeed"
@@ -132,7 +133,7 @@ def test_deepspeed_single_gpu_computes_in_bf16(tmp_path):
 def test_deterministic_resume_is_bit_identical_on_the_gpu(cifar_root, tmp_path):
     def cfg(*extra):
         return config.load("configs/cifar10_resnet20.yaml", [
-            f"data.root={cifar_root}", "data.batch_size=32", "data.eval_batch_size=50", "optim.epochs=2",
+            f"data.root={cifar_root}", "data.batch_size=32", "train.bn_batch=32", "data.eval_batch_size=50", "optim.epochs=2",
             "optim.milestones=[1]", "train.device=cuda", "train.deterministic=true", "train.checkpoint_every=4",
             "train.progress=lines", *extra])
     whole = train.run(cfg(), tmp_path / "whole")

@@ -89,7 +89,7 @@ def test_every_library_gets_the_chosen_gpu(launch, clean_env):
 
 
 def small_cfg(*overrides):
-    return config.load("configs/cifar10_resnet14.yaml", ["data.name=synthetic", "data.batch_size=8",
+    return config.load("configs/cifar10_resnet14.yaml", ["data.name=synthetic", "data.batch_size=8", "train.bn_batch=8",
                                                           "train.device=cpu", *overrides])
 
 
@@ -153,7 +153,8 @@ torch.is_autocast_enabled = lambda device_type="cpu": is_enabled(device_type)
 if sys.argv[1] == "unconfigured":  # what the engine did before: no torch_autocast section
     make = ds_engine.ds_config
     ds_engine.ds_config = lambda *a: {k: v for k, v in make(*a).items() if k != "torch_autocast"}
-cfg = config.load("configs/cifar10_resnet14.yaml", ["data.name=synthetic", "data.batch_size=8", "train.device=cpu",
+cfg = config.load("configs/cifar10_resnet14.yaml", ["data.name=synthetic", "data.batch_size=8",
+                                                    "train.bn_batch=8", "train.device=cpu",
                                                     "dist.engine=deepspeed", "train.precision=bf16"])
 plan = plan_mod.resolve(cfg, torch.device("cpu"))
 net = network.build(cfg, plan, 10)

@@ -25,7 +25,7 @@ cpu 16 (null) 128 1-8
 
 
 def tiny(cifar_root, tmp_path, *extra):
-    return [f"data.root={cifar_root}", "data.batch_size=32", "optim.epochs=1", "train.device=cpu",
+    return [f"data.root={cifar_root}", "data.batch_size=32", "train.bn_batch=32", "optim.epochs=1", "train.device=cpu",
             "train.progress=lines", f"runs_root={tmp_path / 'runs'}", *extra]
 
 
@@ -121,8 +121,8 @@ def test_a_path_only_the_nodes_see_is_said_and_not_checked(fake_slurm, tmp_path)
 
 @pytest.mark.parametrize("extra, message", [
     (["data.root=/nonexistent/cifar"], "/nonexistent/cifar does not exist"),
-    (["data.batch_size=33", "--local", "--tasks-per-node", 2], "must divide by the world size 2"),
-    (["data.batch_size=640"], "data.batch_size=640 exceeds the 320 training images"),
+    (["data.batch_size=33", "train.bn_batch=33", "--local", "--tasks-per-node", 2], "must divide by the world size 2"),
+    (["data.batch_size=640", "train.bn_batch=640"], "data.batch_size=640 exceeds the 320 training images"),
     (["data.name=imagenet"], "holds cifar10 but data.name=imagenet"),
     (["train.device=cuda"], "train.device=cuda but the job gets no GPU"),
     (["optim.lr=-1"], "config key 'optim.lr'"),
@@ -158,7 +158,7 @@ def test_at_a_terminal_the_requested_count_is_confirmed(no_slurm, cifar_root, tm
     os.write(master, b"y\n")
     try:
         out = launch("submit.py", "--nodes", 2, "--tasks-per-node", 2, "--gpus-per-node", 0, CIFAR,
-                     *tiny(cifar_root, tmp_path, "data.batch_size=30"), env=no_slurm, stdin=terminal)
+                     *tiny(cifar_root, tmp_path, "data.batch_size=30", "train.bn_batch=30"), env=no_slurm, stdin=terminal)
     finally:
         os.close(terminal)
         os.close(master)

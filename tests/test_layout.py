@@ -25,7 +25,10 @@ def import_graph() -> dict[str, set[str]]:
                     found.add(sub if sub in modules else node.module)
             elif isinstance(node, ast.Import):
                 found.update(a.name for a in node.names if a.name.startswith("bnonly_dist"))
-        graph[name] = {m for m in found if m in modules and m != name}
+        # Importing a.b.c runs the package a.b's __init__ first (but never the importer's own packages).
+        parents = {".".join(m.split(".")[:i]) for m in found for i in range(2, m.count(".") + 1)}
+        own = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 2)}
+        graph[name] = {m for m in found | parents if m in modules and m not in own}
     return graph
 
 

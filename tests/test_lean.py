@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from bnonly_dist import config, models, modes
 from bnonly_dist.config import ConfigError, plan
-from bnonly_dist.models import layers
+from bnonly_dist.models import bitmask, layers
 from bnonly_dist.perf import bench_runner
 
 # One architecture per block family: CIFAR basic blocks, ImageNet basic blocks, ImageNet
@@ -147,9 +147,9 @@ def test_bits_round_trip(shape, channels_last):
     mask = torch.rand(shape) > 0.5
     if channels_last:
         mask = mask.contiguous(memory_format=torch.channels_last)
-    packed = layers.pack_bits(mask)
+    packed = bitmask.pack_bits(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
-    assert torch.equal(layers.unpack_bits(packed, mask.shape, mask.stride()).bool(), mask)
+    assert torch.equal(bitmask.unpack_bits(packed, mask.shape, mask.stride()).bool(), mask)
 
 
 @pytest.mark.parametrize("arch, size, target", [("cifar_resnet_20", 32, 0.6), ("imagenet_resnet_50_16", 64, 0.6)])
@@ -233,5 +233,5 @@ def test_lean_gradients_keep_the_forwards_layout(monkeypatch):
     assert len(layouts) == 21 and all(layouts)  # the stem, 18 in the blocks, 2 in projection shortcuts
     grad = torch.randn(2, 3, 4, 4)  # NCHW
     mask = (torch.randn(2, 3, 4, 4) > 0).contiguous(memory_format=cl)
-    out = layers.apply_mask(grad, layers.pack_bits(mask), mask.shape, mask.stride())
+    out = bitmask.apply_mask(grad, bitmask.pack_bits(mask), mask.shape, mask.stride())
     assert out.is_contiguous(memory_format=cl) and torch.equal(out, grad * mask)

@@ -35,10 +35,11 @@ def test_lean_auto_turns_on_where_plain_autograd_would_not_fit(monkeypatch):
     monkeypatch.setattr(memory, "rank_memory_bytes", lambda device: int(need / plan.LEAN_MEMORY_SHARE) + 1)
     fits = plan.resolve(cfg(), CPU)
     assert not fits.lean and "not more than 50%" in fits.describe()
-    assert plan.resolve(cfg("data.batch_size=256"), CPU).lean  # twice the images, twice the bytes
-    assert not plan.resolve(cfg("data.batch_size=256"), CPU, world=2).lean  # each rank keeps half of them
-    assert not plan.resolve(cfg("data.batch_size=256", "mode=all"), CPU).lean  # nothing frozen to be lean about
-    assert not plan.resolve(cfg("data.batch_size=256", "train.lean_autograd=false"), CPU).lean
+    assert plan.resolve(cfg("data.batch_size=256", "train.bn_batch=256"), CPU).lean  # twice the images, twice the bytes
+    assert not plan.resolve(cfg("data.batch_size=256", "train.bn_batch=256"), CPU, world=2).lean  # each rank keeps half of them
+    assert not plan.resolve(cfg("data.batch_size=256", "train.bn_batch=256", "mode=all"),
+                            CPU).lean  # nothing frozen to be lean about
+    assert not plan.resolve(cfg("data.batch_size=256", "train.bn_batch=256", "train.lean_autograd=false"), CPU).lean
     monkeypatch.setattr(memory, "rank_memory_bytes", lambda device: None)
     assert plan.resolve(cfg(), CPU).lean  # memory unknown: the choice that fits
 

@@ -29,7 +29,7 @@ def test_rerun_of_a_finished_run_changes_nothing_and_eval_writes_its_own_file(ti
     assert again == json.loads((run_dir / "summary.json").read_text())
     assert tree_digest(run_dir) == before  # no eval row, no events file, same wall time and world
 
-    proc = cli("train", "configs/cifar10_resnet14.yaml", f"data.root={cifar_root}", "data.batch_size=32",
+    proc = cli("train", "configs/cifar10_resnet14.yaml", f"data.root={cifar_root}", "data.batch_size=32", "train.bn_batch=32",
                "data.eval_batch_size=50", "optim.epochs=2", "optim.milestones=[1]", "train.device=cpu",
                "train.deterministic=true", "train.log_every=2", "train.checkpoint_every=4", "train.progress=lines",
                "train.max_steps=12", "--run-dir", str(run_dir))
@@ -52,7 +52,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_its_checkpoints(tiny_cfg,
     run_dir = tmp_path / "run"
     train.run(tiny_cfg("train.max_steps=4"), run_dir)
     good = [p.name for p in checkpoint.complete_checkpoints(run_dir)]
-    proc = cli("train", "configs/cifar10_resnet14.yaml", f"data.root={cifar_root}", "data.batch_size=32",
+    proc = cli("train", "configs/cifar10_resnet14.yaml", f"data.root={cifar_root}", "data.batch_size=32", "train.bn_batch=32",
                "data.eval_batch_size=50", "optim.epochs=2", "optim.milestones=[1]", "train.device=cpu",
                "train.deterministic=true", "train.log_every=1", "train.checkpoint_every=4", "train.progress=lines",
                "optim.lr=1.0e+30", "--run-dir", str(tmp_path / "diverged"))

@@ -31,7 +31,7 @@ def slurm():
 
 @pytest.fixture(scope="module")
 def overrides(cifar_root):
-    return [f"data.root={cifar_root}", "data.batch_size=32", "data.eval_batch_size=50", "optim.epochs=3",
+    return [f"data.root={cifar_root}", "data.batch_size=32", "train.bn_batch=32", "data.eval_batch_size=50", "optim.epochs=3",
             "optim.milestones=[2]", "train.device=cpu", "train.deterministic=true", "train.checkpoint_every=4",
             "train.progress=lines"]
 
@@ -113,7 +113,7 @@ def test_a_sweep_completes_and_a_second_submission_submits_nothing(cifar_root, t
     spec = tmp_path / "sweep.yaml"
     spec.write_text(f"config: {REPO / 'configs' / 'cifar10_resnet14.yaml'}\n"
                     "grid: {seed: [0, 1], mode: [bn, output]}\n"
-                    f"overrides: {{data.root: {cifar_root}, data.batch_size: 32, optim.epochs: 1, "
+                    f"overrides: {{data.root: {cifar_root}, data.batch_size: 32, train.bn_batch: 32, optim.epochs: 1, "
                     f"train.device: cpu, train.progress: lines, runs_root: {tmp_path / 'runs'}}}\n")
     first = launcher("sweep.py", str(spec), *CPU_JOB, "--wait")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]

@@ -131,7 +131,8 @@ def test_other_modes_run(tiny_cfg, tmp_path, mode):
 
 def test_imagenet_with_dali_end_to_end(imagenet_root, tmp_path):
     cfg = config.load("configs/imagenet_resnet18.yaml", [
-        f"data.root={imagenet_root}", "model.arch=imagenet_resnet_18_8", "data.batch_size=8", "data.eval_batch_size=6",
+        f"data.root={imagenet_root}", "model.arch=imagenet_resnet_18_8", "data.batch_size=8",
+        "train.bn_batch=8", "data.eval_batch_size=6",
         "data.image_size=32", "data.resize_size=40", "data.num_threads=1", "optim.epochs=2", "optim.warmup_epochs=1",
         "train.device=cpu", "train.log_every=1", "train.checkpoint_every=3", "train.progress=lines"])
     part = train.run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 6})}), tmp_path / "r")

@@ -16,6 +16,7 @@ import torch
 from bnonly_dist import modes
 from bnonly_dist.config import Config, ConfigError
 from bnonly_dist.config.catalog import num_classes
+from bnonly_dist.models.bn_groups import BNGroups
 from bnonly_dist.perf import memory
 
 
@@ -32,6 +33,8 @@ class Plan:
     engine: str  # ddp | fsdp | deepspeed
     compile: bool
     deterministic: bool
+    bn: BNGroups  # over how many images, and where, every BN statistic is computed
+    per_rank_batch: int
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -51,7 +54,7 @@ class Plan:
         return (f"plan: device {self.device}, {self.precision}, channels_last {self.channels_last}, "
                 f"lean autograd {self.lean} ({self.lean_why}), checkpointed stages {stages}, frozen weights {frozen}, "
                 f"decode {self.decode or 'n/a'}, engine {self.engine}, compile {self.compile}, "
-                f"deterministic {self.deterministic}")
+                f"deterministic {self.deterministic}; {self.bn.describe(self.per_rank_batch)}")
 
 
 def default_channels_last(device: torch.device, engine: str = "ddp") -> bool:
@@ -85,6 +88,31 @@ def default_lean(cfg: Config, device: torch.device, world: int, bf16: bool, chan
                 f"{'more' if on else 'not more'} than {LEAN_MEMORY_SHARE:.0%}")
 
 
+def per_rank(global_batch: int, world: int) -> int:
+    """Each rank's share of the global training batch (data.batch_size)."""
+    if global_batch % world:
+        raise ConfigError(f"data.batch_size={global_batch} is the global batch and must divide by the "
+                         f"world size {world}; choose a multiple of {world}")
+    return global_batch // world
+
+
+def bn_groups(bn_batch: int | None, global_batch: int, world: int) -> BNGroups:
+    """train.bn_batch on this world: groups inside a rank, or ranks sharing a group; ConfigError
+    naming the values that work when n images fit neither way."""
+    b = per_rank(global_batch, world)
+    if bn_batch is None:
+        return BNGroups(None)
+    if b % bn_batch == 0:
+        return BNGroups(bn_batch, per_rank=b // bn_batch)
+    if bn_batch % b == 0 and global_batch % bn_batch == 0:
+        return BNGroups(bn_batch, ranks=bn_batch // b)
+    works = sorted({d for d in range(1, b + 1) if b % d == 0} | {m for m in range(b, global_batch + 1, b)
+                                                                   if global_batch % m == 0})
+    raise ConfigError(f"train.bn_batch={bn_batch} cannot be formed from the global batch {global_batch} on {world} "
+                      f"rank{'s' if world > 1 else ''} ({b} images per rank); use one of {works} (or null: each "
+                      "rank's own batch)")
+
+
 def resolve(cfg: Config, device: torch.device, world: int = 1) -> Plan:
     """The Plan of cfg on device for one of world ranks; ConfigError naming the key if the
     device cannot run it."""
@@ -107,4 +135,6 @@ def resolve(cfg: Config, device: torch.device, world: int = 1) -> Plan:
     return Plan(device=device, bf16=bf16, channels_last=channels_last, lean=lean, lean_why=lean_why,
                 checkpointed_stages=tuple(train.activation_checkpointing),
                 frozen_dtype=torch.bfloat16 if train.frozen_dtype == "bf16" else None, decode=decode,
-                engine=cfg.dist.engine, compile=train.compile, deterministic=train.deterministic)
+                engine=cfg.dist.engine, compile=train.compile, deterministic=train.deterministic,
+                bn=bn_groups(train.bn_batch, cfg.data.batch_size, world),
+                per_rank_batch=per_rank(cfg.data.batch_size, world))

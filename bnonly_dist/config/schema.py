@@ -126,6 +126,10 @@ class TrainConfig(_Section):
     activation_checkpointing: list[int] = _field(
         [], "residual stages (1 = layer1) recomputed in backward instead of keeping their activations; same bits, "
         "about one extra forward")
+    bn_batch: int | None = _field(
+        None, "images every BatchNorm statistic is computed over, whatever the number of ranks: a divisor of the "
+        "per-rank batch (groups inside a rank) or a multiple of it (statistics synchronised over consecutive ranks); "
+        "null: each rank's own batch, which changes with the world size (models/bn_groups.py)", gt=0)
     frozen_dtype: Literal["fp32", "bf16"] = _field(
         "fp32", "storage dtype of frozen conv/linear weights; bf16 halves their memory and FSDP all-gather bytes "
         "and needs bf16 autocast")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from bnonly_dist.data import sharding
 from bnonly_dist.data.layout import load_cifar10
 from bnonly_dist.models.init import name_seed
+from bnonly_dist.config.plan import per_rank
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -42,7 +43,7 @@ class CifarSource:
         splits = load_cifar10(root)
         self.device, self.seed, self.rank, self.world = device, seed, rank, world
         self.global_batch = global_batch
-        self.local_batch = sharding.per_rank(global_batch, world)
+        self.local_batch = per_rank(global_batch, world)
         self.eval_local_batch = max(1, eval_batch // world)
         self.train_images = torch.from_numpy(splits["train"][0]).to(device)
         self.train_labels = torch.from_numpy(splits["train"][1]).to(device)

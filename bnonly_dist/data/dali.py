@@ -26,6 +26,7 @@ import torch
 from bnonly_dist.data import sharding
 from bnonly_dist.data.layout import DataError, find_corrupt, imagenet_index
 from bnonly_dist.models.init import name_seed
+from bnonly_dist.config.plan import per_rank
 
 log = logging.getLogger(__name__)
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
@@ -58,7 +59,7 @@ class EpochFeeder:
     def __init__(self, items: list[tuple[str, int]], seed: int, global_batch: int, rank: int, world: int,
                  origin: tuple[int, int]):
         self.items, self.seed, self.global_batch, self.rank, self.world = items, seed, global_batch, rank, world
-        self.local_batch = sharding.per_rank(global_batch, world)
+        self.local_batch = per_rank(global_batch, world)
         self.steps_per_epoch = sharding.steps_per_epoch(len(items), global_batch)
         self.origin = origin
         self._epoch, self._indices = None, None  # the one epoch whose order is held
@@ -132,7 +133,7 @@ class DaliImageNetSource:
         self.num_classes = len(self.classes)
         self.rank, self.world, self.seed, self.device = rank, world, seed, device
         self.global_batch = global_batch
-        self.local_batch = sharding.per_rank(global_batch, world)
+        self.local_batch = per_rank(global_batch, world)
         self.eval_local_batch = max(1, eval_batch // world)
         self.steps_per_epoch = sharding.steps_per_epoch(len(self.train_items), global_batch)
         self.eval_size = len(self.val_items)

@@ -14,15 +14,8 @@ import math
 import numpy as np
 
 from bnonly_dist.config import ConfigError
+from bnonly_dist.config.plan import per_rank
 from bnonly_dist.models.init import name_seed
-
-
-def per_rank(global_batch: int, world: int) -> int:
-    """Each rank's share of the global training batch (data.batch_size)."""
-    if global_batch % world:
-        raise ConfigError(f"data.batch_size={global_batch} is the global batch and must divide by the "
-                         f"world size {world}; choose a multiple of {world}")
-    return global_batch // world
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:

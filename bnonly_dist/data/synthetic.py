@@ -7,13 +7,14 @@ import torch
 
 from bnonly_dist.data import sharding
 from bnonly_dist.models.init import name_seed
+from bnonly_dist.config.plan import per_rank
 
 
 class SyntheticSource:
     def __init__(self, samples: int, image_size: int, num_classes: int, global_batch: int,
                  eval_batch: int, rank: int, world: int, seed: int, device: torch.device):
         self.num_classes, self.image_size = num_classes, image_size
-        self.local_batch = sharding.per_rank(global_batch, world)
+        self.local_batch = per_rank(global_batch, world)
         self.steps_per_epoch = max(1, samples // global_batch)
         self.eval_size = max(1, samples // 4)
         self.eval_local_batch = max(1, eval_batch // world)

@@ -1,4 +1,9 @@
-"""engines.wrap(): the model as the loop drives it, per `dist.engine` (ddp, fsdp, deepspeed)."""
+"""engines.wrap(): the model as the loop drives it, per `dist.engine` (ddp, fsdp, deepspeed).
+
+In: the built network, its gradient masks, the config and plan, the process context. Out:
+an Engine (base.py): one training step, the world's BN running statistics, the model and
+optimizer part of a checkpoint (save/load), BN parameters and the full state for digests.
+"""
 from __future__ import annotations
 
 import torch

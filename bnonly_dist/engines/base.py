@@ -1,14 +1,15 @@
 """The interface every engine offers the loop, and the single-process engine behind it.
 
 An engine owns the model as the loop sees it: forward (`net`), one optimizer step, the
-learning rate, BN buffer agreement across ranks, and the model/optimizer part of a
+learning rate, the world-wide BN running statistics, and the model/optimizer part of a
 checkpoint. ddp and fsdp store that part with torch.distributed.checkpoint (DCP), which
 reshards on load, so their checkpoints resume at any world size.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
-import torch.distributed as torch_dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (
@@ -21,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from bnonly_dist import modes
 from bnonly_dist.models import parameter_roles
+from bnonly_dist.models.bn_groups import average_running_statistics, restore_running_statistics
 
 
 def contiguous_parameters(model: torch.nn.Module) -> None:
@@ -67,16 +69,17 @@ class Engine:
         modes.mask_gradients(self.model, self.masks, self.weight_decay)
         self.optimizer.step()
 
-    @torch.no_grad()
-    def sync_buffers(self) -> None:
-        """BN running statistics of rank 0 on every rank (what DDP does before each forward).
-
-        Training uses batch statistics, so this only makes evaluation and checkpoints
-        identical across ranks and engines.
-        """
-        if torch_dist.is_initialized():
-            for buffer in self.model.buffers():
-                torch_dist.broadcast(buffer, src=0)
+    @contextlib.contextmanager
+    def world_bn_statistics(self):
+        """Inside: every rank holds the world's mean of the BN running statistics (collective:
+        one all-reduce), what one process holding every BN group would have: evaluations and
+        checkpoints see that. Yields this rank's own, which come back on leaving, so the run
+        goes on exactly as if nothing had happened (a resume on the same world is bit for bit)."""
+        own = average_running_statistics(self.model)
+        try:
+            yield own
+        finally:
+            restore_running_statistics(self.model, own)
 
     # --- checkpoints -----------------------------------------------------------------
     def _dcp_state(self, include_frozen: bool) -> dict:

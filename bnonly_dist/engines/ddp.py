@@ -20,4 +20,6 @@ class DDPEngine(Engine):
             # The chosen device, not the local rank: under `srun --gpus-per-task 1` every task
             # sees one GPU, index 0, whatever its SLURM_LOCALID.
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            self.net = DistributedDataParallel(model, device_ids=device_ids)
+            # No buffer broadcast: each rank's BN running statistics follow its own groups and are
+            # averaged over the world where they are used (Engine.world_bn_statistics).
+            self.net = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)

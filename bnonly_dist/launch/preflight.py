@@ -60,19 +60,21 @@ def check_run(cfg: Config, run_dir: Path, target: Target, seen: dict | None = No
     import torch
 
     from bnonly_dist.config import plan
-    from bnonly_dist.data import sharding
     from bnonly_dist.run import rundir
     require_data(cfg)
-    sharding.per_rank(cfg.data.batch_size, target.world)
-    plan.resolve(cfg, torch.device(job_device(cfg, target)), target.world)  # device rules; builds nothing real
+    # The world's rules (batch per rank, BN groups) and the device's; builds nothing real.
+    resolved = plan.resolve(cfg, torch.device(job_device(cfg, target)), target.world)
     if preview_run_dir:
         rundir.check(cfg, run_dir)
     seen = {} if seen is None else seen
+    bn_line = f"{resolved.bn.describe(resolved.per_rank_batch)} ({target.world} rank{'s' if target.world > 1 else ''})"
+    lines = [] if bn_line in seen else [bn_line]
+    seen[bn_line] = bn_line
     key = (cfg.data.name, cfg.data.root, cfg.data.batch_size)
-    if key in seen:
-        return []
-    seen[key] = check_data(cfg, target)
-    return [seen[key]]
+    if key not in seen:
+        seen[key] = check_data(cfg, target)
+        lines.append(seen[key])
+    return lines
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,10 @@
-"""Model registry: OpenLTH-style names (catalog.parse_arch) -> modules, parameter roles and counts."""
+"""Model registry: OpenLTH-style names (catalog.parse_arch) -> modules, parameter roles and counts.
+
+In: an architecture name, class count, seed and BN init. Out: the nn.Module with frozen
+weights drawn from the seed (init), built from blocks and layers (the lean autograd path),
+whose BN layers take their statistics over groups (bn_groups); plus parameter roles and
+counts (what a mode may train).
+"""
 from __future__ import annotations
 
 import torch

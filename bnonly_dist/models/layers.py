@@ -27,40 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnonly_dist.models.bitmask import apply_mask, pack_bits
+from bnonly_dist.models.bn_groups import GroupBatchNormFunction
+
 _recompute = threading.local()  # set while activation checkpointing recomputes a segment
-
-# Bit tricks on int64 words of 8 mask bytes (little-endian): one multiply gathers the low
-# bit of each byte into the top byte; the reverse spreads bit k back into byte k.
-_GATHER = 0x0102040810204080
-_REPEAT = 0x0101010101010101
-_SELECT = 0x8040201008040201 - (1 << 64)  # byte k keeps bit k (as a signed int64)
-_SEVENS = 0x7F7F7F7F7F7F7F7F  # a non-zero byte + 0x7F sets that byte's top bit
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor of any dense layout as uint8, 8 elements per byte, in memory order."""
-    flat = mask.as_strided((mask.numel(),), (1,)).view(torch.uint8)
-    if flat.numel() % 8:
-        flat = F.pad(flat, (0, -flat.numel() % 8))
-    return (flat.view(torch.int64) * _GATHER).view(torch.uint8)[7::8].clone()  # each word's top byte
-
-
-def unpack_bits(packed: torch.Tensor, shape: torch.Size, stride: tuple[int, ...]) -> torch.Tensor:
-    """The mask pack_bits took, as uint8 0/1 (multiplies faster than bool) with its shape and strides."""
-    words = packed.to(torch.int64).mul_(_REPEAT).bitwise_and_(_SELECT).add_(_SEVENS)
-    flat = words.bitwise_right_shift_(7).bitwise_and_(_REPEAT).view(torch.uint8)
-    return flat[:shape.numel()].as_strided(shape, stride)
-
-
-def apply_mask(grad: torch.Tensor, packed: torch.Tensor, shape: torch.Size, stride: tuple[int, ...]) -> torch.Tensor:
-    """grad where the packed mask is set, 0 elsewhere, in the forward's memory layout.
-
-    The layout matters: a gradient arriving in another layout (NCHW from the average pool
-    under channels_last) would otherwise stay in it down the residual path, and BN's
-    backward on a gradient and input of different layouts ran 2-7x slower on the CPU."""
-    mask = unpack_bits(packed, shape, stride)
-    return torch.mul(grad, mask, out=torch.empty_like(mask, dtype=grad.dtype))
-
 
 class FrozenConv2dFunction(torch.autograd.Function):
     """conv2d with a frozen weight: saves the weight, returns only the input gradient."""
@@ -172,15 +142,19 @@ class Conv2d(nn.Conv2d):
 
 
 class BatchNorm2d(nn.BatchNorm2d):
-    """nn.BatchNorm2d with an optional fused ReLU (`bn(x, relu=True)`) and the lean path."""
+    """nn.BatchNorm2d with an optional fused ReLU (`bn(x, relu=True)`), the lean path, and
+    statistics over groups of the batch or across ranks (models/bn_groups.py, set_bn_groups)."""
 
     lean = False
+    groups_per_rank = 1  # ghost batches inside this rank's batch
+    sync_group = None  # process group of the ranks that share one statistic (None: this rank alone)
 
     def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
         if not (self.training and self.track_running_stats):
             out = super().forward(x)
             return F.relu(out, inplace=True) if relu else out
-        if getattr(_recompute, "active", False):
+        recomputing = getattr(_recompute, "active", False)
+        if recomputing:
             # Recomputed for activation checkpointing: the same computation, but the running
             # statistics were updated by the first forward, so throwaway copies take this one.
             running_mean, running_var, momentum = self.running_mean.clone(), self.running_var.clone(), 0.0
@@ -189,6 +163,14 @@ class BatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
             # nn.BatchNorm2d's update factor (momentum=None: a cumulative average)
             momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        if self.groups_per_rank > 1 or self.sync_group is not None:
+            # A recomputed segment runs the same collectives in the same order on every rank of
+            # the group (each recomputes it in its own backward), and updates no running statistic.
+            out = GroupBatchNormFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                               None if recomputing else momentum, self.eps,
+                                               relu and self.lean and torch.is_grad_enabled(), self.groups_per_rank,
+                                               self.sync_group)
+            return F.relu(out, inplace=True) if relu and not (self.lean and torch.is_grad_enabled()) else out
         if self.lean and torch.is_grad_enabled():
             return BatchNormReLUFunction.apply(x, self.weight, self.bias, running_mean, running_var, momentum,
                                                self.eps, relu)
@@ -220,6 +202,14 @@ class MaxPool2d(nn.MaxPool2d):
                 and not self.ceil_mode and not self.return_indices:
             return MaxPoolFunction.apply(x, self.kernel_size, self.stride, self.padding)
         return super().forward(x)
+
+
+def set_bn_groups(model: nn.Module, groups_per_rank: int, sync_group) -> None:
+    """Every BN of model computes its statistics over groups_per_rank groups of this rank's
+    batch, or (sync_group) over the ranks of that process group (models/bn_groups.py)."""
+    for module in model.modules():
+        if isinstance(module, BatchNorm2d):
+            module.groups_per_rank, module.sync_group = groups_per_rank, sync_group
 
 
 def set_lean(model: nn.Module, enabled: bool) -> None:

@@ -2,7 +2,7 @@
 
     RUN/checkpoints/step_00001000/
         state/        the engine's model + optimizer state (DCP shards, or DeepSpeed's files)
-        rank{r}.pt    each rank's RNG states and data-loader state
+        rank{r}.pt    each rank's RNG states, data-loader state and own BN running statistics
         commit.json   the commit marker: written by rank 0 after every rank has written; it
                       lists the size and sha256 of every file above (checkpoint_files.py)
 A save goes to .tmp-step_.../ and is renamed after commit.json is on disk, so a directory
@@ -25,6 +25,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from bnonly_dist import dist
+from bnonly_dist.models.bn_groups import restore_running_statistics
 from bnonly_dist.run.checkpoint_files import (
     COMMIT,
     CheckpointDamaged,
@@ -109,8 +110,8 @@ def read_commit(path: Path) -> dict:
                                 "before") from None
 
 
-def _rank_state(data_state: dict) -> dict:
-    state = {"rng_cpu": torch.get_rng_state(), "data": data_state}
+def _rank_state(data_state: dict, bn_running: list[torch.Tensor]) -> dict:
+    state = {"rng_cpu": torch.get_rng_state(), "data": data_state, "bn_running": bn_running}
     if torch.cuda.is_available():
         state["rng_cuda"] = torch.cuda.get_rng_state()
     return state
@@ -147,8 +148,13 @@ def _retain(folder: Path, newest: Path, keep: int) -> None:
             shutil.rmtree(doomed, ignore_errors=True)
 
 
-def save(run_dir: Path, engine, rank: int, meta: dict, data_state: dict, keep: int, include_frozen: bool) -> Path:
-    """Write a checkpoint of step meta['step'] (collective). meta goes into commit.json."""
+def save(run_dir: Path, engine, rank: int, meta: dict, data_state: dict, keep: int, include_frozen: bool,
+         bn_running: list[torch.Tensor] = ()) -> Path:
+    """Write a checkpoint of step meta['step'] (collective). meta goes into commit.json.
+
+    The engine's state holds the world's mean of the BN running statistics (what any world
+    resumes from); bn_running, this rank's own, goes into rank{r}.pt for a resume on the same
+    world, which then goes on bit for bit."""
     folder = _folder(run_dir)
     final = step_dir(folder, meta["step"])
     tmp = folder / f".tmp-{final.name}"
@@ -175,7 +181,7 @@ def save(run_dir: Path, engine, rank: int, meta: dict, data_state: dict, keep: i
     error = None
     try:
         engine.save(tmp / "state", include_frozen)
-        torch.save(_rank_state(data_state), tmp / f"rank{rank}.pt")
+        torch.save(_rank_state(data_state, list(bn_running)), tmp / f"rank{rank}.pt")
     except (OSError, RuntimeError, CheckpointException) as err:  # torch.save reports a full disk as RuntimeError
         error = err
     if not dist.any_rank(error is not None) and rank == 0:  # collective: every rank's files are written
@@ -249,6 +255,8 @@ def load(path: Path, engine, rank: int, world: int, frozen_sha: str) -> tuple[di
     torch.set_rng_state(rank_state["rng_cpu"])
     if "rng_cuda" in rank_state and torch.cuda.is_available():
         torch.cuda.set_rng_state(rank_state["rng_cuda"])
+    if rank_state.get("bn_running") and meta["world"] == world:  # this rank's own groups' running statistics
+        restore_running_statistics(engine.model, rank_state["bn_running"])
     return meta, rank_state["data"]
 
 
@@ -332,12 +340,12 @@ class Checkpointer:
             return self.last_saved
         if self.before_save is not None:
             self.before_save()
-        self.engine.sync_buffers()  # collective: rank 0's BN running statistics on every rank
         meta = {"step": step, "epoch": step // self.steps_per_epoch, "world": self.world,
                 "engine": self.engine.name, "frozen_sha256": self.frozen_sha, "final": final,
                 "identity": self.identity}
-        self.last_saved = save(self.run_dir, self.engine, self.rank, meta, self.source.state(), self.keep,
-                               self.save_frozen)
+        with self.engine.world_bn_statistics() as own:  # collective: the world's mean of the running statistics
+            self.last_saved = save(self.run_dir, self.engine, self.rank, meta, self.source.state(), self.keep,
+                                   self.save_frozen, own)
         return self.last_saved
 
     def resume(self) -> Resumed | None:

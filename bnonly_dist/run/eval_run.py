@@ -63,10 +63,10 @@ def _evaluate(run_paths: RunPaths, cfg, identity: dict, ctx) -> dict:
     resumed = ckpt.resume()  # collective
     if resumed is None:
         raise CheckpointError(f"{run_paths.checkpoints} holds no complete checkpoint to evaluate")
-    engine.sync_buffers()  # collective
     started = time.perf_counter()
-    result = evaluate(engine.net, source.eval_batches(), plan.device, plan.autocast, plan.memory_format,
-                      num_classes=classes)  # collective: all-reduced sums
+    with engine.world_bn_statistics():  # collective: the world's mean of the BN running statistics
+        result = evaluate(engine.net, source.eval_batches(), plan.device, plan.autocast, plan.memory_format,
+                          num_classes=classes)  # collective: all-reduced sums
     record = {"kind": "eval", "step": resumed.step, "checkpoint": str(resumed.path), "world": ctx.world,
               "eval_s": time.perf_counter() - started, **result}
     if ctx.is_main:

@@ -1,9 +1,11 @@
-"""Step timing for the train log: loss and top-1 averages, images/s and the time spent waiting for data."""
+"""Step timing for the train log: loss and top-1 averages (of the global batch at log steps), images/s and
+the time spent waiting for data."""
 from __future__ import annotations
 
 import time
 
 import torch
+import torch.distributed as torch_dist
 
 
 class StepMeter:
@@ -31,10 +33,18 @@ class StepMeter:
         self.correct += batch_top1
         self.steps += 1
 
-    def report(self, reset: bool = True) -> dict[str, float]:
-        """Averages since the last reset (syncs the GPU: .item()); reset=False only peeks."""
+    def report(self, reset: bool = True, global_batch: bool = False) -> dict[str, float]:
+        """Averages since the last reset (syncs the GPU: .item()); reset=False only peeks.
+
+        global_batch: loss and top-1 of the whole global batch, not this rank's slice
+        (collective: one all-reduce of the two sums; every rank must ask at the same step)."""
         elapsed = time.perf_counter() - self.start
-        values = {"loss": self.loss.item() / self.steps, "top1": 100 * self.correct.item() / self.steps,
+        loss, correct = self.loss, self.correct
+        if global_batch and torch_dist.is_initialized():
+            sums = torch.stack([loss, correct])
+            torch_dist.all_reduce(sums)
+            loss, correct = sums / torch_dist.get_world_size()  # equal slices: the mean of the ranks' means
+        values = {"loss": loss.item() / self.steps, "top1": 100 * correct.item() / self.steps,
                   "images_per_s": self.steps * self.images_per_step / elapsed, "data_wait_frac": self.wait / elapsed}
         if reset:
             self.reset()

@@ -22,6 +22,7 @@ from bnonly_dist.config import Config, ConfigError
 from bnonly_dist.config import plan as plans
 from bnonly_dist.config.catalog import num_classes
 from bnonly_dist.data.layout import check_num_classes
+from bnonly_dist.models.bn_groups import average_running_statistics
 from bnonly_dist.logs import setup_logging
 from bnonly_dist.run import paths, rundir
 from bnonly_dist.run.bn_stats import gamma_stats
@@ -191,12 +192,12 @@ class Run:
         self.step = resumed.step
         log.info("resumed from %s at step %d", resumed.path, self.step)
         if resumed.world != self.ctx.world:
-            batch = self.cfg.data.batch_size
-            log.warning("checkpoint written by %d ranks, resuming on %d: the data position is global (epoch %d, "
-                        "step %d), so the remaining global batches are the same and each rank takes its slice; BN "
-                        "batch statistics now come from %d images per rank instead of %d", resumed.world,
-                        self.ctx.world, self.step // self.steps_per_epoch, self.step % self.steps_per_epoch,
-                        batch // self.ctx.world, batch // resumed.world)
+            # The data position and the BN groups are the global batch's, so the run goes on as one.
+            log.info("checkpoint written by %d ranks, resuming on %d: the same global batches and the same %s",
+                     resumed.world, self.ctx.world, self.plan.bn.describe(self.plan.per_rank_batch))
+            if self.plan.bn.images is None:
+                log.warning("train.bn_batch=null: BN statistics now come from %d images per rank instead of %d",
+                            self.plan.per_rank_batch, self.cfg.data.batch_size // resumed.world)
 
     def announce(self) -> None:
         cfg = self.cfg
@@ -209,9 +210,9 @@ class Run:
                  self.engine.name)  # collective under FSDP (reshard)
 
     def evaluate(self) -> dict:
-        self.engine.sync_buffers()  # collective: rank 0's BN running statistics everywhere
-        result = evaluate(self.engine.net, self.source.eval_batches(), self.plan.device, self.plan.autocast,
-                          self.plan.memory_format)
+        with self.engine.world_bn_statistics():  # collective: the world's mean of the BN running statistics
+            result = evaluate(self.engine.net, self.source.eval_batches(), self.plan.device, self.plan.autocast,
+                              self.plan.memory_format)
         bn_params = self.engine.bn_parameters()  # collective under FSDP / ZeRO-3
         result.update(epoch=self.step / self.steps_per_epoch, **gamma_stats(bn_params, self.cfg.train.gamma_threshold))
         self.metrics.log("eval", self.step, result)
@@ -233,7 +234,7 @@ class Run:
                            "optim.warmup_epochs and start a new --run-dir")
 
     def log_train(self) -> None:
-        values = self.meter.report()  # syncs the GPU
+        values = self.meter.report(global_batch=True)  # syncs the GPU; collective: the global batch's numbers
         self.check_finite(values["loss"])
         values.update(lr=lr_at(self.step - 1, self.steps_per_epoch, self.cfg.optim),
                       epoch=self.step / self.steps_per_epoch)
@@ -266,6 +267,7 @@ class Run:
                 "checkpoint": str(path)}
 
     def finish(self, final: dict, wall_time_s: float) -> dict:
+        average_running_statistics(self.engine.model)  # collective: the final model holds the world's mean
         summary = {"run_dir": str(self.run_dir), "arch": self.cfg.model.arch, "mode": self.cfg.mode,
                    "seed": self.cfg.seed, "dataset": self.cfg.data.name, "step": self.step,
                    "epoch": self.step / self.steps_per_epoch, "finished": self.step >= self.total,

@@ -1,0 +1,166 @@
+"""BatchNorm statistics over a fixed number of images (train.bn_batch), whatever the world size.
+
+Rank r holds the r-th consecutive slice of every global batch, so "consecutive groups of n
+images of the global batch" is the same set of images on 1 GPU or 512:
+
+- n divides the rank's b images: the rank splits them into b/n groups ("ghost" batches),
+  each normalised with its own mean and variance;
+- b divides n: n/b consecutive ranks form one group; each rank's count, mean and sum of
+  squared deviations are all-gathered in that group's process group (made once at start,
+  dist.bn_group) and combined exactly (Chan et al.'s pairwise rule), so every rank of the
+  group normalises with the group's statistics. Backward all-reduces the two gradient
+  sums (sum dy, sum dy * (x - mean)) in the same group.
+
+Statistics and the sums of backward are accumulated in fp32 (fp64 for fp64 inputs), also
+under bf16 autocast. The running statistics follow the mean over this rank's groups of
+each group's mean and unbiased variance; run/bn_stats.average_running_stats averages them
+over the ranks, which is then exactly what one process holding every group would have.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+from bnonly_dist.models.bitmask import apply_mask, pack_bits
+
+
+@dataclass(frozen=True)
+class BNGroups:
+    """How one rank forms BN statistics: `per_rank` groups inside it, or one group spread over `ranks` ranks."""
+    images: int | None  # images per statistic; None: the rank's own batch (depends on the world)
+    per_rank: int = 1
+    ranks: int = 1
+
+    @property
+    def native(self) -> bool:
+        """One statistic over exactly the rank's batch: nn.BatchNorm2d's own kernels do it."""
+        return self.per_rank == 1 and self.ranks == 1
+
+    def describe(self, per_rank_batch: int) -> str:
+        if self.images is None:
+            return (f"BN statistics over each rank's {per_rank_batch} images (train.bn_batch=null: they change "
+                    "with the number of ranks)")
+        if self.ranks > 1:
+            return f"BN statistics over {self.images} images: synchronised over {self.ranks} ranks"
+        if self.per_rank > 1:
+            return f"BN statistics over {self.images} images: {self.per_rank} groups per rank"
+        return f"BN statistics over {self.images} images: one group per rank"
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _per_channel(stat: torch.Tensor) -> torch.Tensor:
+    """(groups, C) -> broadcastable against (groups, n, C, H, W)."""
+    return stat[:, None, :, None, None]
+
+
+def _combine(count: float, mean: torch.Tensor, m2: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The group's (mean, sum of squared deviations, count) from every member's (collective: all-gather in group)."""
+    mine = torch.cat([torch.full_like(mean[:1], count), mean, m2])  # (1 + 2C,)
+    gathered = torch.empty(torch_dist.get_world_size(group) * mine.numel(), dtype=mine.dtype, device=mine.device)
+    torch_dist.all_gather_into_tensor(gathered, mine, group=group)
+    gathered = gathered.view(-1, mine.numel())
+    counts, means, m2s = gathered[:, :1], gathered[:, 1:1 + mean.numel()], gathered[:, 1 + mean.numel():]
+    total = counts.sum()
+    combined_mean = (counts * means).sum(0) / total
+    combined_m2 = m2s.sum(0) + (counts * (means - combined_mean) ** 2).sum(0)
+    return combined_mean, combined_m2, float(total)
+
+
+class GroupBatchNormFunction(torch.autograd.Function):
+    """Training-mode batch norm over groups of the batch (and across ranks), optionally + ReLU."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, relu, per_rank, group):
+        acc = _accumulator(x.dtype)
+        b, c = x.shape[:2]
+        xs = x.view(per_rank, b // per_rank, c, *x.shape[2:])  # the batch dimension is outermost in NCHW and NHWC
+        dims = (1, 3, 4)
+        count = float(xs[0, :, 0].numel())  # elements per channel of one group on this rank
+        var, mean = torch.var_mean(xs.to(acc), dim=dims, correction=0)  # (groups, C)
+        m2 = var * count
+        if group is not None:  # one group per rank here: combine it with the other ranks' parts
+            mean, m2, count = _combine(count, mean[0], m2[0], group)
+            mean, m2 = mean[None], m2[None]
+        invstd = torch.rsqrt(m2 / count + eps)
+        if momentum is not None:  # None: a recomputed forward (activation checkpointing) updates nothing
+            with torch.no_grad():
+                running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype), alpha=momentum)
+                unbiased = (m2 / max(count - 1, 1)).mean(0)
+                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        scale = invstd * weight.to(acc)
+        shift = bias.to(acc) - mean * scale
+        out = torch.empty_like(x)
+        # Computed in acc, rounded once into x's dtype (no acc-sized copy of the output).
+        torch.addcmul(_per_channel(shift), xs, _per_channel(scale), out=out.view_as(xs))
+        positive = out.relu_().bool() if relu else None
+        ctx.save_for_backward(x, pack_bits(positive) if relu else None, weight, mean, invstd)
+        ctx.mask_layout = (positive.shape, positive.stride()) if relu else None
+        ctx.per_rank, ctx.group, ctx.count = per_rank, group, count
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, mask, weight, mean, invstd = ctx.saved_tensors
+        if ctx.mask_layout is not None:
+            grad_out = apply_mask(grad_out, mask, *ctx.mask_layout)
+        acc = _accumulator(x.dtype)
+        b, c = x.shape[:2]
+        shape = (ctx.per_rank, b // ctx.per_rank, c, *x.shape[2:])
+        dims = (1, 3, 4)
+        dy = grad_out.reshape(shape).to(acc)
+        centred = x.view(shape).to(acc) - _per_channel(mean)
+        sum_dy = dy.sum(dims)  # (groups, C), this rank's part
+        sum_dy_xmu = (dy * centred).sum(dims)
+        needs = ctx.needs_input_grad
+        grad_weight = (sum_dy_xmu * invstd).sum(0).to(weight.dtype) if needs[1] else None
+        grad_bias = sum_dy.sum(0).to(weight.dtype) if needs[2] else None
+        grad_in = None
+        if needs[0]:
+            if ctx.group is not None:  # collective: the group's sums (one all-reduce of 2C numbers)
+                sums = torch.cat([sum_dy, sum_dy_xmu], dim=1)
+                torch_dist.all_reduce(sums, group=ctx.group)
+                sum_dy, sum_dy_xmu = sums[:, :c], sums[:, c:]
+            scale = invstd * weight.to(acc)
+            grad = dy - _per_channel(sum_dy / ctx.count) - centred * _per_channel(invstd ** 2 * sum_dy_xmu / ctx.count)
+            grad_in = torch.empty_like(x)
+            torch.mul(grad, _per_channel(scale), out=grad_in.view(shape))
+        return grad_in, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def running_statistics(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every BN's running mean and running variance, in module order."""
+    return [t for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats for t in (m.running_mean, m.running_var)]
+
+
+def average_running_statistics(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Replace every BN's running statistics by their mean over the world's ranks; returns this
+    rank's own (copies). Collective: one all-reduce of all of them on the device's backend.
+
+    Each rank's running averages follow its own groups; an exponential average is linear, so
+    their mean over the ranks is what one process holding every group would have."""
+    stats = running_statistics(model)
+    own = [t.detach().clone() for t in stats]
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1 and stats:
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+                          for t in stats])
+        torch_dist.all_reduce(flat)
+        flat /= torch_dist.get_world_size()
+        offset = 0
+        with torch.no_grad():
+            for t in stats:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+    return own
+
+
+def restore_running_statistics(model: torch.nn.Module, own: list[torch.Tensor]) -> None:
+    """Put back what average_running_statistics returned (this rank's own running statistics)."""
+    with torch.no_grad():
+        for t, saved in zip(running_statistics(model), own, strict=True):
+            t.copy_(saved)
