@@ -238,3 +238,26 @@ def test_a_run_resumed_on_another_world_ends_like_the_uninterrupted_one(worlds, 
     log = (run_dir / "logs" / "rank0.log").read_text()
     assert "checkpoint written by 2 ranks, resuming on" in log and "WARNING" not in log
     assert_same_run(worlds / "w2", run_dir)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_groups_and_local_statistics_match_the_reference():
+    """The kernels only a GPU runs: ghost groups in bf16 channels_last, and the one-pass local
+    statistics a synchronised group starts from (torch.batch_norm_stats)."""
+    from bnonly_dist.models.bn_groups import _local_stats
+    x, weight, bias, _ = inputs(16)
+    cuda = x.float().cuda().contiguous(memory_format=torch.channels_last)
+    mean, var = _local_stats(cuda.to(torch.bfloat16), 1e-5)
+    torch.testing.assert_close(mean.double().cpu(), x.to(torch.bfloat16).double().mean((0, 2, 3)), rtol=0, atol=1e-5)
+    torch.testing.assert_close(var.double().cpu(), x.to(torch.bfloat16).double().var((0, 2, 3), correction=0),
+                               rtol=1e-4, atol=1e-4)
+    bn = layers.BatchNorm2d(C).cuda()
+    layers.set_bn_groups(bn, 4, None)
+    with torch.autocast("cuda", torch.bfloat16):
+        out = bn(cuda.to(torch.bfloat16))
+    expected, running_mean, _ = reference_bn(x, torch.ones(C, dtype=torch.float64), torch.zeros(C, dtype=torch.float64),
+                                             4, relu=False)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=0, atol=0.05)
+    torch.testing.assert_close(bn.running_mean.double().cpu(), running_mean, rtol=0, atol=1e-2)

@@ -54,8 +54,17 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
 
 
 def _per_channel(stat: torch.Tensor) -> torch.Tensor:
-    """(groups, C) -> broadcastable against (groups, n, C, H, W)."""
-    return stat[:, None, :, None, None]
+    """(C,) -> broadcastable against (N, C, H, W)."""
+    return stat[None, :, None, None]
+
+
+def _local_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased variance) per channel of x, accumulated in fp32 (fp64 for fp64)."""
+    if x.is_cuda:  # one pass, fp32 statistics of a bf16 tensor without a copy (SyncBatchNorm's kernel)
+        mean, invstd = torch.batch_norm_stats(x, eps)
+        return mean, invstd.pow(-2) - eps
+    var, mean = torch.var_mean(x.to(_accumulator(x.dtype)), dim=(0, 2, 3), correction=0)
+    return mean, var
 
 
 def _combine(count: float, mean: torch.Tensor, m2: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -72,35 +81,39 @@ def _combine(count: float, mean: torch.Tensor, m2: torch.Tensor, group) -> tuple
 
 
 class GroupBatchNormFunction(torch.autograd.Function):
-    """Training-mode batch norm over groups of the batch (and across ranks), optionally + ReLU."""
+    """Training-mode batch norm over groups of the batch (and across ranks), optionally + ReLU.
+
+    Ghost groups run nn.BatchNorm2d's own kernels on each group (a slice along the batch,
+    contiguous in NCHW and NHWC alike); a synchronised group normalises with the combined
+    statistics through the same kernel in inference form."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, relu, per_rank, group):
-        acc = _accumulator(x.dtype)
-        b, c = x.shape[:2]
-        xs = x.view(per_rank, b // per_rank, c, *x.shape[2:])  # the batch dimension is outermost in NCHW and NHWC
-        dims = (1, 3, 4)
-        count = float(xs[0, :, 0].numel())  # elements per channel of one group on this rank
-        var, mean = torch.var_mean(xs.to(acc), dim=dims, correction=0)  # (groups, C)
-        m2 = var * count
-        if group is not None:  # one group per rank here: combine it with the other ranks' parts
-            mean, m2, count = _combine(count, mean[0], m2[0], group)
-            mean, m2 = mean[None], m2[None]
-        invstd = torch.rsqrt(m2 / count + eps)
+        n = x.shape[0] // per_rank
+        count = float(n * x[0, 0].numel())  # elements per channel of one group on this rank
+        if group is None:
+            outs, means, invstds = zip(*(torch.native_batch_norm(x[k * n:(k + 1) * n], weight, bias, None, None,
+                                                                  True, 0.0, eps) for k in range(per_rank)))
+            out = torch.cat(outs)
+            mean, invstd = torch.stack(means), torch.stack(invstds)  # (groups, C)
+            variance = invstd.pow(-2) - eps
+        else:  # one group per rank here: combine it with the other ranks' parts
+            local_mean, local_var = _local_stats(x, eps)
+            mean, m2, count = _combine(count, local_mean, local_var * count, group)
+            variance = m2 / count
+            out, _, _ = torch.native_batch_norm(x, weight, bias, mean.to(weight.dtype), variance.to(weight.dtype),
+                                                False, 0.0, eps)
+            mean, variance = mean[None], variance[None]
+            invstd = torch.rsqrt(variance + eps)
         if momentum is not None:  # None: a recomputed forward (activation checkpointing) updates nothing
             with torch.no_grad():
                 running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype), alpha=momentum)
-                unbiased = (m2 / max(count - 1, 1)).mean(0)
+                unbiased = (variance * (count / max(count - 1, 1))).mean(0)
                 running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-        scale = invstd * weight.to(acc)
-        shift = bias.to(acc) - mean * scale
-        out = torch.empty_like(x)
-        # Computed in acc, rounded once into x's dtype (no acc-sized copy of the output).
-        torch.addcmul(_per_channel(shift), xs, _per_channel(scale), out=out.view_as(xs))
         positive = out.relu_().bool() if relu else None
         ctx.save_for_backward(x, pack_bits(positive) if relu else None, weight, mean, invstd)
         ctx.mask_layout = (positive.shape, positive.stride()) if relu else None
-        ctx.per_rank, ctx.group, ctx.count = per_rank, group, count
+        ctx.per_rank, ctx.group, ctx.count, ctx.eps = per_rank, group, count, eps
         return out
 
     @staticmethod
@@ -108,27 +121,32 @@ class GroupBatchNormFunction(torch.autograd.Function):
         x, mask, weight, mean, invstd = ctx.saved_tensors
         if ctx.mask_layout is not None:
             grad_out = apply_mask(grad_out, mask, *ctx.mask_layout)
-        acc = _accumulator(x.dtype)
-        b, c = x.shape[:2]
-        shape = (ctx.per_rank, b // ctx.per_rank, c, *x.shape[2:])
-        dims = (1, 3, 4)
-        dy = grad_out.reshape(shape).to(acc)
-        centred = x.view(shape).to(acc) - _per_channel(mean)
-        sum_dy = dy.sum(dims)  # (groups, C), this rank's part
-        sum_dy_xmu = (dy * centred).sum(dims)
         needs = ctx.needs_input_grad
-        grad_weight = (sum_dy_xmu * invstd).sum(0).to(weight.dtype) if needs[1] else None
-        grad_bias = sum_dy.sum(0).to(weight.dtype) if needs[2] else None
+        if ctx.group is None:
+            n = x.shape[0] // ctx.per_rank
+            parts = [torch.ops.aten.native_batch_norm_backward(
+                grad_out[k * n:(k + 1) * n], x[k * n:(k + 1) * n], weight, None, None, mean[k], invstd[k], True,
+                ctx.eps, [needs[0], needs[1], needs[2]]) for k in range(ctx.per_rank)]
+            grad_in = torch.cat([p[0] for p in parts]) if needs[0] else None
+            grad_weight = torch.stack([p[1] for p in parts]).sum(0) if needs[1] else None
+            grad_bias = torch.stack([p[2] for p in parts]).sum(0) if needs[2] else None
+            return grad_in, grad_weight, grad_bias, None, None, None, None, None, None, None
+        acc = _accumulator(x.dtype)
+        mean, invstd = mean[0], invstd[0]
+        dy = grad_out.to(acc)
+        centred = x.to(acc) - _per_channel(mean)
+        sum_dy = dy.sum((0, 2, 3))  # this rank's part
+        sum_dy_xmu = (dy * centred).sum((0, 2, 3))
+        grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if needs[1] else None
+        grad_bias = sum_dy.to(weight.dtype) if needs[2] else None
         grad_in = None
-        if needs[0]:
-            if ctx.group is not None:  # collective: the group's sums (one all-reduce of 2C numbers)
-                sums = torch.cat([sum_dy, sum_dy_xmu], dim=1)
-                torch_dist.all_reduce(sums, group=ctx.group)
-                sum_dy, sum_dy_xmu = sums[:, :c], sums[:, c:]
-            scale = invstd * weight.to(acc)
+        if needs[0]:  # collective: the group's two sums (one all-reduce of 2C numbers)
+            sums = torch.cat([sum_dy, sum_dy_xmu])
+            torch_dist.all_reduce(sums, group=ctx.group)
+            sum_dy, sum_dy_xmu = sums[:sums.numel() // 2], sums[sums.numel() // 2:]
             grad = dy - _per_channel(sum_dy / ctx.count) - centred * _per_channel(invstd ** 2 * sum_dy_xmu / ctx.count)
             grad_in = torch.empty_like(x)
-            torch.mul(grad, _per_channel(scale), out=grad_in.view(shape))
+            torch.mul(grad, _per_channel(invstd * weight.to(acc)), out=grad_in)  # rounded once into x's dtype
         return grad_in, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
