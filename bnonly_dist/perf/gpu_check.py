@@ -14,7 +14,9 @@ passed, else 1 (2: bad arguments). Imports only the standard library and torch, 
 before anything is installed.
 
 `--rehearse` runs every part on the CPU at tiny sizes (gpu_parts.py), installing every wheel
-of the folder into a fresh OUT/site: the CI's proof that the check itself works.
+of the folder into a fresh OUT/site: the CI's proof that the check itself works. Its limits
+are the GPU's times REHEARSAL_SCALE: two shared CPU cores start Python and torch far slower
+than a GPU node's 16.
 """
 from __future__ import annotations
 
@@ -30,15 +32,16 @@ import time
 from pathlib import Path
 
 from bnonly_dist.perf import gpu_report, wheels
-from bnonly_dist.perf.gpu_parts import BUDGET_S, INSTALL_LIMIT_S, MARGIN_S, NEEDED, Part, parts
+from bnonly_dist.perf.gpu_parts import BUDGET_S, INSTALL_LIMIT_S, MARGIN_S, NEEDED, REHEARSAL_SCALE, Part, parts
 
 REPO = Path(__file__).resolve().parents[2]
 KILL_GRACE_S = 5  # SIGTERM to a part's process group, then SIGKILL after this
 
 
-def kill_group(pgid: int) -> None:
+def kill_group(pgid: int, reap=lambda: None) -> None:
     """SIGTERM, then SIGKILL, to every process of a part's group (workers it forked included:
-    a bench's Pool worker would otherwise keep its CUDA context and wait forever)."""
+    a bench's Pool worker would otherwise keep its CUDA context and wait forever). reap()
+    collects the group's leader, our child, which would otherwise stay in the group as a zombie."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(pgid, sig)
@@ -46,6 +49,7 @@ def kill_group(pgid: int) -> None:
             return
         deadline = time.monotonic() + KILL_GRACE_S
         while time.monotonic() < deadline:
+            reap()
             try:
                 os.killpg(pgid, 0)
             except ProcessLookupError:
@@ -56,9 +60,9 @@ def kill_group(pgid: int) -> None:
 class Check:
     """Runs the parts one after the other within the budget and records each one."""
 
-    def __init__(self, out: Path, budget_s: float):
-        self.out = out
-        self.deadline = time.monotonic() + budget_s - MARGIN_S
+    def __init__(self, out: Path, budget_s: float, limit_scale: float = 1.0):
+        self.out, self.limit_scale = out, limit_scale
+        self.deadline = time.monotonic() + limit_scale * (budget_s - MARGIN_S)
         self.site = out / "site"
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(self.site), str(REPO),
                                                                   os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
@@ -73,13 +77,15 @@ class Check:
     def run(self, name: str, cmd: list[str], limit_s: float, skip: str | None = None, env: dict | None = None) -> dict:
         """cmd from the repository root, in a process group of its own, for at most limit_s (less
         if the budget ends first); on time out the whole group is killed and what it printed kept."""
-        limit = min(limit_s, self.deadline - time.monotonic())
-        if skip or limit < 5:
+        left = self.deadline - time.monotonic()
+        limit = min(self.limit_scale * limit_s, left)
+        if skip or left < 5:
             return self.record(name, "skipped", skip or "the 8-minute budget is spent")
         start = time.monotonic()
         log = self.out / f"{name}.log"
         with open(log, "w") as sink:
-            sink.write(f"$ {' '.join(cmd)}\n")
+            header = f"$ {' '.join(cmd)}\n"
+            sink.write(header)
             sink.flush()
             proc = subprocess.Popen(cmd, cwd=REPO, env={**self.env, **(env or {})}, stdout=sink,
                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -87,9 +93,9 @@ class Check:
                 code = proc.wait(timeout=limit)
             except subprocess.TimeoutExpired:
                 code = None
-            kill_group(proc.pid)  # also after a clean exit: nothing the part started may outlive it
+            kill_group(proc.pid, proc.poll)  # also after a clean exit: nothing the part started may outlive it
             proc.wait()
-        output = log.read_text().split("\n", 1)[-1]
+        output = log.read_text()[len(header):]
         lines = output.strip().splitlines() or [""]
         seconds = time.monotonic() - start
         if code is None:
@@ -103,8 +109,8 @@ class Check:
         """Wheels into a fresh OUT/site, offline and without dependency resolution (the folder
         holds the dependencies that are missing; --target alone would ignore the installed
         torch and look for it in the folder): every wheel (a rehearsal) or those whose project
-        is not installed at the wheel's version (pydantic needs a newer typing-extensions than
-        an older torch brings); then each of their modules is imported from there."""
+        is not installed at the wheel's version or a newer one (pydantic needs a newer
+        typing-extensions than an older torch brings); then each of their modules is imported from there."""
         if folder is None:
             self.record("install", "skipped", "no --wheels folder given")
             return
@@ -156,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="folder for report.md, report.json and the logs")
     p.add_argument("--dry-run", action="store_true", help="install and report, but run nothing on the GPU")
     p.add_argument("--rehearse", action="store_true", help="run every part on the CPU at tiny sizes (CI)")
+    p.add_argument("--cuda-tests", metavar="EXPR", help="only the cuda tests pytest -k EXPR selects (default: all)")
     p.add_argument("--budget-s", type=float, default=BUDGET_S, help=f"seconds for the whole run (default {BUDGET_S})")
     args = p.parse_args(argv)
     if args.wheels is not None and not args.wheels.is_dir():
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out.resolve()  # the parts run from the repository root
     out.mkdir(parents=True, exist_ok=True)
-    check = Check(out, args.budget_s)
+    check = Check(out, args.budget_s, REHEARSAL_SCALE if args.rehearse else 1.0)
     env = environment()
     print(f"gpu-check: {env['device']}, torch {env['torch']} (CUDA {env['cuda']}), Python {env['python']}"
           f"{', rehearsal on the CPU' if args.rehearse else ''}", flush=True)
@@ -175,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     have = {"gpu": args.rehearse or env["cuda_available"], "config": modules["pydantic"],
             "pytest": modules["pytest"], "dali": modules["nvidia.dali"], "data": False}
     results, dali = {}, {}
-    for part in parts(out, args.rehearse, env["gpus"]):
+    for part in parts(out, args.rehearse, env["gpus"], args.cuda_tests):
         skip = "--dry-run" if args.dry_run else why_skipped(part, have)
         done = check.run(part.name, part.cmd, part.limit_s, skip=skip, env=part.env)
         done["essential"] = part.essential

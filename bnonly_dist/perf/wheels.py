@@ -47,13 +47,19 @@ def normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:4])
+
+
 def installed(name: str, version: str | None = None) -> bool:
-    """Whether the project is installed here (at that version, if given)."""
+    """Whether the project is installed here (at that version or a newer one, if given: a wheel
+    never shadows a newer installed copy, but replaces an older one, e.g. the typing-extensions
+    an older torch brought, older than pydantic needs)."""
     try:
         have = metadata.version(name)
     except metadata.PackageNotFoundError:
         return False
-    return version is None or have == version
+    return version is None or _release(have) >= _release(version)
 
 
 def _wheel_text(path: Path, suffix: str) -> str | None:
@@ -108,17 +114,23 @@ def unmet(folder: Path, python_version: str) -> list[str]:
     """Requirements of the folder's wheels that neither the folder nor a torch node meets."""
     from packaging.requirements import Requirement  # the builder runs where the project is installed
     from packaging.utils import canonicalize_name
-    have = {project(p): wheel_metadata(p)["Version"] for p in folder.glob("*.whl")}
+    problems, readable = [], []
+    for path in sorted(folder.glob("*.whl")):
+        try:
+            wheel_metadata(path)
+            readable.append(path)
+        except zipfile.BadZipFile:
+            problems.append(f"{path.name} is not a wheel (not a zip file); download it again")
+    have = {project(p): wheel_metadata(p)["Version"] for p in readable}
     env = {"python_version": python_version, "python_full_version": python_version + ".0", "sys_platform": "linux",
            "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
            "implementation_name": "cpython", "platform_python_implementation": "CPython"}
     extras_wanted: dict[str, set[str]] = {}
-    for path in folder.glob("*.whl"):  # which extras other wheels ask of each project (DALI: nvimgcodec[all])
+    for path in readable:  # which extras other wheels ask of each project (DALI: nvimgcodec[all])
         for text in wheel_metadata(path).get_all("Requires-Dist") or []:
             req = Requirement(text)
             extras_wanted.setdefault(canonicalize_name(req.name), set()).update(req.extras)
-    problems = []
-    for path in sorted(folder.glob("*.whl")):
+    for path in readable:
         for text in wheel_metadata(path).get_all("Requires-Dist") or []:
             req = Requirement(text)
             extras = extras_wanted.get(project(path), set()) | {""}
