@@ -172,12 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu-check: --rehearse and --dry-run exclude each other; pass one", file=sys.stderr)
         return 2
     out = args.out.resolve()  # the parts run from the repository root
+    folder = args.wheels.resolve() if args.wheels is not None else None
     out.mkdir(parents=True, exist_ok=True)
     check = Check(out, args.budget_s, REHEARSAL_SCALE if args.rehearse else 1.0)
     env = environment()
     print(f"gpu-check: {env['device']}, torch {env['torch']} (CUDA {env['cuda']}), Python {env['python']}"
           f"{', rehearsal on the CPU' if args.rehearse else ''}", flush=True)
-    check.install(args.wheels, everything=args.rehearse)
+    check.install(folder, everything=args.rehearse)
     modules = check.importable()
     have = {"gpu": args.rehearse or env["cuda_available"], "config": modules["pydantic"],
             "pytest": modules["pytest"], "dali": modules["nvidia.dali"], "data": False}
