@@ -154,7 +154,8 @@ if sys.argv[1] == "unconfigured":  # what the engine did before: no torch_autoca
     make = ds_engine.ds_config
     ds_engine.ds_config = lambda *a: {k: v for k, v in make(*a).items() if k != "torch_autocast"}
 cfg = config.load("configs/cifar10_resnet14.yaml", ["data.name=synthetic", "data.batch_size=8", "train.device=cpu",
-                                                    "dist.engine=deepspeed", "train.precision=bf16"])
+                                                    "dist.engine=deepspeed", "train.precision=bf16",
+                                                    "train.frozen_dtype=fp32"])
 plan = plan_mod.resolve(cfg, torch.device("cpu"))
 net = network.build(cfg, plan, 10)
 engine = engines.wrap(cfg, plan, net.model, net.masks, dist.Context(0, 1, 0, torch.device("cpu")))
