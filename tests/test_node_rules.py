@@ -73,6 +73,7 @@ def test_gloo_interface_is_set_from_the_route_unless_the_user_set_one(tmp_path):
 
 
 def test_one_rank_lists_imagenet_and_the_others_get_its_listing(imagenet_root, monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     sent = []
     monkeypatch.setattr(dist, "broadcast_object", lambda obj: sent.append(obj) or obj)
     mine = dali.shared_index(str(imagenet_root), 0, 2)
@@ -85,6 +86,7 @@ def test_one_rank_lists_imagenet_and_the_others_get_its_listing(imagenet_root, m
 def test_a_bad_data_set_fails_on_every_rank_with_rank_0s_message(tmp_path, monkeypatch):
     (tmp_path / "train").mkdir()
     (tmp_path / "val").mkdir()
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "broadcast_object", lambda obj: obj)
     with pytest.raises(layout.DataError, match="no class folders") as first:
         dali.shared_index(str(tmp_path), 0, 2)
