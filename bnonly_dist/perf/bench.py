@@ -216,7 +216,8 @@ def run(cfg: Config, steps: int = 10, warmup: int = 3, variants=DEFAULT_VARIANTS
     report = {"arch": cfg.model.arch, "batch": cfg.data.batch_size, "mode": cfg.mode, "device": str(device),
               "device_name": name, "threads": torch.get_num_threads(), "precision": plan.precision,
               "channels_last": plan.channels_last, "lean": plan.lean, "default": default_variant(cfg, device),
-              "activation_checkpointing": cfg.train.activation_checkpointing, "frozen_dtype": "bf16" if plan.frozen_dtype == torch.bfloat16 else "fp32",
+              "activation_checkpointing": cfg.train.activation_checkpointing,
+              "frozen_dtype": "bf16" if plan.frozen_dtype == torch.bfloat16 else "fp32",
               "image_size": 32 if models.parse_arch(cfg.model.arch).family == "cifar" else cfg.data.image_size,
               "steps": steps, "warmup": warmup, "peak_tflops": peak_tflops(name) if on_gpu else None}
     if max_batch_only:
