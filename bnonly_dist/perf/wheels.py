@@ -35,6 +35,7 @@ NODE_HAS = {"torch", "torchvision", "numpy", "pyyaml", "tqdm", "tensorboard", "m
             "sympy", "networkx", "jinja2", "fsspec", "setuptools", "triton", "pip"}
 
 
+IMPORT_LIMIT_S = 120  # importing every module of the folder (DeepSpeed's import alone takes seconds)
 NAMESPACES = {"nvidia"}  # shared by NVIDIA's wheels (some ship an __init__.py in it): check what is inside
 
 
@@ -103,8 +104,11 @@ def import_failures(names: list[str], env: dict, site: Path | None = None) -> li
             "    if sys.argv[1] and not str(pathlib.Path(where).resolve()).startswith(sys.argv[1]):\n"
             "        bad.append(f'{m}: imported from {where}, not from the target')\n"
             "print(json.dumps(bad))\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(site.resolve()) if site else "", *names], env=env,
-                          capture_output=True, text=True)
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(site.resolve()) if site else "", *names], env=env,
+                              capture_output=True, text=True, timeout=IMPORT_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        return [f"{n}: the imports took more than {IMPORT_LIMIT_S} s" for n in names]
     if proc.returncode != 0:
         return [f"{n}: the import check itself failed ({proc.stderr.strip().splitlines()[-1:]})" for n in names]
     return json.loads(proc.stdout.strip().splitlines()[-1])
