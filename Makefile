@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench mini clean cluster-up cluster-down gpu-check
+.PHONY: setup demo test bench mini clean cluster-up cluster-down gpu-check gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,15 @@ WHEELS ?=
 OUT ?= runs/gpu-check
 gpu-check:
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m bnonly_dist.gpu_check $(if $(WHEELS),--wheels "$(WHEELS)") --out "$(OUT)"
+
+# On a machine with the registry (and this project installed): the wheel folder for gpu-check,
+# from requirements/gpu-wheels.txt, checked by an offline install here. NODE_PYTHON: the node's
+# major.minor (default this Python's); SPLIT_MIB: also cut it into parts of that size.
+NODE_PYTHON ?=
+SPLIT_MIB ?= 0
+gpu-wheels: setup
+	@test -n "$(WHEELS)" || { echo "make gpu-wheels: set WHEELS=dir (a new folder)"; exit 2; }
+	$(BIN)/python -m bnonly_dist.perf.wheels "$(WHEELS)" $(if $(NODE_PYTHON),--python-version $(NODE_PYTHON)) --split-mib $(SPLIT_MIB)
 
 cluster-up:      # a real Slurm on this machine (node1, node2); needs root
 	bash slurm/local-cluster/up.sh

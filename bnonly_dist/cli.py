@@ -67,7 +67,8 @@ def _bench(args) -> None:
     from bnonly_dist.perf import bench
     report = bench.run(load(args.config, args.overrides), steps=args.steps, warmup=args.warmup,
                        variants=[v for v in args.variants.split(",") if v], with_data=args.data,
-                       max_batch_limit=args.max_batch_limit, echo=lambda line: print(line, flush=True))
+                       max_batch_limit=args.max_batch_limit, echo=lambda line: print(line, flush=True),
+                       max_batch_only=args.max_batch_only)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"JSON report: {args.json}")
@@ -99,7 +100,7 @@ def _data(args) -> None:
         if not 8 <= args.min_side < args.max_side:
             raise ConfigError(f"--min-side {args.min_side} --max-side {args.max_side}: need 8 <= min < max")
         out = fake.write_imagenet(args.dir, args.classes, args.train_per_class, args.val_per_class, args.seed,
-                                  (args.min_side, args.max_side))
+                                  (args.min_side, args.max_side), photo_like=args.photo_like)
     else:
         print(json.dumps(layout.check(args.dir, decode=args.decode)))
         return
@@ -165,6 +166,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--data", action="store_true", help="also time the configured data pipeline alone (needs data.root)")
     b.add_argument("--max-batch-limit", type=int, default=4096,
                    help="GPU: search the largest batch that fits up to this (0: skip the search)")
+    b.add_argument("--max-batch-only", action="store_true", help="only search each variant's largest batch "
+                   "(up to --max-batch-limit; also on the CPU), no timing")
     b.add_argument("--json", help="also write the report as JSON here")
     b.set_defaults(func=_bench)
 
@@ -197,6 +200,8 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--min-side", type=int, default=64, help="image sides are drawn from [min, max)")
     i.add_argument("--max-side", type=int, default=160, help="real ImageNet: about 333 to 500 (for decode speed)")
+    i.add_argument("--photo-like", action="store_true", help="little pixel noise: files of a photograph's size "
+                   "and decode cost (for decode benchmarks)")
     k = dsub.add_parser("check", help="validate a CIFAR-10 or ImageNet layout")
     k.add_argument("dir")
     k.add_argument("--decode", action="store_true", help="decode every image to find corrupt ones")

@@ -8,9 +8,12 @@ from the job id, so a requeued job meets on the same port). One process per GPU.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import random
 import re
+import socket
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +93,44 @@ def prepare_environment(deterministic: bool, env=os.environ) -> None:
         env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "3"
 
 
+def route_interface(address: str, route_table: str) -> str | None:
+    """The interface Linux sends packets to address through: the longest-prefix match in a
+    route table as /proc/net/route writes it (hex, little-endian), lowest metric first;
+    "lo" for a loopback address (its route is in the local table, not listed there)."""
+    ip = ipaddress.IPv4Address(address)
+    if ip.is_loopback:
+        return "lo"
+    best = None
+    for line in route_table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 8 or not int(fields[3], 16) & 1:  # RTF_UP
+            continue
+        dest, mask = (ipaddress.IPv4Address(struct.pack("<I", int(f, 16))) for f in (fields[1], fields[7]))
+        if int(ip) & int(mask) == int(dest):
+            key = (bin(int(mask)).count("1"), -int(fields[6]))
+            if best is None or key > best[0]:
+                best = (key, fields[0])
+    return best[1] if best else None
+
+
+def prepare_gloo_interface(env=os.environ, route_file: str = "/proc/net/route") -> str | None:
+    """GLOO_SOCKET_IFNAME, when unset, from the interface that reaches MASTER_ADDR: gloo would
+    otherwise bind to what the host name resolves to, which on some nodes is a loopback or
+    unroutable address, and its first collective would block until dist.timeout_s. Returns
+    the interface chosen (None: the user's setting is kept, or no route is known)."""
+    if env.get("GLOO_SOCKET_IFNAME") or not env.get("MASTER_ADDR"):
+        return None
+    try:
+        address = socket.gethostbyname(env["MASTER_ADDR"])
+        with open(route_file) as f:
+            interface = route_interface(address, f.read())
+    except (OSError, ValueError):  # unresolvable name, no route table (not Linux): gloo's own choice
+        return None
+    if interface:
+        env["GLOO_SOCKET_IFNAME"] = interface
+    return interface
+
+
 def choose_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
@@ -131,6 +172,7 @@ def init(device_preference: str = "auto", timeout_s: int = 600, deterministic: b
         # A process of a group: init_process_group's env:// (and DeepSpeed) read these.
         # A single process leaves the environment alone, so the jobs it launches see none.
         os.environ.update(env, LOCAL_RANK=device_local_rank(device, local_rank))
+        prepare_gloo_interface()
         timeout = datetime.timedelta(seconds=timeout_s)
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch_dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,

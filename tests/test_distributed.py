@@ -227,7 +227,7 @@ def test_fsdp_bf16_gathers_in_bf16_and_follows_ddp(overrides, tmp_path):
     """The GPU defaults (bf16, channels_last) with fp32 frozen weights: FSDP's mixed-precision
     policy gathers convolution weights in bf16 and keeps BN in fp32, which is what autocast
     computes under DDP; its weights go back to NCHW (fully_shard refuses channels_last ones)."""
-    gpu_like = ["train.precision=bf16", "train.channels_last=true"]
+    gpu_like = ["train.precision=bf16", "train.channels_last=true", "train.frozen_dtype=fp32"]
     ddp = run(2, overrides("ddp", *gpu_like), tmp_path / "ddp")
     fsdp = run(2, overrides("fsdp", *gpu_like), tmp_path / "fsdp")
     assert ddp["finished"] and fsdp["finished"]

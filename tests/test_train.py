@@ -83,7 +83,8 @@ def test_resume_is_bit_exact(tiny_cfg, tmp_path):
 def test_memory_options_may_change_on_resume(tiny_cfg, tmp_path):
     """Lean autograd, checkpointed stages and the frozen dtype change memory, not the run."""
     part = tmp_path / "part"
-    first = train.run(tiny_cfg("train.precision=bf16", "train.lean_autograd=false", "train.max_steps=13"), part)
+    first = train.run(tiny_cfg("train.precision=bf16", "train.frozen_dtype=fp32", "train.lean_autograd=false",
+                               "train.max_steps=13"), part)
     resumed = train.run(tiny_cfg("train.precision=bf16", "train.frozen_dtype=bf16", "train.lean_autograd=true",
                                  "train.activation_checkpointing=[1]"), part)
     assert first["step"] == 13 and resumed["finished"] and resumed["trainable_params"] == first["trainable_params"]

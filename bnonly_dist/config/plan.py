@@ -28,7 +28,8 @@ class Plan:
     lean: bool  # lean autograd for frozen layers (models/layers.py)
     lean_why: str  # what decided lean (the auto rule's estimate, or the key)
     checkpointed_stages: tuple[int, ...]  # residual stages recomputed in backward
-    frozen_dtype: torch.dtype | None  # storage dtype of frozen conv/linear weights; None = fp32
+    frozen_dtype: torch.dtype | None  # storage dtype of frozen conv/linear weights; None = fp32 (auto: bf16 under bf16
+    # autocast, which caches casts only of tensors that require grad: fp32 frozen weights were cast at every forward)
     decode: str | None  # DALI JPEG decode (cpu | mixed) for ImageNet; None for other data
     engine: str  # ddp | fsdp | deepspeed
     compile: bool
@@ -134,7 +135,8 @@ def resolve(cfg: Config, device: torch.device, world: int = 1) -> Plan:
             raise ConfigError("data.decode=mixed decodes on the GPU but this run is on the CPU; use data.decode=cpu")
     return Plan(device=device, bf16=bf16, channels_last=channels_last, lean=lean, lean_why=lean_why,
                 checkpointed_stages=tuple(train.activation_checkpointing),
-                frozen_dtype=torch.bfloat16 if train.frozen_dtype == "bf16" else None, decode=decode,
+                frozen_dtype=torch.bfloat16 if train.frozen_dtype == "bf16" or (train.frozen_dtype == "auto" and bf16)
+                else None, decode=decode,
                 engine=cfg.dist.engine, compile=train.compile, deterministic=train.deterministic,
                 bn=bn_groups(train.bn_batch, cfg.data.batch_size, world),
                 per_rank_batch=per_rank(cfg.data.batch_size, world))

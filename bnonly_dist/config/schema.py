@@ -71,7 +71,9 @@ class DataConfig(_Section):
     eval_batch_size: int = _field(256, "global evaluation batch over all ranks", gt=0)
     decode: Literal["auto", "cpu", "mixed"] = _field(
         "auto", "DALI JPEG decode: mixed (on the GPU), cpu; auto = mixed on a GPU", only_for=_IMAGENET)
-    num_threads: int = _field(4, "DALI CPU threads per rank", gt=0, only_for=_IMAGENET)
+    num_threads: int | Literal["auto"] = _field(
+        "auto", "DALI CPU threads per rank; auto: the CPUs of the task (SLURM_CPUS_PER_TASK, else the cores this "
+        "process may use divided by the ranks on its node)", only_for=_IMAGENET)
     image_size: int = _field(224, "training crop and evaluation crop side", gt=0, only_for=_IMAGENET)
     resize_size: int = _field(256, "evaluation resize (shorter side) before the centre crop", gt=0,
                               only_for=_IMAGENET)
@@ -79,6 +81,13 @@ class DataConfig(_Section):
     synthetic_samples: int = _field(1024, "synthetic images per epoch", gt=0, only_for=_SYNTHETIC)
     synthetic_image_size: int = _field(32, "synthetic image side", gt=0, only_for=_SYNTHETIC)
     synthetic_classes: int = _field(10, "synthetic label count", gt=1, only_for=_SYNTHETIC)
+
+    @field_validator("num_threads")
+    @classmethod
+    def _threads_positive(cls, threads: int | str) -> int | str:
+        if threads != "auto" and threads < 1:
+            raise ValueError("must be a positive count of threads or auto")
+        return threads
 
 
 class OptimConfig(_Section):
@@ -130,9 +139,10 @@ class TrainConfig(_Section):
         None, "images every BatchNorm statistic is computed over, whatever the number of ranks: a divisor of the "
         "per-rank batch (groups inside a rank) or a multiple of it (statistics synchronised over consecutive ranks); "
         "null: each rank's own batch, which changes with the world size (models/bn_groups.py)", gt=0)
-    frozen_dtype: Literal["fp32", "bf16"] = _field(
-        "fp32", "storage dtype of frozen conv/linear weights; bf16 halves their memory and FSDP all-gather bytes "
-        "and needs bf16 autocast")
+    frozen_dtype: Literal["auto", "fp32", "bf16"] = _field(
+        "auto", "storage dtype of frozen conv/linear weights; bf16 halves their memory and FSDP all-gather bytes, "
+        "spares autocast a cast of every frozen weight at every forward, and needs bf16 autocast; auto: bf16 "
+        "wherever bf16 autocast is on (the frozen-weight digest is always taken in fp32)")
 
     @field_validator("activation_checkpointing")
     @classmethod

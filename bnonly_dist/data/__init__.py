@@ -9,6 +9,7 @@ from __future__ import annotations
 from bnonly_dist.config import Config
 from bnonly_dist.config.plan import Plan
 from bnonly_dist.data.layout import DataError
+from bnonly_dist.data.threads import dali_threads
 
 
 def build(cfg: Config, plan: Plan, rank: int, world: int):
@@ -25,7 +26,7 @@ def build(cfg: Config, plan: Plan, rank: int, world: int):
         return CifarSource(data.root, data.batch_size, data.eval_batch_size, rank, world, cfg.seed, device)
     from bnonly_dist.data.dali import DaliImageNetSource
     return DaliImageNetSource(data.root, data.batch_size, data.eval_batch_size, rank, world, cfg.seed, device,
-                              plan.decode, data.num_threads, data.image_size, data.resize_size, data.min_area,
+                              plan.decode, dali_threads(data.num_threads), data.image_size, data.resize_size, data.min_area,
                               plan.channels_last)
 
 
@@ -38,4 +39,4 @@ def describe(cfg: Config, plan: Plan) -> str:
         return (f"data: CIFAR-10 from {data.root}, held on {plan.device} as uint8; crop and flip on "
                 f"{plan.device}")
     return (f"data: ImageNet from {data.root} via DALI, JPEG decode {plan.decode} "
-            f"({'GPU' if plan.decode == 'mixed' else 'CPU'}), {data.num_threads} CPU threads per rank")
+            f"({'GPU' if plan.decode == 'mixed' else 'CPU'}), {dali_threads(data.num_threads)} CPU threads per rank")

@@ -13,22 +13,27 @@ global batch data/sharding.py gives for (epoch, step), so every epoch keeps the 
 makes resume and resharding exact while DALI's threads read and decode the files. DALI's
 own checkpoint (random state of the augmentations and the source's position) gives an
 exact resume at the same world size; the evaluation pipeline is reset between passes.
+Rank 0 alone lists the folders and checks the validation headers; the others get its listing.
 """
 from __future__ import annotations
 
 import base64
 import logging
+import os
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from bnonly_dist import dist
 from bnonly_dist.data import sharding
 from bnonly_dist.data.layout import DataError, find_corrupt, imagenet_index
 from bnonly_dist.models.init import name_seed
 from bnonly_dist.config.plan import per_rank
 
 log = logging.getLogger(__name__)
+PREFETCH_DEPTH = 2  # batches DALI decodes ahead of the loop
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 
@@ -125,11 +130,42 @@ def _eval_pipeline(files, labels, size, resize_size, decode, layout, on_gpu, **k
     return pipeline(**kwargs)
 
 
+def _pack(items: list[tuple[str, int]]) -> tuple[np.ndarray, list[str]]:
+    """(labels, file names) of a split: a third of the bytes of the full paths, rebuilt by _unpack."""
+    return np.array([label for _, label in items], dtype=np.int32), [os.path.basename(p) for p, _ in items]
+
+
+def _unpack(root: str, classes: list[str], packed: tuple[np.ndarray, list[str]], split: str) -> list[tuple[str, int]]:
+    folders = [os.path.join(str(Path(root) / split), name) for name in classes]  # as os.scandir writes them
+    labels, names = packed
+    return [(os.path.join(folders[label], name), int(label)) for label, name in zip(labels.tolist(), names)]
+
+
+def shared_index(root: str, rank: int, world: int) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
+    """imagenet_index on rank 0 alone (listing 1.28M files and opening 50k headers once, not on
+    every rank of every node), its listing or its DataError shared with the others (collective:
+    a broadcast over the host-side group)."""
+    if world == 1 or not torch.distributed.is_initialized():  # no peers to share with (a test's ranks in one process)
+        return imagenet_index(root)
+    verdict = None
+    if rank == 0:
+        try:
+            classes, train, val = imagenet_index(root)
+            verdict = ("ok", classes, _pack(train), _pack(val))
+        except DataError as err:
+            verdict = ("error", str(err))
+    verdict = dist.broadcast_object(verdict)
+    if verdict[0] == "error":
+        raise DataError(verdict[1])
+    _, classes, train, val = verdict
+    return classes, _unpack(root, classes, train, "train"), _unpack(root, classes, val, "val")
+
+
 class DaliImageNetSource:
     def __init__(self, root: str, global_batch: int, eval_batch: int, rank: int, world: int, seed: int,
                  device: torch.device, decode: str, num_threads: int, image_size: int, resize_size: int,
                  min_area: float, channels_last: bool = False):
-        self.classes, self.train_items, self.val_items = imagenet_index(root)
+        self.classes, self.train_items, self.val_items = shared_index(root, rank, world)
         self.num_classes = len(self.classes)
         self.rank, self.world, self.seed, self.device = rank, world, seed, device
         self.global_batch = global_batch
@@ -142,7 +178,8 @@ class DaliImageNetSource:
         self.channels_last = channels_last
         self.layout = "HWC" if channels_last else "CHW"
         self.common = dict(num_threads=num_threads, device_id=device.index if self.on_gpu else None,
-                           prefetch_queue_depth=2)
+                           prefetch_queue_depth=PREFETCH_DEPTH)
+        self.prefetch_depth = PREFETCH_DEPTH
         self.image_size, self.resize_size, self.min_area = image_size, resize_size, min_area
         self._train = None  # the training iterator, built at the first epoch
         self._feeder = None  # its external source

@@ -19,7 +19,7 @@ CIFAR_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", 
 
 
 def _class_images(rng: np.random.Generator, labels: np.ndarray, height: int, width: int,
-                  num_classes: int) -> np.ndarray:
+                  num_classes: int, noise: float = 70) -> np.ndarray:
     """uint8 images (N, H, W, 3) whose colour and stripe direction depend on the label."""
     hues = np.random.default_rng(1234).uniform(100, 155, size=(num_classes, 3))
     angles = np.linspace(0, np.pi, num_classes, endpoint=False)
@@ -28,7 +28,7 @@ def _class_images(rng: np.random.Generator, labels: np.ndarray, height: int, wid
     for i, label in enumerate(labels):
         phase = rng.uniform(0, 2 * np.pi)
         stripes = np.sin(2 * np.pi * 4 * (xx * np.cos(angles[label]) + yy * np.sin(angles[label])) + phase)
-        image = hues[label] + 20 * stripes[..., None] + rng.normal(0, 70, size=(height, width, 3))
+        image = hues[label] + 20 * stripes[..., None] + rng.normal(0, noise, size=(height, width, 3))
         out[i] = np.clip(image, 0, 255).astype(np.uint8)
     return out
 
@@ -84,18 +84,26 @@ def _write_cifar10(out: Path, train_size: int, test_size: int, seed: int) -> Pat
     return out
 
 
+# Pixel noise (standard deviation) of photo_like images: about 100 KB per 333-500 px JPEG at
+# quality 90, near an average ImageNet training file (~110 KB), where the default noise of 70
+# gives 150 KB files of pure noise, slower to decode than photographs.
+PHOTO_NOISE = 24
+
+
 def write_imagenet(root: str | Path, num_classes: int = 10, train_per_class: int = 32,
-                   val_per_class: int = 10, seed: int = 0, sides: tuple[int, int] = (64, 160)) -> Path:
-    """train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (class-folder layout), image sides drawn from [sides)."""
+                   val_per_class: int = 10, seed: int = 0, sides: tuple[int, int] = (64, 160),
+                   photo_like: bool = False) -> Path:
+    """train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (class-folder layout), image sides drawn from [sides);
+    photo_like: little pixel noise, so that files decode like photographs (decode benchmarks)."""
     root = Path(root)
     _make_dir(root, root)
     with _writing(root):
-        _write_imagenet(root, num_classes, train_per_class, val_per_class, seed, sides)
+        _write_imagenet(root, num_classes, train_per_class, val_per_class, seed, sides, PHOTO_NOISE if photo_like else 70)
     return root
 
 
 def _write_imagenet(root: Path, num_classes: int, train_per_class: int, val_per_class: int, seed: int,
-                    sides: tuple[int, int]) -> None:
+                    sides: tuple[int, int], noise: float) -> None:
     rng = np.random.default_rng(seed)
     wnids = [f"n{10000000 + 1111 * c:08d}" for c in range(num_classes)]
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
@@ -104,7 +112,7 @@ def _write_imagenet(root: Path, num_classes: int, train_per_class: int, val_per_
             _make_dir(folder, root)
             for i in range(per_class):
                 height, width = rng.integers(*sides, size=2)
-                image = _class_images(rng, np.array([label]), int(height), int(width), num_classes)[0]
+                image = _class_images(rng, np.array([label]), int(height), int(width), num_classes, noise)[0]
                 buffer = io.BytesIO()
                 Image.fromarray(image).save(buffer, format="JPEG", quality=90)
                 (folder / f"{wnid}_{split}_{i:05d}.JPEG").write_bytes(buffer.getvalue())

@@ -127,16 +127,29 @@ def find_corrupt(paths: list[str]) -> list[str]:
     return bad
 
 
-def check(root: str | Path, decode: bool = False) -> dict:
-    """Validate a data set; returns a summary or raises DataError naming the first problem."""
+def spread_sample(items: list, count: int | None) -> list:
+    """count items spread evenly over the list (every class folder gets its share); all if None."""
+    if count is None or count >= len(items):
+        return items
+    return [items[i * len(items) // count] for i in range(count)]
+
+
+def check(root: str | Path, decode: bool = False, sample: int | None = None) -> dict:
+    """Validate a data set; returns a summary or raises DataError naming the first problem.
+    sample: check the headers of this many ImageNet files per split, spread over the classes
+    (a launcher's quick look), instead of every one."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"{root} does not exist; pass the directory that holds the data set")
     if (root / "train").is_dir():
-        classes, train, val = imagenet_index(root)
-        require_images([p for p, _ in train], str(root / "train"))
+        classes, train, val = imagenet_index(root, check_val=sample is None)
+        train_paths, val_paths = (spread_sample([p for p, _ in split], sample) for split in (train, val))
+        require_images(train_paths, str(root / "train"))
+        if sample is not None:
+            require_images(val_paths, str(root / "val"))
         report = {"format": "imagenet", "root": str(root), "classes": len(classes),
-                  "train_images": len(train), "val_images": len(val)}
+                  "train_images": len(train), "val_images": len(val),
+                  "headers_checked": len(train_paths) + (len(val_paths) if sample is not None else len(val))}
         if decode:
             bad = find_corrupt([p for p, _ in train + val])
             if bad:

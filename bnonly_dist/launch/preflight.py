@@ -17,6 +17,11 @@ from bnonly_dist.data.layout import DataError
 from bnonly_dist.launch.cluster import Target, tasks_per_node
 
 
+# ImageNet files per split whose first bytes the launcher reads: opening all 1.28M training
+# files from a login node took minutes on a network file system.
+HEADER_SAMPLE = 2000
+
+
 def require_data(cfg: Config) -> None:
     """data.root must be set for a data set on disk (checked before anything else is asked)."""
     if cfg.data.name != "synthetic" and not cfg.data.root:
@@ -41,13 +46,17 @@ def check_data(cfg: Config, target: Target) -> str:
     root = Path(cfg.data.root)
     if target.slurm and not root.exists():
         return f"data.root={root} is not visible on this machine: not checked here (the nodes must see it)"
-    report = layout.check(root)
+    report = layout.check(root, sample=HEADER_SAMPLE)
     if report["format"] != cfg.data.name:
         raise DataError(f"data.root={root} holds {report['format']} but data.name={cfg.data.name}; "
                         "fix data.root or data.name")
     sharding.steps_per_epoch(report["train_images"], cfg.data.batch_size)  # a batch larger than the set
-    return (f"data: {report['format']} at {report['root']}, {report['classes']} classes, "
+    line = (f"data: {report['format']} at {report['root']}, {report['classes']} classes, "
             f"{report['train_images']} train / {report['val_images']} val images")
+    if report["format"] == "imagenet":
+        line += (f"; headers of {report['headers_checked']} files checked (a sample spread over the classes; "
+                 "the run checks every validation file, `bnonly data check DIR` every file)")
+    return line
 
 
 def check_run(cfg: Config, run_dir: Path, target: Target, seen: dict | None = None,

@@ -89,6 +89,9 @@ class GroupBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, relu, per_rank, group):
+        if x.shape[0] % per_rank:
+            raise ValueError(f"a batch of {x.shape[0]} images does not split into {per_rank} BN groups "
+                             "(train.bn_batch)")
         n = x.shape[0] // per_rank
         count = float(n * x[0, 0].numel())  # elements per channel of one group on this rank
         if group is None:

@@ -177,6 +177,9 @@ def largest_batch(step, start: int, limit: int) -> int:
 
 def search_batch(cfg: Config, variant: str, limit: int) -> int:
     runner = Runner(cfg, variant, 8)
+    # Whether a batch fits, not how fast it runs: cuDNN's autotuning at every new batch size
+    # would cost seconds per try (torch sizes the autotuner's workspaces to the memory left).
+    torch.backends.cudnn.benchmark = False
 
     def step(size: int) -> None:
         runner.images = runner.labels = None
