@@ -6,9 +6,16 @@ for padding, and state()/load_state() for what a resume needs beyond (epoch, ste
 """
 from __future__ import annotations
 
-from bnonly_dist.config import Config
+from bnonly_dist.config import Config, ConfigError
 from bnonly_dist.config.plan import Plan
-from bnonly_dist.data.layout import DataError
+from bnonly_dist.data.layout import DataError  # noqa: F401  (raised by the sources; importable from here)
+
+
+def require_root(cfg: Config) -> None:
+    """A data set on disk needs data.root: a config error (exit 2), checked before anything else is asked."""
+    if cfg.data.name != "synthetic" and not cfg.data.root:
+        raise ConfigError(f"data.root is not set for data.name={cfg.data.name}; "
+                          f"pass data.root=/path/to/{cfg.data.name}")
 
 
 def build(cfg: Config, plan: Plan, rank: int, world: int):
@@ -18,8 +25,7 @@ def build(cfg: Config, plan: Plan, rank: int, world: int):
         from bnonly_dist.data.synthetic import SyntheticSource
         return SyntheticSource(data.synthetic_samples, data.synthetic_image_size, data.synthetic_classes,
                                data.batch_size, data.eval_batch_size, rank, world, cfg.seed, device)
-    if not data.root:
-        raise DataError(f"data.root is not set for data.name={data.name}; pass data.root=/path/to/{data.name}")
+    require_root(cfg)
     if data.name == "cifar10":
         from bnonly_dist.data.cifar import CifarSource
         return CifarSource(data.root, data.batch_size, data.eval_batch_size, rank, world, cfg.seed, device)

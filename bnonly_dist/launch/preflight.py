@@ -18,10 +18,9 @@ from bnonly_dist.launch.cluster import Target, tasks_per_node
 
 
 def require_data(cfg: Config) -> None:
-    """data.root must be set for a data set on disk (checked before anything else is asked)."""
-    if cfg.data.name != "synthetic" and not cfg.data.root:
-        raise DataError(f"data.root is not set for data.name={cfg.data.name}; "
-                        f"pass data.root=/path/to/{cfg.data.name}")
+    """data.root must be set for a data set on disk (data.require_root: the one rule)."""
+    from bnonly_dist.data import require_root
+    require_root(cfg)
 
 
 def job_device(cfg: Config, target: Target) -> str:

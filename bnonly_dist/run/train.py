@@ -7,6 +7,7 @@ Checkpointer.resume -> the loop below -> summary.json.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from bnonly_dist import data, dist, engines, network
 from bnonly_dist.config import Config, ConfigError
@@ -147,8 +149,11 @@ class Run:
         self.resume()
         self.announce()
         stop = StopRequest(self.cfg.train.stop_check_every)
-        self.bar = tqdm(total=self.end, initial=self.step, dynamic_ncols=True,
-                        disable=not (self.bar_enabled and self.ctx.is_main))
+        shown = self.bar_enabled and self.ctx.is_main
+        self.bar = tqdm(total=self.end, initial=self.step, dynamic_ncols=True, disable=not shown)
+        # While the bar is shown, console log lines go through it (tqdm.write), each on a line of its own.
+        console = logging_redirect_tqdm() if shown else contextlib.nullcontext()
+        console.__enter__()  # left in the finally below (a with block would re-indent the loop)
         started, first = time.perf_counter(), True
         try:
             while self.step < self.end:
@@ -169,6 +174,7 @@ class Run:
         finally:
             stop.close()
             self.bar.close()
+            console.__exit__(None, None, None)
         self.ckpt.save(self.step, final=True)  # collective
         final = self.evaluations.get(self.step) or self.evaluate()
         return self.finish(final, time.perf_counter() - started)
