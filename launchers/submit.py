@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from bnonly_dist.launch import preflight
     from bnonly_dist.launch.jobs import TrainJob
     from bnonly_dist.run import rundir
-    from bnonly_dist.run.paths import RunPaths, run_dir
+    from bnonly_dist.run.paths import RunPaths, run_dir, tensorboard_command
     try:
         cfg = config.load(args.config, args.overrides)
         preflight.require_data(cfg)  # before a question about where to run
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     cluster.record_job(paths.root, str(job.job_id))
     print(f"job {job.job_id} on {target.where} ({target.world} task{'s' if target.world > 1 else ''})\n"
           f"run directory: {paths.root}\nlogs: {job.paths.stdout} (and .err)"
-          f"\n      {paths.logs}/rank*.log\ntensorboard --logdir {paths.tb}")
+          f"\n      {paths.logs}/rank*.log\n{tensorboard_command(paths.root)}")
     if args.wait or not target.slurm:
         try:
             job.results()  # every task; rank 0 holds the summary

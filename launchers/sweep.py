@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     from bnonly_dist.launch import preflight, sweep
     from bnonly_dist.launch.jobs import TrainJob
     from bnonly_dist.run import rundir
-    from bnonly_dist.run.paths import RunPaths
+    from bnonly_dist.run.paths import RunPaths, tensorboard_command
     try:
         spec = sweep.load(args.sweep, args.overrides)  # every point's config, validated
         res = cluster.resources(args, spec.slurm)
@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     for point, job in zip(todo, jobs):
         cluster.record_job(point.run_dir, str(job.job_id))
     print(f"submitted {len(jobs)} of {len(spec.points)} points as job array {jobs[0].job_id.split('_')[0]} "
-          f"on {target.where}; logs in {job_dir}; tensorboard --logdir {Path(spec.points[0].cfg.runs_root).resolve()}")
+          f"on {target.where}; logs in {job_dir}\nall its runs side by side: "
+          f"{tensorboard_command(*(Path(p.run_dir).resolve() for p in spec.points))}")
     if args.wait or not target.slurm:
         failed = 0
         for point, job in zip(todo, jobs):

@@ -53,6 +53,7 @@ def test_log_lines_never_share_the_progress_bar_line(cifar_root, tmp_path):
     shared = [out[max(0, s - 60):s + 40] for s in starts if s and out[s - 1] not in "\r\n"]
     assert not shared, shared  # each log line starts a line of its own: the bar is cleared first
     assert "it/s" in out or "s/it" in out  # the bar was shown
+    assert f"TensorBoard: tensorboard --logdir_spec run:{tmp_path / 'run' / 'tb'}" in out  # named, not "."
 
 
 def test_a_closed_pipe_ends_quietly(tmp_path):
@@ -92,3 +93,8 @@ def test_a_missing_data_root_is_a_config_error_everywhere(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == ("bnonly: config error: data.root is not set for data.name=imagenet; "
                                                "pass data.root=/path/to/imagenet")
     assert not runs.exists()
+
+
+def test_tensorboard_names_runs_by_their_run_directory():
+    from bnonly_dist.run.paths import tensorboard_command
+    assert tensorboard_command("runs/a", "/x/b") == "tensorboard --logdir_spec a:runs/a/tb,b:/x/b/tb"

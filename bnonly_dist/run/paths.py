@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,3 +69,10 @@ class RunPaths:
 def run_dir(cfg, override: str | Path | None = None) -> Path:
     """The run directory of a config: --run-dir if given, else runs_root/<name derived from the config>."""
     return Path(override) if override else Path(cfg.runs_root) / cfg.run_name()
+
+
+def tensorboard_command(*run_dirs: str | Path) -> str:
+    """A TensorBoard command showing each run under its run directory's name (with --logdir RUN/tb a
+    run is called ".", and with --logdir runs/ "<run>/tb")."""
+    spec = ",".join(f"{Path(d).name}:{RunPaths(Path(d)).tb}" for d in run_dirs)
+    return f"tensorboard --logdir_spec {shlex.quote(spec)}"

@@ -281,8 +281,8 @@ class Run:
                    "wall_time_s": wall_time_s}
         if self.ctx.is_main:
             self.paths.summary.write_text(json.dumps(summary, indent=2))
-            log.info("done: top1 %.2f%% top5 %.2f%%; summary %s; TensorBoard: tensorboard --logdir %s",
-                     final["top1"], final["top5"], self.paths.summary, self.paths.tb)
+            log.info("done: top1 %.2f%% top5 %.2f%%; summary %s; TensorBoard: %s", final["top1"], final["top5"],
+                     self.paths.summary, paths.tensorboard_command(self.run_dir))
         self.close()
         dist.barrier()  # host side: rank 0 has written summary.json
         return summary
