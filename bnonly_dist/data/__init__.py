@@ -35,6 +35,17 @@ def build(cfg: Config, plan: Plan, rank: int, world: int):
                               plan.channels_last)
 
 
+def identity_of(cfg: Config, source) -> dict | None:
+    """What the data set is (data/identity.py), for the run's record; None for synthetic data (the config says it
+    all). ImageNet costs a stat per file: call it on one rank."""
+    if cfg.data.name == "synthetic":
+        return None
+    if cfg.data.name == "cifar10":
+        return source.identity
+    from bnonly_dist.data.identity import of_listing
+    return of_listing("imagenet", cfg.data.root, source.classes, source.train_items, source.val_items)
+
+
 def describe(cfg: Config, plan: Plan) -> str:
     """The data path in use, for the start-up log."""
     data = cfg.data

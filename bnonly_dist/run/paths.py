@@ -1,6 +1,7 @@
 """Every file of a run directory, named in one place.
 
     RUN/config.yaml      the resolved config (written first, atomically)
+    RUN/data.json        what the data set is: name, classes, image counts, digest (data/identity.py)
     RUN/metrics.jsonl    one JSON object per logged step and per evaluation
     RUN/eval.jsonl       evaluations asked for with `bnonly eval` (never mixed into metrics.jsonl)
     RUN/summary.json     final metrics and the fingerprint of the final model
@@ -24,6 +25,10 @@ class RunPaths:
     @property
     def config(self) -> Path:
         return self.root / "config.yaml"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data.json"
 
     @property
     def metrics(self) -> Path:

@@ -2,7 +2,7 @@
 
 Flow: config -> dist.init (rank, world, device) -> plan.resolve (every auto setting) ->
 rundir.claim (the one check, the lock) -> data.build ->
-rundir.create (config.yaml) -> network.build -> engines.wrap ->
+rundir.create (config.yaml, data.json) -> network.build -> engines.wrap ->
 Checkpointer.resume -> the loop below -> summary.json.
 """
 from __future__ import annotations
@@ -96,7 +96,9 @@ class Run:
                 return
             self.source = data.build(cfg, self.plan, self.ctx.rank, self.ctx.world)
             check_num_classes(cfg.model.num_classes, self.source.num_classes, cfg.data.root or "the synthetic data")
-            self.lock = self._on_rank0(rundir.create, cfg, self.run_dir, self.lock)
+            # What the data set is (not where it lies): rank 0 records and checks it; every rank's checkpoints carry it.
+            self.data_record = dist.broadcast_object(self._on_rank0(data.identity_of, cfg, self.source))
+            self.lock = self._on_rank0(rundir.create, cfg, self.run_dir, self.lock, self.data_record)
             self._build(cfg)
         except BaseException:
             self.release()
@@ -122,7 +124,8 @@ class Run:
         self.ckpt = Checkpointer(self.run_dir, self.ctx.rank, self.ctx.world, self.engine, self.source,
                                  net.frozen_sha, every=cfg.train.checkpoint_every, keep=cfg.train.keep_checkpoints,
                                  save_frozen=cfg.dist.save_frozen, steps_per_epoch=self.steps_per_epoch,
-                                 identity=cfg.identity(), before_save=self.check_finite)
+                                 identity={**cfg.identity(), rundir.DATA_KEY: self.data_record},
+                                 before_save=self.check_finite)
         self.cadence = Cadence(cfg, self.steps_per_epoch, self.end)
         self.meter = StepMeter(self.plan.device, cfg.data.batch_size)
         self.evaluations: dict[int, dict] = {}
