@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     from bnonly_dist import config
     from bnonly_dist.data.layout import DataError
-    from bnonly_dist.launch import preflight
+    from bnonly_dist.launch import jobs, preflight
     from bnonly_dist.launch.jobs import TrainJob
     from bnonly_dist.run import rundir
     from bnonly_dist.run.paths import RunPaths, run_dir, tensorboard_command
@@ -57,9 +57,12 @@ def main(argv=None) -> int:
             print(cluster.sbatch_script(job_dir, res, name))
             print(f"# run directory: {paths.root}")
             return 0
-        with cluster.created(paths.root):  # the launch goes ahead; a failed submission takes the new run dir back
+        with cluster.created(paths.root), jobs.spawn_ignoring_ctrl_c():  # a failed submission takes the new run dir back
             rundir.prepare(cfg, paths.root)
             job = cluster.executor(job_dir, res, name, target).submit(TrainJob(cfg.to_dict(), paths.root))
+    except KeyboardInterrupt:  # at the [y/N] question, or during the checks
+        print("submit: interrupted; nothing was submitted", file=sys.stderr)
+        return 130
     except (config.ConfigError, DataError) as err:
         print(f"submit: error: {err}", file=sys.stderr)
         return 2
@@ -70,12 +73,40 @@ def main(argv=None) -> int:
     print(f"job {job.job_id} on {target.where} ({target.world} task{'s' if target.world > 1 else ''})\n"
           f"run directory: {paths.root}\nlogs: {job.paths.stdout} (and .err)"
           f"\n      {paths.logs}/rank*.log\n{tensorboard_command(paths.root)}")
-    if args.wait or not target.slurm:
+    if not target.slurm:
+        return wait_here(job, paths)
+    if args.wait:
         try:
             job.results()  # every task; rank 0 holds the summary
+        except KeyboardInterrupt:
+            print(f"submit: stopped waiting; job {job.job_id} goes on in Slurm (scancel {job.job_id} stops it)",
+                  file=sys.stderr)
+            return 130
         except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
             print(cluster.failure_report(job, err), file=sys.stderr)
             return 1
+        print(f"job {job.job_id} done: {paths.summary}")
+    return 0
+
+
+def wait_here(job, paths) -> int:
+    """Wait for a job on this machine; Ctrl-C stops it like `bnonly train` (jobs.ctrl_c)."""
+    from bnonly_dist.cli import resume_hint
+    from bnonly_dist.launch import jobs
+    from bnonly_dist.run.checkpoint import complete_checkpoints
+    try:
+        with jobs.ctrl_c("submit", [job]):
+            summary = job.results()[0]  # every task; rank 0 holds the summary
+    except jobs.Interrupted:
+        print(f"submit: interrupted; {resume_hint(paths.root, complete_checkpoints(paths.root))}", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
+        print(cluster.failure_report(job, err), file=sys.stderr)
+        return 1
+    if summary.get("stopped"):
+        print(f"job {job.job_id} stopped at step {summary['step']} with checkpoint {summary['checkpoint']}; "
+              "run the same command to resume")
+    else:
         print(f"job {job.job_id} done: {paths.summary}")
     return 0
 

@@ -12,6 +12,7 @@ request against the cluster) before anything is submitted or created.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
     from bnonly_dist.config import ConfigError
     from bnonly_dist.data.layout import DataError
     from bnonly_dist.launch import preflight, sweep
-    from bnonly_dist.launch.jobs import TrainJob
+    from bnonly_dist.launch.jobs import Interrupted, TrainJob, ctrl_c, spawn_ignoring_ctrl_c
     from bnonly_dist.run import rundir
     from bnonly_dist.run.paths import RunPaths, tensorboard_command
     try:
@@ -69,11 +70,14 @@ def main(argv=None) -> int:
         if args.dry_run:
             print(cluster.sbatch_script(job_dir, res, name, array=len(todo)))
             return 0
-        with cluster.created(*(p.run_dir for p in todo)):  # the launch goes ahead; see submit.py
+        with cluster.created(*(p.run_dir for p in todo)), spawn_ignoring_ctrl_c():  # the launch goes ahead; see submit.py
             rundir.prepare_all([(p.cfg, p.run_dir) for p in todo])
             executor = cluster.executor(job_dir, res, name, target)
             with executor.batch():  # one job array
                 jobs = [executor.submit(TrainJob(p.cfg.to_dict(), p.run_dir)) for p in todo]
+    except KeyboardInterrupt:  # at the [y/N] question, or during the checks
+        print("sweep: interrupted; nothing was submitted", file=sys.stderr)
+        return 130
     except (ConfigError, DataError) as err:
         print(f"sweep: error: {err}", file=sys.stderr)
         return 2
@@ -87,12 +91,18 @@ def main(argv=None) -> int:
           f"{tensorboard_command(*(Path(p.run_dir).resolve() for p in spec.points))}")
     if args.wait or not target.slurm:
         failed = 0
-        for point, job in zip(todo, jobs):
-            try:
-                job.results()
-            except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
-                failed += 1
-                print(f"({' '.join(point.overrides)}) {cluster.failure_report(job, err)}", file=sys.stderr)
+        try:
+            with ctrl_c("sweep", jobs) if not target.slurm else contextlib.nullcontext():
+                for point, job in zip(todo, jobs):
+                    try:
+                        job.results()
+                    except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
+                        failed += 1
+                        print(f"({' '.join(point.overrides)}) {cluster.failure_report(job, err)}", file=sys.stderr)
+        except (Interrupted, KeyboardInterrupt):
+            print("sweep: interrupted; run the same command to go on (each point resumes from its last checkpoint)",
+                  file=sys.stderr)
+            return 130
         print(f"{len(jobs) - failed} of {len(jobs)} jobs done")
         return 1 if failed else 0
     return 0

@@ -178,6 +178,9 @@ def terminal_ask():
             return input(question).strip().lower() in ("y", "yes")
         except EOFError:
             return False
+        except KeyboardInterrupt:
+            print(flush=True)  # the launcher's one line goes below the question, not after it
+            raise
     return ask
 
 
