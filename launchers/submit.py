@@ -42,15 +42,23 @@ def main(argv=None) -> int:
     from bnonly_dist.run.paths import RunPaths, run_dir, tensorboard_command
     try:
         cfg = config.load(args.config, args.overrides)
-        preflight.require_data(cfg)  # before a question about where to run
         res = cluster.resources(args)
-        target, line = cluster.choose_target(res, cfg.train.device, args.local, args.dry_run, cluster.terminal_ask())
         paths = RunPaths(run_dir(cfg, args.run_dir).resolve())
         job_dir = (args.job_dir or paths.slurm).resolve()
-        lines = [line]
-        if target.slurm and not args.dry_run:
-            lines.append(preflight.check_capacity(res))  # a job no partition can run would pend forever
-        lines += preflight.check_run(cfg, paths.root, target, preview_run_dir=args.dry_run)
+        # Every check that can run does, so that one try names every refusal (a question only if none).
+        refusals = preflight.Refusals()
+        lines = [refusals.check(preflight.check_data, cfg, cluster.slurm_expected(args.local, args.dry_run))]
+        ask = None if refusals.found else cluster.terminal_ask()
+        target, line = refusals.check(cluster.choose_target, res, cfg.train.device, args.local, args.dry_run, ask) or (
+            None, None)
+        if target is not None:
+            lines.insert(0, line)
+            if target.slurm and not args.dry_run:  # a job no partition can run would pend forever
+                lines.append(refusals.check(preflight.check_capacity, res))
+            refusals.check(preflight.check_run, cfg, paths.root, target, preview_run_dir=args.dry_run)
+            if not refusals.found or ask is None:  # a CPU fallback of an ImageNet config: its cost, asked
+                lines.append(refusals.check(preflight.local_cost, cfg, target, args.local, ask))
+        refusals.raise_any()
         print("\n".join(x for x in lines if x))
         name = f"bnonly-{paths.root.name}"[:100]
         if args.dry_run:
@@ -64,7 +72,8 @@ def main(argv=None) -> int:
         print("submit: interrupted; nothing was submitted", file=sys.stderr)
         return 130
     except (config.ConfigError, DataError) as err:
-        print(f"submit: error: {err}", file=sys.stderr)
+        for line in str(err).splitlines():  # preflight.Refused: one line per refusal
+            print(f"submit: error: {line}", file=sys.stderr)
         return 2
     except cluster.SubmissionError as err:
         print(f"submit: error: {err}", file=sys.stderr)

@@ -30,6 +30,19 @@ def parse(argv):
     return parse_args(p, argv)
 
 
+def _first_answer(ask):
+    """ask, asked once: its first answer stands for every later question (None stays None)."""
+    if ask is None:
+        return None
+    answers: list[bool] = []
+
+    def once(question: str) -> bool:
+        if not answers:
+            answers.append(ask(question))
+        return answers[0]
+    return once
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     from bnonly_dist.config import ConfigError
@@ -57,15 +70,23 @@ def main(argv=None) -> int:
         if not todo:
             print(f"nothing to submit: all {len(spec.points)} points are finished or in the queue")
             return 0
-        for point in todo:
-            preflight.require_data(point.cfg)
+        # Every check that can run does, so that one try names every refusal (a question only if none).
+        refusals, seen = preflight.Refusals(), {}
+        slurm = cluster.slurm_expected(args.local, args.dry_run)
+        lines = [refusals.check(preflight.check_data, p.cfg, slurm, seen) for p in todo]  # once per data set
+        ask = None if refusals.found else cluster.terminal_ask()
         device = "cpu" if all(p.cfg.train.device == "cpu" for p in todo) else "auto"
-        target, line = cluster.choose_target(res, device, args.local, args.dry_run, cluster.terminal_ask())
-        lines, seen = [line], {}
-        if target.slurm and not args.dry_run:
-            lines.append(preflight.check_capacity(res))  # a job no partition can run would pend forever
-        for point in todo:
-            lines += preflight.check_run(point.cfg, point.run_dir, target, seen, preview_run_dir=args.dry_run)
+        target, line = refusals.check(cluster.choose_target, res, device, args.local, args.dry_run, ask) or (None, None)
+        if target is not None:
+            lines.insert(0, line)
+            if target.slurm and not args.dry_run:  # a job no partition can run would pend forever
+                lines.append(refusals.check(preflight.check_capacity, res))
+            for point in todo:
+                refusals.check(preflight.check_run, point.cfg, point.run_dir, target, preview_run_dir=args.dry_run)
+            if not refusals.found or ask is None:  # CPU fallbacks of ImageNet configs: their cost, asked once
+                answer = _first_answer(ask)
+                lines += [refusals.check(preflight.local_cost, p.cfg, target, args.local, answer) for p in todo]
+        refusals.raise_any()
         print("\n".join(x for x in lines if x))
         if args.dry_run:
             print(cluster.sbatch_script(job_dir, res, name, array=len(todo)))
@@ -79,7 +100,8 @@ def main(argv=None) -> int:
         print("sweep: interrupted; nothing was submitted", file=sys.stderr)
         return 130
     except (ConfigError, DataError) as err:
-        print(f"sweep: error: {err}", file=sys.stderr)
+        for line in str(err).splitlines():  # preflight.Refused: one line per refusal
+            print(f"sweep: error: {line}", file=sys.stderr)
         return 2
     except cluster.SubmissionError as err:
         print(f"sweep: error: {err}", file=sys.stderr)
