@@ -33,8 +33,11 @@ def of_arrays(name: str, classes: int, train: tuple[np.ndarray, np.ndarray], tes
             "digest": "sha256:" + digest.hexdigest()}
 
 
-def _size(path: str) -> int:
-    return os.stat(path).st_size
+STAT_CHUNK = 4096  # files per task of the stat pool: one future per file would cost more than the stat
+
+
+def _sizes(paths: list[str]) -> list[int]:
+    return [os.stat(path).st_size for path in paths]
 
 
 def of_listing(name: str, root: str, classes: list[str], train: list[tuple[str, int]], val: list[tuple[str, int]]
@@ -42,9 +45,10 @@ def of_listing(name: str, root: str, classes: list[str], train: list[tuple[str, 
     """The record of class folders listed as [(path, label)] under root: names, labels and sizes, not contents."""
     prefix = len(os.path.join(str(Path(root)), ""))  # the items were listed under Path(root)
     digest = hashlib.sha256("\n".join(classes).encode())
-    with ThreadPoolExecutor(16) as pool:  # file-system latency, not CPU, bounds the stats
+    with ThreadPoolExecutor(16) as pool:  # on a network file system latency, not CPU, bounds the stats
         for split, items in (("train", train), ("val", val)):
-            sizes = pool.map(_size, (path for path, _ in items), chunksize=1024)
+            chunks = [[path for path, _ in items[i:i + STAT_CHUNK]] for i in range(0, len(items), STAT_CHUNK)]
+            sizes = (size for chunk in pool.map(_sizes, chunks) for size in chunk)
             digest.update(f"\n{split}\n".encode())
             digest.update("".join(f"{path[prefix:]}\t{label}\t{size}\n"
                                   for (path, label), size in zip(items, sizes)).encode())
