@@ -103,13 +103,17 @@ def wait_here(job, paths) -> int:
     from bnonly_dist.cli import resume_hint
     from bnonly_dist.launch import jobs
     from bnonly_dist.run.checkpoint import complete_checkpoints
+    pressed: list[bool] = []
     try:
-        with jobs.ctrl_c("submit", [job]):
+        with jobs.ctrl_c("submit", [job]) as pressed:
             summary = job.results()[0]  # every task; rank 0 holds the summary
     except jobs.Interrupted:
         print(f"submit: interrupted; {resume_hint(paths.root, complete_checkpoints(paths.root))}", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
+        if pressed:  # Ctrl-C before training began: the tasks stopped where they were (nothing to save yet)
+            print(f"submit: interrupted; {resume_hint(paths.root, complete_checkpoints(paths.root))}", file=sys.stderr)
+            return 130
         print(cluster.failure_report(job, err), file=sys.stderr)
         return 1
     if summary.get("stopped"):
