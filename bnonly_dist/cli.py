@@ -101,6 +101,8 @@ def _data(args) -> None:
             raise ConfigError(f"--min-side {args.min_side} --max-side {args.max_side}: need 8 <= min < max")
         out = fake.write_imagenet(args.dir, args.classes, args.train_per_class, args.val_per_class, args.seed,
                                   (args.min_side, args.max_side), photo_like=args.photo_like)
+        print(f"{args.classes * args.train_per_class} training images: an ImageNet config's batch needs lowering for "
+              "a trial (README: Trying an ImageNet config)")
     else:
         print(json.dumps(layout.check(args.dir, decode=args.decode)))
         return
@@ -159,8 +161,8 @@ def parser() -> argparse.ArgumentParser:
                        "mode=bn plain and lean")
     b.add_argument("config")
     b.add_argument("overrides", nargs="*")
-    b.add_argument("--steps", type=int, default=10)
-    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--steps", type=int, default=10, help="timed steps per variant (default 10)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps per variant before the timed ones (default 3)")
     b.add_argument("--variants", default="all,bn-plain,bn-lean",
                    help="comma-separated, from all, bn-plain, bn-lean, naive (NCHW, plain autograd)")
     b.add_argument("--data", action="store_true", help="also time the configured data pipeline alone (needs data.root)")
@@ -224,6 +226,31 @@ def _lost_contact(err: BaseException) -> bool:
     return dist.lost_contact(err)
 
 
+def _after_interrupt(args) -> str:
+    """What to do after an interrupted train: resume from its last checkpoint, if it has one."""
+    if args.func is not _train:
+        return ""
+    from bnonly_dist.run.checkpoint import complete_checkpoints
+    try:
+        run_dir = args.run_dir or run_dir_of(load(args.config, args.overrides))
+    except (ConfigError, OSError, ValueError):
+        return "run the same command to resume from the last checkpoint"
+    return resume_hint(run_dir, complete_checkpoints(run_dir))
+
+
+def resume_hint(run_dir: Path, checkpoints: list[Path]) -> str:
+    """The advice after an abort: resume from the newest checkpoint, or start again if none was saved."""
+    if not checkpoints:
+        return f"no checkpoint was saved yet in {run_dir}; run the same command to start again"
+    return "run the same command to resume from the last checkpoint"
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail on the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; every error from user input or the environment becomes one line on stderr."""
     import errno
@@ -234,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(parser(), argv)
     try:
         args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
     except RunDirError as err:
         print(f"bnonly: error: {err}", file=sys.stderr)
         return 2
@@ -244,8 +272,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bnonly: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("bnonly: interrupted; run the same command to resume from the last checkpoint", file=sys.stderr)
+        hint = _after_interrupt(args)
+        print(f"bnonly: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): not an error of this command
+        _quiet_stdout()
+        return 0
     except UnicodeDecodeError as err:
         print(f"bnonly: error: a file read here is not UTF-8 text ({err.reason} at byte {err.start}); save it as "
               "UTF-8", file=sys.stderr)

@@ -36,32 +36,44 @@ def main(argv=None) -> int:
     args = parse(argv)
     from bnonly_dist import config
     from bnonly_dist.data.layout import DataError
-    from bnonly_dist.launch import preflight
+    from bnonly_dist.launch import jobs, preflight
     from bnonly_dist.launch.jobs import TrainJob
     from bnonly_dist.run import rundir
-    from bnonly_dist.run.paths import RunPaths, run_dir
+    from bnonly_dist.run.paths import RunPaths, run_dir, tensorboard_command
     try:
         cfg = config.load(args.config, args.overrides)
-        preflight.require_data(cfg)  # before a question about where to run
         res = cluster.resources(args)
-        target, line = cluster.choose_target(res, cfg.train.device, args.local, args.dry_run, cluster.terminal_ask())
         paths = RunPaths(run_dir(cfg, args.run_dir).resolve())
         job_dir = (args.job_dir or paths.slurm).resolve()
-        lines = [line]
-        if target.slurm and not args.dry_run:
-            lines.append(preflight.check_capacity(res))  # a job no partition can run would pend forever
-        lines += preflight.check_run(cfg, paths.root, target, preview_run_dir=args.dry_run)
+        # Every check that can run does, so that one try names every refusal (a question only if none).
+        refusals = preflight.Refusals()
+        lines = [refusals.check(preflight.check_data, cfg, cluster.slurm_expected(args.local, args.dry_run))]
+        ask = None if refusals.found else cluster.terminal_ask()
+        target, line = refusals.check(cluster.choose_target, res, cfg.train.device, args.local, args.dry_run, ask) or (
+            None, None)
+        if target is not None:
+            lines.insert(0, line)
+            if target.slurm and not args.dry_run:  # a job no partition can run would pend forever
+                lines.append(refusals.check(preflight.check_capacity, res))
+            lines.append(refusals.check(preflight.check_run, cfg, paths.root, target, preview_run_dir=args.dry_run))
+            if not refusals.found or ask is None:  # a CPU fallback of an ImageNet config: its cost, asked
+                lines.append(refusals.check(preflight.local_cost, cfg, target, args.local, ask))
+        refusals.raise_any()
         print("\n".join(x for x in lines if x))
         name = f"bnonly-{paths.root.name}"[:100]
         if args.dry_run:
             print(cluster.sbatch_script(job_dir, res, name))
             print(f"# run directory: {paths.root}")
             return 0
-        with cluster.created(paths.root):  # the launch goes ahead; a failed submission takes the new run dir back
+        with cluster.created(paths.root), jobs.spawn_ignoring_ctrl_c():  # a failed submission takes the new run dir back
             rundir.prepare(cfg, paths.root)
             job = cluster.executor(job_dir, res, name, target).submit(TrainJob(cfg.to_dict(), paths.root))
+    except KeyboardInterrupt:  # at the [y/N] question, or during the checks
+        print("submit: interrupted; nothing was submitted", file=sys.stderr)
+        return 130
     except (config.ConfigError, DataError) as err:
-        print(f"submit: error: {err}", file=sys.stderr)
+        for line in str(err).splitlines():  # preflight.Refused: one line per refusal
+            print(f"submit: error: {line}", file=sys.stderr)
         return 2
     except cluster.SubmissionError as err:
         print(f"submit: error: {err}", file=sys.stderr)
@@ -69,13 +81,45 @@ def main(argv=None) -> int:
     cluster.record_job(paths.root, str(job.job_id))
     print(f"job {job.job_id} on {target.where} ({target.world} task{'s' if target.world > 1 else ''})\n"
           f"run directory: {paths.root}\nlogs: {job.paths.stdout} (and .err)"
-          f"\n      {paths.logs}/rank*.log\ntensorboard --logdir {paths.tb}")
-    if args.wait or not target.slurm:
+          f"\n      {paths.logs}/rank*.log\n{tensorboard_command(paths.root)}")
+    if not target.slurm:
+        return wait_here(job, paths)
+    if args.wait:
         try:
             job.results()  # every task; rank 0 holds the summary
+        except KeyboardInterrupt:
+            print(f"submit: stopped waiting; job {job.job_id} goes on in Slurm (scancel {job.job_id} stops it)",
+                  file=sys.stderr)
+            return 130
         except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
             print(cluster.failure_report(job, err), file=sys.stderr)
             return 1
+        print(f"job {job.job_id} done: {paths.summary}")
+    return 0
+
+
+def wait_here(job, paths) -> int:
+    """Wait for a job on this machine; Ctrl-C stops it like `bnonly train` (jobs.ctrl_c)."""
+    from bnonly_dist.cli import resume_hint
+    from bnonly_dist.launch import jobs
+    from bnonly_dist.run.checkpoint import complete_checkpoints
+    pressed: list[bool] = []
+    try:
+        with jobs.ctrl_c("submit", [job]) as pressed:
+            summary = job.results()[0]  # every task; rank 0 holds the summary
+    except jobs.Interrupted:
+        print(f"submit: interrupted; {resume_hint(paths.root, complete_checkpoints(paths.root))}", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
+        if pressed:  # Ctrl-C before training began: the tasks stopped where they were (nothing to save yet)
+            print(f"submit: interrupted; {resume_hint(paths.root, complete_checkpoints(paths.root))}", file=sys.stderr)
+            return 130
+        print(cluster.failure_report(job, err), file=sys.stderr)
+        return 1
+    if summary.get("stopped"):
+        print(f"job {job.job_id} stopped at step {summary['step']} with checkpoint {summary['checkpoint']}; "
+              "run the same command to resume")
+    else:
         print(f"job {job.job_id} done: {paths.summary}")
     return 0
 

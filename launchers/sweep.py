@@ -12,6 +12,7 @@ request against the cluster) before anything is submitted or created.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -29,14 +30,27 @@ def parse(argv):
     return parse_args(p, argv)
 
 
+def _first_answer(ask):
+    """ask, asked once: its first answer stands for every later question (None stays None)."""
+    if ask is None:
+        return None
+    answers: list[bool] = []
+
+    def once(question: str) -> bool:
+        if not answers:
+            answers.append(ask(question))
+        return answers[0]
+    return once
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     from bnonly_dist.config import ConfigError
     from bnonly_dist.data.layout import DataError
     from bnonly_dist.launch import preflight, sweep
-    from bnonly_dist.launch.jobs import TrainJob
+    from bnonly_dist.launch.jobs import Interrupted, TrainJob, ctrl_c, spawn_ignoring_ctrl_c
     from bnonly_dist.run import rundir
-    from bnonly_dist.run.paths import RunPaths
+    from bnonly_dist.run.paths import RunPaths, tensorboard_command
     try:
         spec = sweep.load(args.sweep, args.overrides)  # every point's config, validated
         res = cluster.resources(args, spec.slurm)
@@ -56,26 +70,39 @@ def main(argv=None) -> int:
         if not todo:
             print(f"nothing to submit: all {len(spec.points)} points are finished or in the queue")
             return 0
-        for point in todo:
-            preflight.require_data(point.cfg)
+        # Every check that can run does, so that one try names every refusal (a question only if none).
+        refusals, seen = preflight.Refusals(), {}
+        slurm = cluster.slurm_expected(args.local, args.dry_run)
+        lines = [refusals.check(preflight.check_data, p.cfg, slurm, seen) for p in todo]  # once per data set
+        ask = None if refusals.found else cluster.terminal_ask()
         device = "cpu" if all(p.cfg.train.device == "cpu" for p in todo) else "auto"
-        target, line = cluster.choose_target(res, device, args.local, args.dry_run, cluster.terminal_ask())
-        lines, seen = [line], {}
-        if target.slurm and not args.dry_run:
-            lines.append(preflight.check_capacity(res))  # a job no partition can run would pend forever
-        for point in todo:
-            lines += preflight.check_run(point.cfg, point.run_dir, target, seen, preview_run_dir=args.dry_run)
+        target, line = refusals.check(cluster.choose_target, res, device, args.local, args.dry_run, ask) or (None, None)
+        if target is not None:
+            lines.insert(0, line)
+            if target.slurm and not args.dry_run:  # a job no partition can run would pend forever
+                lines.append(refusals.check(preflight.check_capacity, res))
+            for point in todo:  # the BN grouping line once per distinct grouping
+                bn = refusals.check(preflight.check_run, point.cfg, point.run_dir, target, preview_run_dir=args.dry_run)
+                lines += [bn] if bn not in lines else []
+            if not refusals.found or ask is None:  # CPU fallbacks of ImageNet configs: their cost, asked once
+                answer = _first_answer(ask)
+                lines += [refusals.check(preflight.local_cost, p.cfg, target, args.local, answer) for p in todo]
+        refusals.raise_any()
         print("\n".join(x for x in lines if x))
         if args.dry_run:
             print(cluster.sbatch_script(job_dir, res, name, array=len(todo)))
             return 0
-        with cluster.created(*(p.run_dir for p in todo)):  # the launch goes ahead; see submit.py
+        with cluster.created(*(p.run_dir for p in todo)), spawn_ignoring_ctrl_c():  # the launch goes ahead; see submit.py
             rundir.prepare_all([(p.cfg, p.run_dir) for p in todo])
             executor = cluster.executor(job_dir, res, name, target)
             with executor.batch():  # one job array
                 jobs = [executor.submit(TrainJob(p.cfg.to_dict(), p.run_dir)) for p in todo]
+    except KeyboardInterrupt:  # at the [y/N] question, or during the checks
+        print("sweep: interrupted; nothing was submitted", file=sys.stderr)
+        return 130
     except (ConfigError, DataError) as err:
-        print(f"sweep: error: {err}", file=sys.stderr)
+        for line in str(err).splitlines():  # preflight.Refused: one line per refusal
+            print(f"sweep: error: {line}", file=sys.stderr)
         return 2
     except cluster.SubmissionError as err:
         print(f"sweep: error: {err}", file=sys.stderr)
@@ -83,15 +110,22 @@ def main(argv=None) -> int:
     for point, job in zip(todo, jobs):
         cluster.record_job(point.run_dir, str(job.job_id))
     print(f"submitted {len(jobs)} of {len(spec.points)} points as job array {jobs[0].job_id.split('_')[0]} "
-          f"on {target.where}; logs in {job_dir}; tensorboard --logdir {Path(spec.points[0].cfg.runs_root).resolve()}")
+          f"on {target.where}; logs in {job_dir}\nall its runs side by side: "
+          f"{tensorboard_command(*(Path(p.run_dir).resolve() for p in spec.points))}")
     if args.wait or not target.slurm:
         failed = 0
-        for point, job in zip(todo, jobs):
-            try:
-                job.results()
-            except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
-                failed += 1
-                print(f"({' '.join(point.overrides)}) {cluster.failure_report(job, err)}", file=sys.stderr)
+        try:
+            with ctrl_c("sweep", jobs) if not target.slurm else contextlib.nullcontext():
+                for point, job in zip(todo, jobs):
+                    try:
+                        job.results()
+                    except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
+                        failed += 1
+                        print(f"({' '.join(point.overrides)}) {cluster.failure_report(job, err)}", file=sys.stderr)
+        except (Interrupted, KeyboardInterrupt):
+            print("sweep: interrupted; run the same command to go on (each point resumes from its last checkpoint)",
+                  file=sys.stderr)
+            return 130
         print(f"{len(jobs) - failed} of {len(jobs)} jobs done")
         return 1 if failed else 0
     return 0

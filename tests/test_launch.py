@@ -58,14 +58,28 @@ def fake_slurm(no_slurm, tmp_path):
     return make
 
 
-def test_headline_command_without_data_root_refuses_before_anything(no_slurm, fake_slurm, tmp_path):
-    for env in (no_slurm, fake_slurm()):
-        out = launch("submit.py", "--nodes", 8, "configs/imagenet_resnet200.yaml", f"runs_root={tmp_path / 'runs'}",
-                     env=env)
-        assert out.returncode == 2, out.stdout + out.stderr
-        assert out.stderr.strip() == ("submit: error: data.root is not set for data.name=imagenet; "
-                                      "pass data.root=/path/to/imagenet")
-        assert not (tmp_path / "runs").exists() and not (tmp_path / "sbatch-called").exists()
+def test_headline_command_names_every_refusal_in_one_go(no_slurm, fake_slurm, imagenet_root, tmp_path):
+    no_root = "submit: error: data.root is not set for data.name=imagenet; pass data.root=/path/to/imagenet"
+    no_gpus = "submit: error: --gpus-per-node is not set (flag, or gpus_per_node in the cluster file"
+    headline = ["--nodes", 8, "configs/imagenet_resnet200.yaml", f"runs_root={tmp_path / 'runs'}"]
+    # No Slurm, no terminal: no data.root, and a CPU fallback of ResNet-200 nobody can confirm.
+    out = launch("submit.py", *headline, env=no_slurm)
+    errors = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(errors) == 2 and errors[0] == no_root, out.stdout + out.stderr
+    assert errors[1].startswith("submit: error: no Slurm here: imagenet_resnet_200 on this machine's CPU: 1 process(es) "
+                                "of 1024 images per step, whose backward keeps about ")
+    assert errors[1].endswith("not started without a terminal to confirm it; pass --local to run it here anyway, or "
+                              "submit where Slurm is (a small trial: README, Trying an ImageNet config)")
+    # Slurm: no data.root and no --gpus-per-node; then a batch larger than the data and no --gpus-per-node.
+    env = fake_slurm()
+    out = launch("submit.py", *headline, env=env)
+    errors = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and errors[0] == no_root and errors[1].startswith(no_gpus) and len(errors) == 2, errors
+    out = launch("submit.py", *headline, f"data.root={imagenet_root}", env=env)
+    errors = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(errors) == 2 and errors[1].startswith(no_gpus), errors
+    assert errors[0] == "submit: error: data.batch_size=1024 exceeds the 32 training images; lower it"
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "sbatch-called").exists()
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -78,8 +92,8 @@ def test_headline_command_without_data_root_refuses_before_anything(no_slurm, fa
 ])
 def test_a_request_the_cluster_cannot_meet_is_refused_before_sbatch(fake_slurm, cifar_root, tmp_path, flags, message):
     out = launch("submit.py", *flags, CIFAR, *tiny(cifar_root, tmp_path), env=fake_slurm())
-    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stdout + out.stderr
-    assert message in out.stderr
+    errors = out.stderr.strip().splitlines()  # every refusal, the request's first (a batch the world does not divide next)
+    assert out.returncode == 2 and message in errors[0] and all(e.startswith("submit: error: ") for e in errors), errors
     assert not (tmp_path / "runs").exists() and not (tmp_path / "sbatch-called").exists()
 
 

@@ -17,10 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bnonly_dist.config.catalog import ARCH_FORMS, MODES, masks_gradients, parse_arch, trains_nothing
 
-# Keys that change how a run is watched, paced or held in memory, not what it computes
-# (beyond float rounding): a run directory may be resumed with other values for them, and
-# they do not enter its derived name.
-NON_IDENTITY_KEYS = frozenset({
+# Keys that change how a run is watched, paced or held in memory, or where its data lies, not
+# what it computes (beyond float rounding): a run directory may be resumed with other values
+# for them, and they do not enter its derived name. What the data *is* (data/identity.py) is
+# recorded with the run and checked on resume instead of data.root.
+NON_IDENTITY_KEYS = frozenset({"data.root",
     "train.max_steps", "train.log_every", "train.progress", "train.checkpoint_every",
     "train.keep_checkpoints", "train.eval_every", "train.compile", "data.num_threads", "runs_root", "name",
     "dist.timeout_s", "dist.save_frozen", "train.lean_autograd", "train.activation_checkpointing",

@@ -6,10 +6,17 @@ for padding, and state()/load_state() for what a resume needs beyond (epoch, ste
 """
 from __future__ import annotations
 
-from bnonly_dist.config import Config
+from bnonly_dist.config import Config, ConfigError
 from bnonly_dist.config.plan import Plan
-from bnonly_dist.data.layout import DataError
+from bnonly_dist.data.layout import DataError  # noqa: F401  (raised by the sources; importable from here)
 from bnonly_dist.data.threads import dali_threads
+
+
+def require_root(cfg: Config) -> None:
+    """A data set on disk needs data.root: a config error (exit 2), checked before anything else is asked."""
+    if cfg.data.name != "synthetic" and not cfg.data.root:
+        raise ConfigError(f"data.root is not set for data.name={cfg.data.name}; "
+                          f"pass data.root=/path/to/{cfg.data.name}")
 
 
 def build(cfg: Config, plan: Plan, rank: int, world: int):
@@ -19,8 +26,7 @@ def build(cfg: Config, plan: Plan, rank: int, world: int):
         from bnonly_dist.data.synthetic import SyntheticSource
         return SyntheticSource(data.synthetic_samples, data.synthetic_image_size, data.synthetic_classes,
                                data.batch_size, data.eval_batch_size, rank, world, cfg.seed, device)
-    if not data.root:
-        raise DataError(f"data.root is not set for data.name={data.name}; pass data.root=/path/to/{data.name}")
+    require_root(cfg)
     if data.name == "cifar10":
         from bnonly_dist.data.cifar import CifarSource
         return CifarSource(data.root, data.batch_size, data.eval_batch_size, rank, world, cfg.seed, device)
@@ -28,6 +34,17 @@ def build(cfg: Config, plan: Plan, rank: int, world: int):
     return DaliImageNetSource(data.root, data.batch_size, data.eval_batch_size, rank, world, cfg.seed, device,
                               plan.decode, dali_threads(data.num_threads), data.image_size, data.resize_size, data.min_area,
                               plan.channels_last)
+
+
+def identity_of(cfg: Config, source) -> dict | None:
+    """What the data set is (data/identity.py), for the run's record; None for synthetic data (the config says it
+    all). ImageNet costs a stat per file: call it on one rank."""
+    if cfg.data.name == "synthetic":
+        return None
+    if cfg.data.name == "cifar10":
+        return source.identity
+    from bnonly_dist.data.identity import of_listing
+    return of_listing("imagenet", cfg.data.root, source.classes, source.train_items, source.val_items)
 
 
 def describe(cfg: Config, plan: Plan) -> str:

@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from bnonly_dist.data import sharding
+from bnonly_dist.data import identity, sharding
 from bnonly_dist.data.layout import load_cifar10
 from bnonly_dist.models.init import name_seed
 from bnonly_dist.config.plan import per_rank
@@ -41,6 +41,7 @@ class CifarSource:
     def __init__(self, root: str, global_batch: int, eval_batch: int, rank: int, world: int,
                  seed: int, device: torch.device):
         splits = load_cifar10(root)
+        self.identity = identity.of_arrays("cifar10", self.num_classes, splits["train"], splits["test"])
         self.device, self.seed, self.rank, self.world = device, seed, rank, world
         self.global_batch = global_batch
         self.local_batch = per_rank(global_batch, world)

@@ -103,6 +103,11 @@ def slurm_available() -> bool:
     return shutil.which("sbatch") is not None
 
 
+def slurm_expected(local: bool, dry_run: bool) -> bool:
+    """Whether a launch will go to Slurm (choose_target's first rule, before any question)."""
+    return dry_run or (slurm_available() and not local)
+
+
 def slurm_gpus(res: dict) -> int:
     """GPUs per node of a Slurm job: it must be said (0 for CPU jobs), never guessed."""
     if res.get("gpus_per_node") is None:
@@ -149,7 +154,7 @@ def choose_target(res: dict, device: str, local: bool = False, dry_run: bool = F
     the process group this machine holds (one per GPU, or one on the CPU); ask(question)
     -> bool, given only where a person can answer, may agree to the requested count instead.
     """
-    if dry_run or (slurm_available() and not local):
+    if slurm_expected(local, dry_run):
         return Target(True, res["nodes"], tasks_per_node(res), slurm_gpus(res)), None
     here = 0 if device == "cpu" else local_gpus()
     requested = res["nodes"] * tasks_per_node(res)
@@ -178,6 +183,9 @@ def terminal_ask():
             return input(question).strip().lower() in ("y", "yes")
         except EOFError:
             return False
+        except KeyboardInterrupt:
+            print(flush=True)  # the launcher's one line goes below the question, not after it
+            raise
     return ask
 
 

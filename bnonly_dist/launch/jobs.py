@@ -5,11 +5,24 @@ SLURM_PROCID, master = first node, port from the job id) and calls train.run. On
 SIGUSR2 (time limit coming, or preemption) the loop saves on all ranks together and then
 hands the signal to submitit, whose handler calls checkpoint() below and requeues the job;
 the requeued job resumes from the newest complete checkpoint in the same run directory.
+
+Ctrl-C while a launcher waits for a job on this machine (submitit's local executor): the
+job is started with SIGINT ignored, so its controller, which would kill the tasks on
+Ctrl-C, lets it pass; the tasks take Ctrl-C like `bnonly train` (they are in the
+terminal's process group): the first stops every rank after the same step with a
+checkpoint, a second aborts. The launcher says so in one line each time (ctrl_c).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
+
+ABORT_WAIT_S = 30  # after a second Ctrl-C: how long the launcher waits for the tasks to end
 
 
 class TrainJob:
@@ -23,6 +36,9 @@ class TrainJob:
 
         from bnonly_dist import config, dist
         from bnonly_dist.run import train
+        if threading.current_thread() is threading.main_thread():
+            # Started with SIGINT ignored (spawn_ignoring_ctrl_c): Ctrl-C interrupts the start-up again.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         # Our port rule (see dist.master_port) rather than submitit's, which may pick an ephemeral port.
         os.environ.setdefault("MASTER_PORT", str(dist.master_port(submitit.JobEnvironment().job_id)))
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
@@ -32,3 +48,46 @@ class TrainJob:
         """Called by submitit on SIGUSR2 after our own save: the same job again, which resumes."""
         import submitit
         return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.run_dir))
+
+
+@contextlib.contextmanager
+def spawn_ignoring_ctrl_c():
+    """Start a local job inside: its controller and tasks inherit SIGINT ignored (see the module doc)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Interrupted(Exception):
+    """A second Ctrl-C while waiting for a local job: the tasks abort."""
+
+
+@contextlib.contextmanager
+def ctrl_c(prog: str, jobs: list):
+    """While a launcher waits for local jobs: the first Ctrl-C is said in one line (the tasks save and stop), a
+    second raises Interrupted once the jobs have ended (or ABORT_WAIT_S passed). Yields a list that holds
+    True once Ctrl-C was pressed."""
+    pressed: list[bool] = []
+
+    def handle(signum, frame):
+        if not pressed:
+            pressed.append(True)
+            print(f"{prog}: Ctrl-C: every task stops after the same step with a checkpoint (Ctrl-C again to abort)",
+                  file=sys.stderr, flush=True)
+            return
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield pressed
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a third Ctrl-C does not cut the wait short with a traceback
+        deadline = time.monotonic() + ABORT_WAIT_S  # the tasks got the same Ctrl-C and abort: end after them
+        while time.monotonic() < deadline and not all(job.done() for job in jobs):
+            time.sleep(0.2)
+        raise Interrupted from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+

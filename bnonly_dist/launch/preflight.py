@@ -3,7 +3,9 @@
 Nothing here writes: a refused launch leaves no run directory, job folder or job behind.
 The config itself was validated by config.load; this adds what needs the launch's shape:
 the world size, the device the tasks will get, the data set on disk (where its path is
-visible here), the run directory, and the cluster's partitions (sinfo).
+visible here), the run directory, and the cluster's partitions (sinfo). A launcher runs
+every check it can through Refusals and reports all refusals in one go, so one try names
+every fix.
 """
 from __future__ import annotations
 
@@ -22,11 +24,39 @@ from bnonly_dist.launch.cluster import Target, tasks_per_node
 HEADER_SAMPLE = 2000
 
 
+class Refused(ConfigError):
+    """Every refusal of a launch, one line each (str() joins them with newlines)."""
+
+    def __init__(self, reasons: list[str]):
+        super().__init__("\n".join(reasons))
+        self.reasons = reasons
+
+
+class Refusals:
+    """Runs the checks of a launch, keeping each refusal instead of stopping at the first."""
+
+    def __init__(self):
+        self.found: list[str] = []
+
+    def check(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs), or None if it refused (its one line kept, once)."""
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, DataError) as err:
+            for line in str(err).splitlines():
+                if line not in self.found:
+                    self.found.append(line)
+            return None
+
+    def raise_any(self) -> None:
+        if self.found:
+            raise Refused(self.found)
+
+
 def require_data(cfg: Config) -> None:
-    """data.root must be set for a data set on disk (checked before anything else is asked)."""
-    if cfg.data.name != "synthetic" and not cfg.data.root:
-        raise DataError(f"data.root is not set for data.name={cfg.data.name}; "
-                        f"pass data.root=/path/to/{cfg.data.name}")
+    """data.root must be set for a data set on disk (data.require_root: the one rule)."""
+    from bnonly_dist.data import require_root
+    require_root(cfg)
 
 
 def job_device(cfg: Config, target: Target) -> str:
@@ -37,14 +67,27 @@ def job_device(cfg: Config, target: Target) -> str:
     return "cuda" if target.gpus_per_node and cfg.train.device != "cpu" else "cpu"
 
 
-def check_data(cfg: Config, target: Target) -> str:
-    """The data set's layout (folders, file names, CIFAR headers; no image is decoded): a line
-    saying what was found, or that the path is not visible here; DataError if it is wrong."""
+def check_data(cfg: Config, slurm: bool, seen: dict | None = None) -> str | None:
+    """The data set's layout (folders, file names, CIFAR headers; no image is decoded) and that the
+    batch fits in it: a line saying what was found, or that the path is not visible here (slurm:
+    the nodes may see what this machine does not); DataError if it is wrong. With seen, a data set
+    already checked for another run gives None."""
+    key = (cfg.data.name, cfg.data.root, cfg.data.batch_size)
+    if seen is not None and key in seen:
+        return None
+    line = _check_data(cfg, slurm)
+    if seen is not None:
+        seen[key] = line
+    return line
+
+
+def _check_data(cfg: Config, slurm: bool) -> str:
     if cfg.data.name == "synthetic":
         return "data: synthetic"
+    require_data(cfg)
     from bnonly_dist.data import layout, sharding
     root = Path(cfg.data.root)
-    if target.slurm and not root.exists():
+    if slurm and not root.exists():
         return f"data.root={root} is not visible on this machine: not checked here (the nodes must see it)"
     report = layout.check(root, sample=HEADER_SAMPLE)
     if report["format"] != cfg.data.name:
@@ -59,9 +102,9 @@ def check_data(cfg: Config, target: Target) -> str:
     return line
 
 
-def check_run(cfg: Config, run_dir: Path, target: Target, seen: dict | None = None,
-              preview_run_dir: bool = False) -> list[str]:
-    """Every check of one run under target; returns the lines to print (data lines once per data set).
+def check_run(cfg: Config, run_dir: Path, target: Target, preview_run_dir: bool = False) -> str:
+    """Every check of one run under target but its data (check_data), each refusal kept by refusals;
+    returns the line that says how its BN statistics are grouped on this world.
 
     The run directory is checked here only as a dry run's preview: a launch checks it once,
     under its lock, in rundir.claim.
@@ -70,20 +113,46 @@ def check_run(cfg: Config, run_dir: Path, target: Target, seen: dict | None = No
 
     from bnonly_dist.config import plan
     from bnonly_dist.run import rundir
-    require_data(cfg)
-    # The world's rules (batch per rank, BN groups) and the device's; builds nothing real.
-    resolved = plan.resolve(cfg, torch.device(job_device(cfg, target)), target.world)
+    refusals = Refusals()
+    refusals.check(plan.per_rank, cfg.data.batch_size, target.world)
+    device = refusals.check(job_device, cfg, target)
+    resolved = None
+    if device:  # the world's rules (BN groups) and the device's; builds nothing real
+        resolved = refusals.check(plan.resolve, cfg, torch.device(device), target.world)
     if preview_run_dir:
-        rundir.check(cfg, run_dir)
-    seen = {} if seen is None else seen
-    bn_line = f"{resolved.bn.describe(resolved.per_rank_batch)} ({target.world} rank{'s' if target.world > 1 else ''})"
-    lines = [] if bn_line in seen else [bn_line]
-    seen[bn_line] = bn_line
-    key = (cfg.data.name, cfg.data.root, cfg.data.batch_size)
-    if key not in seen:
-        seen[key] = check_data(cfg, target)
-        lines.append(seen[key])
-    return lines
+        refusals.check(rundir.check, cfg, run_dir)
+    refusals.raise_any()
+    return f"{resolved.bn.describe(resolved.per_rank_batch)} ({target.world} rank{'s' if target.world > 1 else ''})"
+
+
+def local_cost(cfg: Config, target: Target, local: bool, ask=None) -> str | None:
+    """An ImageNet config falling back to this machine's CPU (no Slurm here) would hold many GiB and take minutes
+    per step: its memory estimate (the plan's), stated before anything starts. With --local that is the line to
+    print; else ask(question) -> bool where a person can answer, and ConfigError if not agreed (or nobody can)."""
+    if target.slurm or cfg.data.name != "imagenet" or job_device(cfg, target) != "cpu":
+        return None
+    import torch
+
+    from bnonly_dist.config import plan as plans
+    from bnonly_dist.config.catalog import num_classes
+    from bnonly_dist.perf import memory
+    cpu = torch.device("cpu")
+    plan = plans.resolve(cfg, cpu, target.world)
+    batch = max(1, cfg.data.batch_size // target.world)
+    kept = memory.plain_saved_bytes(cfg.model.arch, num_classes(cfg), cfg.mode, batch, cfg.data.image_size,
+                                    plan.channels_last, plan.checkpointed_stages, plan.bf16)
+    here = memory.rank_memory_bytes(cpu)
+    lean = "; the lean path keeps about half" if plan.lean else ""
+    cost = (f"{cfg.model.arch} on this machine's CPU: {target.world} process(es) of {batch} images per step, whose "
+            f"backward keeps about {kept / 2**30:.1f} GiB each with plain autograd{lean} ({here / 2**30:.0f} GiB "
+            "here)")
+    if local:
+        return f"--local: {cost}"
+    if ask is not None and ask(f"no Slurm here: {cost}; start it here anyway? [y/N] "):
+        return cost
+    why = "not confirmed" if ask is not None else "not started without a terminal to confirm it"
+    raise ConfigError(f"no Slurm here: {cost}: {why}; pass --local to run it here anyway, or submit where Slurm is "
+                      "(a small trial: README, Trying an ImageNet config)")
 
 
 @dataclass(frozen=True)

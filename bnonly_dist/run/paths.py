@@ -1,6 +1,7 @@
 """Every file of a run directory, named in one place.
 
     RUN/config.yaml      the resolved config (written first, atomically)
+    RUN/data.json        what the data set is: name, classes, image counts, digest (data/identity.py)
     RUN/metrics.jsonl    one JSON object per logged step and per evaluation
     RUN/eval.jsonl       evaluations asked for with `bnonly eval` (never mixed into metrics.jsonl)
     RUN/summary.json     final metrics and the fingerprint of the final model
@@ -12,6 +13,7 @@
 """
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,10 @@ class RunPaths:
     @property
     def config(self) -> Path:
         return self.root / "config.yaml"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data.json"
 
     @property
     def metrics(self) -> Path:
@@ -68,3 +74,10 @@ class RunPaths:
 def run_dir(cfg, override: str | Path | None = None) -> Path:
     """The run directory of a config: --run-dir if given, else runs_root/<name derived from the config>."""
     return Path(override) if override else Path(cfg.runs_root) / cfg.run_name()
+
+
+def tensorboard_command(*run_dirs: str | Path) -> str:
+    """A TensorBoard command showing each run under its run directory's name (with --logdir RUN/tb a
+    run is called ".", and with --logdir runs/ "<run>/tb")."""
+    spec = ",".join(f"{Path(d).name}:{RunPaths(Path(d)).tb}" for d in run_dirs)
+    return f"tensorboard --logdir_spec {shlex.quote(spec)}"

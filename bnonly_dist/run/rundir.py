@@ -8,16 +8,19 @@ check() is the read-only preview of the same refusals, for dry runs.
 
 The run's identity is read from config.yaml, or, when that is missing or unreadable while
 checkpoints exist, from the newest checkpoint's marker: a run that computes something
-else is refused either way.
+else is refused either way. Likewise what its data set is (data.json, else the marker's
+"data.contents"): the same data at another data.root resumes, other data is refused.
 """
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import socket
 from pathlib import Path
 
 from bnonly_dist.config import Config, ConfigError, from_dict, read_run_config, save
+from bnonly_dist.data.identity import difference
 from bnonly_dist.run.checkpoint_files import newest_identity
 from bnonly_dist.run.paths import RunPaths
 
@@ -90,6 +93,34 @@ def _check_identity(cfg: Config, root: Path) -> None:
         key = changed[0]
         raise ConfigError(f"{root} holds a run with {key}={old.get(key)!r}, not {new.get(key)!r} (from {source}); "
                           "pass a new --run-dir or the original settings")
+
+
+DATA_KEY = "data.contents"  # the identity key under which checkpoints carry the data set's record
+
+
+def _saved_data(paths: RunPaths) -> tuple[dict, str] | None:
+    """(record of the data set, where it came from) the run in the directory trained on, or None."""
+    try:
+        record = json.loads(paths.data.read_text())
+        if isinstance(record, dict):
+            return record, str(paths.data)
+    except (OSError, ValueError):
+        pass  # missing or damaged: the checkpoints say it too
+    stored = newest_identity(paths.checkpoints)
+    if stored and isinstance(stored[1].get(DATA_KEY), dict):
+        return stored[1][DATA_KEY], f"{stored[0]}/commit.json"
+    return None
+
+
+def _check_data(cfg: Config, root: Path, record: dict | None) -> None:
+    """ConfigError if the run in root trained on another data set than record describes."""
+    saved = _saved_data(RunPaths(root)) if record is not None else None
+    if saved is None:
+        return
+    differs = difference(saved[0], record)
+    if differs:
+        raise ConfigError(f"{root} holds a run trained on other data than data.root={cfg.data.root}: {differs} (from "
+                          f"{saved[1]}); point data.root at the data set it trained on, or pass a new --run-dir")
 
 
 def check(cfg: Config, run_dir: Path) -> None:
@@ -174,8 +205,20 @@ def claim(cfg: Config, run_dir: Path) -> RunLock | None:
     return lock
 
 
-def create(cfg: Config, run_dir: Path, lock: RunLock | None) -> RunLock:
-    """Make run_dir (claimed by claim(), which returned lock), hold its lock, (re)write config.yaml."""
+def _write(path: Path, write) -> None:
+    """write(tmp) then rename onto path: never a half-written file for a later resume to trip on."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise RunDirError(f"cannot write {path} ({err.strerror}); free space or fix permissions and run again") from None
+
+
+def create(cfg: Config, run_dir: Path, lock: RunLock | None, data: dict | None = None) -> RunLock:
+    """Make run_dir (claimed by claim(), which returned lock), hold its lock, (re)write config.yaml and,
+    given the record of the data set (data.identity_of), check it against the run's and write data.json."""
     paths = RunPaths(Path(run_dir))
     if lock is None:
         try:
@@ -189,14 +232,10 @@ def create(cfg: Config, run_dir: Path, lock: RunLock | None) -> RunLock:
             lock.release()
             raise
     try:
-        tmp = paths.root / ".config.yaml.tmp"
-        save(cfg, tmp)
-        os.replace(tmp, paths.config)  # never a half-written config.yaml for a later resume to trip on
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        lock.release()
-        raise RunDirError(f"cannot write {paths.config} ({err.strerror}); free space or fix permissions "
-                          "and run again") from None
+        _check_data(cfg, paths.root, data)
+        _write(paths.config, lambda tmp: save(cfg, tmp))
+        if data is not None:
+            _write(paths.data, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
     except BaseException:
         lock.release()
         raise

@@ -2,11 +2,12 @@
 
 Flow: config -> dist.init (rank, world, device) -> plan.resolve (every auto setting) ->
 rundir.claim (the one check, the lock) -> data.build ->
-rundir.create (config.yaml) -> network.build -> engines.wrap ->
+rundir.create (config.yaml, data.json) -> network.build -> engines.wrap ->
 Checkpointer.resume -> the loop below -> summary.json.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from bnonly_dist import data, dist, engines, network
 from bnonly_dist.config import Config, ConfigError
@@ -95,7 +97,9 @@ class Run:
                 return
             self.source = data.build(cfg, self.plan, self.ctx.rank, self.ctx.world)
             check_num_classes(cfg.model.num_classes, self.source.num_classes, cfg.data.root or "the synthetic data")
-            self.lock = self._on_rank0(rundir.create, cfg, self.run_dir, self.lock)
+            # What the data set is (not where it lies): rank 0 records and checks it; every rank's checkpoints carry it.
+            self.data_record = dist.broadcast_object(self._on_rank0(data.identity_of, cfg, self.source))
+            self.lock = self._on_rank0(rundir.create, cfg, self.run_dir, self.lock, self.data_record)
             self._build(cfg)
         except BaseException:
             self.release()
@@ -121,7 +125,8 @@ class Run:
         self.ckpt = Checkpointer(self.run_dir, self.ctx.rank, self.ctx.world, self.engine, self.source,
                                  net.frozen_sha, every=cfg.train.checkpoint_every, keep=cfg.train.keep_checkpoints,
                                  save_frozen=cfg.dist.save_frozen, steps_per_epoch=self.steps_per_epoch,
-                                 identity=cfg.identity(), before_save=self.check_finite)
+                                 identity={**cfg.identity(), rundir.DATA_KEY: self.data_record},
+                                 before_save=self.check_finite)
         self.cadence = Cadence(cfg, self.steps_per_epoch, self.end)
         self.meter = StepMeter(self.plan.device, cfg.data.batch_size)
         self.evaluations: dict[int, dict] = {}
@@ -148,8 +153,11 @@ class Run:
         self.resume()
         self.announce()
         stop = StopRequest(self.cfg.train.stop_check_every)
-        self.bar = tqdm(total=self.end, initial=self.step, dynamic_ncols=True,
-                        disable=not (self.bar_enabled and self.ctx.is_main))
+        shown = self.bar_enabled and self.ctx.is_main
+        self.bar = tqdm(total=self.end, initial=self.step, dynamic_ncols=True, disable=not shown)
+        # While the bar is shown, console log lines go through it (tqdm.write), each on a line of its own.
+        console = logging_redirect_tqdm() if shown else contextlib.nullcontext()
+        console.__enter__()  # left in the finally below (a with block would re-indent the loop)
         started, first = time.perf_counter(), True
         try:
             while self.step < self.end:
@@ -170,6 +178,7 @@ class Run:
         finally:
             stop.close()
             self.bar.close()
+            console.__exit__(None, None, None)
         self.ckpt.save(self.step, final=True)  # collective
         final = self.evaluations.get(self.step) or self.evaluate()
         return self.finish(final, time.perf_counter() - started)
@@ -277,8 +286,8 @@ class Run:
                    "wall_time_s": wall_time_s}
         if self.ctx.is_main:
             self.paths.summary.write_text(json.dumps(summary, indent=2))
-            log.info("done: top1 %.2f%% top5 %.2f%%; summary %s; TensorBoard: tensorboard --logdir %s",
-                     final["top1"], final["top5"], self.paths.summary, self.paths.tb)
+            log.info("done: top1 %.2f%% top5 %.2f%%; summary %s; TensorBoard: %s", final["top1"], final["top5"],
+                     self.paths.summary, paths.tensorboard_command(self.run_dir))
         self.close()
         dist.barrier()  # host side: rank 0 has written summary.json
         return summary
