@@ -13,8 +13,8 @@ from bnonly_dist.run import paths, train
 
 
 # tiny_cfg's overrides (conftest.py) but data.root, as command-line words
-TINY = ["data.batch_size=32", "train.bn_batch=32", "data.eval_batch_size=50", "optim.epochs=2", "optim.milestones=[1]", "train.device=cpu",
-        "train.deterministic=true", "train.log_every=2", "train.checkpoint_every=4", "train.progress=lines"]
+TINY = ["data.batch_size=32", "train.bn_batch=32", "data.eval_batch_size=50", "optim.epochs=2", "optim.milestones=[1]",
+        "train.device=cpu", "train.deterministic=true", "train.log_every=2", "train.checkpoint_every=4", "train.progress=lines"]
 
 
 def _files(root):

@@ -54,8 +54,8 @@ def test_ctrl_c_through_the_local_launcher_saves_and_the_rerun_resumes(cifar_roo
     run_dir = tmp_path / "run"
     command = ["--local", "--nodes", 1, "--tasks-per-node", 2, "--gpus-per-node", 0, CIFAR, f"data.root={cifar_root}",
                "data.batch_size=32", "train.bn_batch=32", "data.eval_batch_size=50", "optim.epochs=30",
-               "train.device=cpu", "train.deterministic=true", "train.progress=lines", "train.log_every=1", "train.checkpoint_every=1000",
-               "train.stop_check_every=1", "--run-dir", run_dir]
+               "train.device=cpu", "train.deterministic=true", "train.progress=lines", "train.log_every=1",
+               "train.checkpoint_every=1000", "train.stop_check_every=1", "--run-dir", run_dir]
     proc = _submit(tmp_path, *command)
     _wait_for(proc, lambda: _metric_rows(run_dir) >= 2, "training")
     os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C
