@@ -3,6 +3,7 @@ import csv
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ def mini_sweep(cifar_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("mini")
     spec = root / "sweep.yaml"
     spec.write_text(
-        f"config: {train.__file__.rsplit('/', 2)[0]}/configs/cifar10_resnet14.yaml\n"
+        f"config: {Path(__file__).resolve().parents[1] / 'configs' / 'cifar10_resnet14.yaml'}\n"
         "grid: {model.arch: [cifar_resnet_8, cifar_resnet_14, cifar_resnet_14_32], mode: [all, bn], seed: [0, 1]}\n"
         f"overrides: {{data.root: {cifar_root}, data.batch_size: 64, data.eval_batch_size: 50, optim.epochs: 1, "
         f"train.device: cpu, train.deterministic: true, train.progress: lines, runs_root: {root / 'runs'}}}\n")
@@ -101,3 +102,33 @@ def test_cli_without_finished_runs_says_so(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bnonly_dist.cli", "analyze", str(tmp_path)], capture_output=True,
                           text=True)
     assert proc.returncode == 1 and "no finished runs" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_claims_end_to_end_on_real_runs(mini_sweep):
+    """--claims on the grid's runs: all four claims with a verdict and a missing-runs list, the generated
+    data said, and a missing-runs sweep that launchers/sweep.py accepts."""
+    import json
+    spec, root = mini_sweep
+    out = root / "claims"
+    proc = subprocess.run([sys.executable, "-m", "bnonly_dist.cli", "analyze", str(spec), "--claims", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "claims.json").read_text())
+    assert "generated data" in report["data_note"] and "Welch" in report["rule"]
+    (setting,) = report["settings"]
+    assert [c["claim"] for c in setting["claims"]] == [1, 2, 3, 4]
+    for claim in setting["claims"]:
+        assert claim["verdict"] in ("supported", "not supported", "undecided")
+        assert isinstance(claim["missing"], list) and claim["comparisons"]
+        assert open(claim["figure"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    depth = next(c for c in setting["claims"][0]["comparisons"] if c["what"].startswith("depth"))
+    assert (depth["a"]["arch"], depth["b"]["arch"], depth["a"]["n"]) == ("cifar_resnet_14", "cifar_resnet_8", 2)
+    missing = {(m["arch"], m["mode"]) for c in setting["claims"] for m in c["missing"]}
+    assert ("cifar_resnet_14", "random_per_channel") in missing and ("cifar_resnet_14", "none") in missing
+    md = (out / "claims.md").read_text()
+    assert md.count("## Claim ") == 4 and "generated data" in md and "Missing: " in md
+    assert "python launchers/sweep.py" in proc.stdout
+    dry = subprocess.run([sys.executable, "launchers/sweep.py", setting["missing_sweep"], "--dry-run"],
+                         capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.count("to submit") == setting["missing_runs"] > 0
