@@ -10,6 +10,14 @@ from bnonly_dist.analysis.claims import ORDER, PAPER_SMALL_GAMMA, Evidence, bn_c
 from bnonly_dist.analysis.figures import COLORS, plt
 
 
+def short(net: str) -> str:
+    """cifar_resnet_110 -> ResNet-110, cifar_resnet_14_128 -> WRN-14-8 (docs/paper.md's names)."""
+    arch = models.parse_arch(net)
+    if arch.family != "cifar":
+        return net
+    return f"ResNet-{arch.depth}" if arch.width == 16 else f"WRN-{arch.depth}-{arch.width / 16:g}"
+
+
 def _save(fig, ax, path: Path) -> Path:
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
@@ -51,7 +59,7 @@ def depth_width(ev: Evidence, dataset: str, path: Path) -> Path:
             ax.plot(*zip(*sorted(published)), linestyle="--", marker="x", color=color, alpha=0.6,
                     label=f"{word} (paper)")
         for net in members:
-            ax.annotate(net.removeprefix("cifar_resnet_"), (bn_count(net), statistics.fmean(ev.top1(net, "bn"))),
+            ax.annotate(short(net), (bn_count(net), statistics.fmean(ev.top1(net, "bn"))),
                         textcoords="offset points", xytext=(4, -10), fontsize=7, color=color)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("BN parameters (trainable under mode=bn)")
@@ -76,7 +84,7 @@ def _per_net(ev: Evidence, modes: tuple[str, ...], path: Path, title: str, chanc
                            label="paper" if i == 0 and j == 0 else None)
     if chance is not None:
         ax.axhline(chance, color="gray", linestyle=":", label=f"chance ({chance:g} %)")
-    ax.set_xticks(range(len(nets)), nets, fontsize=8)
+    ax.set_xticks(range(len(nets)), [short(n) for n in nets], fontsize=8)
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.set_title(title)
     return _save(fig, ax, path)
@@ -104,7 +112,8 @@ def small_gamma(ev: Evidence, path: Path) -> Path:
             if stage is None and ev.threshold == 0.01:
                 ax.scatter([x], [PAPER_SMALL_GAMMA[mode]], marker="x", color=COLORS.get(mode), alpha=0.6, zorder=5,
                            label="paper (uncertain)" if i == 0 and j == 0 else None)
-    ax.set_xticks(range(len(columns)), [f"{net}\n{stage or 'all channels'}" for net, stage in columns], fontsize=7)
+    ax.set_xticks(range(len(columns)), [f"{short(net)}\n{stage or 'all'}" for net, stage in columns], fontsize=7,
+                  rotation=45)
     ax.set_ylabel(f"% of channels with |γ| < {ev.threshold:g}")
     ax.set_title("Claim 3: channels switched off, bn against all, per stage")
     return _save(fig, ax, path)
