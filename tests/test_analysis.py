@@ -132,3 +132,14 @@ def test_claims_end_to_end_on_real_runs(mini_sweep):
                          capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.count("to submit") == setting["missing_runs"] > 0
+
+
+def test_a_copied_run_is_counted_once(mini_sweep, tmp_path):
+    import shutil
+    spec, _ = mini_sweep
+    cell = [p.run_dir for p in sweep.load(spec).points if p.cfg.model.arch == "cifar_resnet_8" and p.cfg.mode == "bn"]
+    shutil.copytree(cell[0], tmp_path / "copy")
+    result = analysis.run([*map(str, cell), str(tmp_path / "copy")], tmp_path / "out", THRESHOLD, ablate=False)
+    (row,) = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    assert result["duplicates"] == 1 and row["runs"] == "2" and row["seeds"] == "0 1"
+    assert f"{tmp_path / 'copy'} is {cell[0]} again" in (tmp_path / "out" / "results.md").read_text()

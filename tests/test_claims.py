@@ -187,3 +187,24 @@ def test_unread_runs_say_what_is_true(tmp_path, caplog):
         assert runs.read(tmp_path / "started") is None
     assert "never launched (no run directory yet)" in caplog.text
     assert "no Slurm job recorded" in caplog.text and "may still be running" not in caplog.text
+
+
+def test_a_sweep_never_launched_is_said_so_once(tmp_path, caplog):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"config: {Path('configs/cifar10_resnet14.yaml').resolve()}\n"
+                    f"grid: {{mode: [bn, all], seed: [0, 1]}}\noverrides: {{runs_root: {tmp_path / 'runs'}}}\n")
+    with caplog.at_level(logging.WARNING):
+        assert runs.collect([spec]) == []
+    assert caplog.text.count("never launched") == 1 and "skipping 4 of 4 points" in caplog.text
+    assert "still be running" not in caplog.text
+
+
+def test_claims_need_cifar10_runs_and_say_so_before_writing(tmp_path, monkeypatch):
+    from bnonly_dist import analysis
+    from bnonly_dist.data.layout import DataError
+    synthetic = record("cifar_resnet_14", "bn", 0, 50.0)
+    synthetic.cfg = synthetic.cfg.model_copy(update={"data": synthetic.cfg.data.model_copy(update={"name": "synthetic"})})
+    monkeypatch.setattr(runs, "collect", lambda paths: [synthetic])
+    with pytest.raises(DataError, match="no finished CIFAR-10 runs"):
+        analysis.run(["x"], tmp_path / "out", claims=True)
+    assert not (tmp_path / "out").exists()

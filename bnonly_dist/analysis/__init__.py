@@ -53,6 +53,10 @@ def run(paths: list[str], out: Path, threshold: float = 0.01, ablate: bool = Tru
     if not records:
         raise DataError(f"no finished runs under {', '.join(map(str, paths))}; pass run directories, a folder "
                         "of runs (e.g. runs/) or a sweep file")
+    grouped = cells.group(records)
+    if claims and not any(c.dataset == "cifar10" for c in grouped):  # said before anything is written
+        raise DataError("--claims: no finished CIFAR-10 runs among these; the paper's claims are about CIFAR-10 "
+                        "(drop --claims for the table of other runs)")
     out.mkdir(parents=True, exist_ok=True)
     reports = {}
     for record in records:
@@ -60,7 +64,6 @@ def run(paths: list[str], out: Path, threshold: float = 0.01, ablate: bool = Tru
             reports[str(record.run_dir)] = gamma.analyze(record, threshold, ablate, torch.device(device))
         except (CheckpointError, DataError) as err:
             log.warning("gamma analysis of %s skipped: %s", record.run_dir, err)
-    grouped = cells.group(records)
     rows = tables.rows(grouped, reports, threshold)
     md, csv_path = tables.write(rows, out, threshold)
     _write_runs(records, reports, out)
