@@ -127,6 +127,7 @@ def test_claims_end_to_end_on_real_runs(mini_sweep):
     assert ("cifar_resnet_14", "random_per_channel") in missing and ("cifar_resnet_14", "none") in missing
     md = (out / "claims.md").read_text()
     assert md.count("## Claim ") == 4 and "generated data" in md and "Missing: " in md
+    assert "within a ratio of 1.25" in md  # the pairing rule is part of the output
     assert "python launchers/sweep.py" in proc.stdout
     dry = subprocess.run([sys.executable, "launchers/sweep.py", setting["missing_sweep"], "--dry-run"],
                          capture_output=True, text=True)

@@ -96,6 +96,9 @@ def test_ordering_and_chance():
     comparisons = claims.ordering(ev, "cifar10", 10.0)
     assert [c.verdict for c in comparisons] == ["supported"] * 6
     assert claims.verdict(comparisons) == "supported"
+    deeper = evidence([r for mode, top1 in modes.items() for r in seeds("cifar_resnet_14", mode, [top1, top1 + 1])]
+                      + seeds("cifar_resnet_110", "bn", [70.0, 71.0]) + seeds("cifar_resnet_110", "all", [93.0, 93.5]))
+    assert {c.a[0] for c in claims.ordering(deeper, "cifar10", 10.0)} == {"cifar_resnet_14"}  # where it was run
     off = evidence(seeds("cifar_resnet_14", "none", [30.0, 31.0, 29.5]))
     assert claims.ordering(off, "cifar10", 10.0)[-1].verdict == "not supported"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from bnonly_dist import models
 from bnonly_dist.analysis import paper
-from bnonly_dist.analysis.claims import ORDER, PAPER_SMALL_GAMMA, Evidence, bn_count
+from bnonly_dist.analysis.claims import ORDER, ORDER_ONLY, PAPER_SMALL_GAMMA, Evidence, bn_count
 from bnonly_dist.analysis.figures import COLORS, plt
 
 
@@ -69,19 +69,21 @@ def depth_width(ev: Evidence, dataset: str, path: Path) -> Path:
 
 
 def _per_net(ev: Evidence, modes: tuple[str, ...], path: Path, title: str, chance: float | None = None,
-             metric=None, paper_of=None) -> Path:
-    nets = ev.nets(modes)
+             paper_of=None, nets: list[str] | None = None) -> Path:
+    nets = ev.nets(modes) if nets is None else nets
     fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(nets) * len(modes) / 2), 4.5), dpi=120)
-    step = 1.0 / (len(modes) + 1)
+    step, labelled = 1.0 / (len(modes) + 1), set()  # each legend entry once, wherever it first appears
     for i, net in enumerate(nets):
         for j, mode in enumerate(modes):
             x = i + (j - (len(modes) - 1) / 2) * step
-            values = metric(net, mode) if metric else ev.top1(net, mode)
-            _seeds(ax, x, values, COLORS.get(mode), mode if i == 0 else None, step * 0.8)
+            values = ev.top1(net, mode)
+            _seeds(ax, x, values, COLORS.get(mode), None if mode in labelled or not values else mode, step * 0.8)
+            labelled |= {mode} if values else set()
             published = paper_of(net, mode) if paper_of else None
             if published is not None:
                 ax.scatter([x], [published], marker="x", color=COLORS.get(mode), alpha=0.6, zorder=5,
-                           label="paper" if i == 0 and j == 0 else None)
+                           label=None if "paper" in labelled else "paper")
+                labelled.add("paper")
     if chance is not None:
         ax.axhline(chance, color="gray", linestyle=":", label=f"chance ({chance:g} %)")
     ax.set_xticks(range(len(nets)), [short(n) for n in nets], fontsize=8)
@@ -98,20 +100,24 @@ def bn_vs_random(ev: Evidence, dataset: str, path: Path) -> Path:
 
 def ordering(ev: Evidence, dataset: str, chance: float, path: Path) -> Path:
     return _per_net(ev, ORDER, path, "Claim 4: the modes in the paper's order, per net", chance,
-                    paper_of=lambda net, mode: paper.top1(dataset, net, mode))
+                    paper_of=lambda net, mode: paper.top1(dataset, net, mode), nets=ev.nets(ORDER_ONLY))
 
 
 def small_gamma(ev: Evidence, path: Path) -> Path:
     """Claim 3: % of channels with |gamma| < threshold, bn against all, per net and stage."""
     columns = [(net, stage) for net in ev.nets(("bn", "all")) for stage in [None, *ev.stages(net)]]
     fig, ax = plt.subplots(figsize=(max(7, 0.8 * len(columns)), 4.5), dpi=120)
+    labelled = set()  # each legend entry once, wherever it first appears
     for i, (net, stage) in enumerate(columns):
         for j, mode in enumerate(("bn", "all")):
             x = i + (j - 0.5) * 0.35
-            _seeds(ax, x, ev.small_gamma(net, mode, stage), COLORS.get(mode), mode if i == 0 else None, 0.28)
+            values = ev.small_gamma(net, mode, stage)
+            _seeds(ax, x, values, COLORS.get(mode), None if mode in labelled or not values else mode, 0.28)
+            labelled |= {mode} if values else set()
             if stage is None and ev.threshold == 0.01:
                 ax.scatter([x], [PAPER_SMALL_GAMMA[mode]], marker="x", color=COLORS.get(mode), alpha=0.6, zorder=5,
-                           label="paper (uncertain)" if i == 0 and j == 0 else None)
+                           label=None if "paper" in labelled else "paper (uncertain)")
+                labelled.add("paper")
     ax.set_xticks(range(len(columns)), [f"{short(net)}\n{stage or 'all'}" for net, stage in columns], fontsize=7,
                   rotation=45)
     ax.set_ylabel(f"% of channels with |γ| < {ev.threshold:g}")

@@ -116,7 +116,7 @@ def _markdown(settings: list[dict], note: str | None, out: Path) -> str:
             lines += [f"# Setting: {setting['setting']}", ""]
         for claim in setting["claims"]:
             lines += [f"## Claim {claim['claim']}: {claim['title']}: **{claim['verdict']}**", ""]
-            lines += [f"> {q} (docs/paper.md)" for q in claim["quotes"]] + [""]
+            lines += [f"> {q} (docs/paper.md)" for q in claim["quotes"]] + ["", claim["how"], ""]
             lines += ["| comparison | A | paper | B | paper | A − B, 95 % interval | verdict |",
                       "|---|---:|---:|---:|---:|---:|---|"]
             for c in claim["comparisons"]:
