@@ -94,7 +94,7 @@ def _per_net(ev: Evidence, modes: tuple[str, ...], path: Path, title: str, chanc
 
 def bn_vs_random(ev: Evidence, dataset: str, path: Path) -> Path:
     return _per_net(ev, ("bn", "random_per_channel", "output"), path,
-                    "Claim 2: BN against as many random parameters, and the output layer alone",
+                    "Claim 2: bn against random_per_channel and output, per net",
                     paper_of=lambda net, mode: paper.top1(dataset, net, mode))
 
 
