@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench mini clean cluster-up cluster-down gpu-check gpu-wheels
+.PHONY: setup demo test bench mini claims-mini clean cluster-up cluster-down gpu-check gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,12 @@ mini: setup      # the paper's pipeline scaled down: a 24-run grid on generated 
 	$(BIN)/bnonly data fake-cifar10 runs/data/fake-cifar10
 	$(BIN)/python launchers/sweep.py configs/sweeps/mini.yaml --wait
 	$(BIN)/bnonly analyze configs/sweeps/mini.yaml --out analysis/mini
+
+claims-mini: setup   # the claims pipeline at a tiny scale on generated data: it exercises the code; its verdicts mean nothing
+	$(BIN)/bnonly data fake-cifar10 runs/data/fake-cifar10
+	$(BIN)/python launchers/sweep.py configs/sweeps/claims-mini.yaml --wait
+	$(BIN)/bnonly analyze configs/sweeps/claims-mini.yaml --claims --out analysis/claims-mini
+	if [ -f analysis/claims-mini/claims_missing.yaml ]; then $(BIN)/python launchers/sweep.py analysis/claims-mini/claims_missing.yaml --dry-run; fi
 
 clean:
 	rm -rf runs/demo_cifar10_resnet20_bn runs/data/fake-cifar10

@@ -42,11 +42,18 @@ def _config(args) -> None:
 def _analyze(args) -> None:
     from bnonly_dist import analysis
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    result = analysis.run(args.paths, args.out, args.threshold, not args.no_ablation, args.device)
-    print(f"{result['runs']} runs in {result['groups']} groups ({result['gamma_analysed']} with gamma analysis)")
+    result = analysis.run(args.paths, args.out, args.threshold, not args.no_ablation, args.device, args.claims)
+    print(f"{result['runs']} runs in {result['groups']} groups of seeds ({result['gamma_analysed']} with gamma analysis"
+          f"{'; ' + str(result['duplicates']) + ' duplicate runs counted once' if result['duplicates'] else ''})")
     print(f"table: {result['table']} and {result['csv']}")
     for figure in result["figures"]:
         print(f"figure: {figure}")
+    if "claims" in result:
+        claims = result["claims"]
+        print(f"claims: {claims['claims_md']} and {claims['claims_json']}: "
+              + "; ".join(", ".join(f"{n} {v}" for n, v in s.items()) for s in claims["verdicts"]))
+        for sweep in claims["missing_sweeps"]:
+            print(f"missing runs: python launchers/sweep.py {sweep}")
 
 
 def _run_dir(args) -> None:
@@ -145,6 +152,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--threshold", type=float, default=0.01, help="|gamma| below this counts as switched off")
     a.add_argument("--no-ablation", action="store_true", help="skip re-evaluating with small-gamma channels zeroed")
     a.add_argument("--device", default="cpu", help="device for the ablation's evaluations (cpu, cuda)")
+    a.add_argument("--claims", action="store_true", help="also claims.md/.json: the paper's four claims as verdicts "
+                   "from these runs, and a sweep file of the runs that would decide the undecided ones")
     a.set_defaults(func=_analyze)
 
     r = sub.add_parser("run-dir", help="print the run directory a config trains in (for scripts)")

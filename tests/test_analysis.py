@@ -103,3 +103,45 @@ def test_cli_without_finished_runs_says_so(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bnonly_dist.cli", "analyze", str(tmp_path)], capture_output=True,
                           text=True)
     assert proc.returncode == 1 and "no finished runs" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_claims_end_to_end_on_real_runs(mini_sweep):
+    """--claims on the grid's runs: all four claims with a verdict and a missing-runs list, the generated
+    data said, and a missing-runs sweep that launchers/sweep.py accepts."""
+    import json
+    spec, root = mini_sweep
+    out = root / "claims"
+    proc = subprocess.run([sys.executable, "-m", "bnonly_dist.cli", "analyze", str(spec), "--claims", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "claims.json").read_text())
+    assert "generated data" in report["data_note"] and "Welch" in report["rule"]
+    (setting,) = report["settings"]
+    assert [c["claim"] for c in setting["claims"]] == [1, 2, 3, 4]
+    for claim in setting["claims"]:
+        assert claim["verdict"] in ("supported", "not supported", "undecided")
+        assert isinstance(claim["missing"], list) and claim["comparisons"]
+        assert open(claim["figure"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    depth = next(c for c in setting["claims"][0]["comparisons"] if c["what"].startswith("depth"))
+    assert (depth["a"]["arch"], depth["b"]["arch"], depth["a"]["n"]) == ("cifar_resnet_14", "cifar_resnet_8", 2)
+    missing = {(m["arch"], m["mode"]) for c in setting["claims"] for m in c["missing"]}
+    assert ("cifar_resnet_14", "random_per_channel") in missing and ("cifar_resnet_14", "none") in missing
+    md = (out / "claims.md").read_text()
+    assert md.count("## Claim ") == 4 and "generated data" in md and "Missing: " in md
+    assert "within a ratio of 1.25" in md  # the pairing rule is part of the output
+    assert "python launchers/sweep.py" in proc.stdout
+    dry = subprocess.run([sys.executable, "launchers/sweep.py", setting["missing_sweep"], "--dry-run"],
+                         capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.count("to submit") == setting["missing_runs"] > 0
+
+
+def test_a_copied_run_is_counted_once(mini_sweep, tmp_path):
+    import shutil
+    spec, _ = mini_sweep
+    cell = [p.run_dir for p in sweep.load(spec).points if p.cfg.model.arch == "cifar_resnet_8" and p.cfg.mode == "bn"]
+    shutil.copytree(cell[0], tmp_path / "copy")
+    result = analysis.run([*map(str, cell), str(tmp_path / "copy")], tmp_path / "out", THRESHOLD, ablate=False)
+    (row,) = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    assert result["duplicates"] == 1 and row["runs"] == "2" and row["seeds"] == "0 1"
+    assert f"{tmp_path / 'copy'} is {cell[0]} again" in (tmp_path / "out" / "results.md").read_text()

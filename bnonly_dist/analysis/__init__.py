@@ -5,6 +5,12 @@
     runs.csv                     one line per run
     gamma_layers.csv             per run and BN layer: channels, fraction |gamma| < t, mean |gamma|
     figures/*.png                accuracy against depth and width; gamma/beta histograms
+    claims.md, claims.json       with --claims: the paper's four claims as verdicts (claims.py),
+    claims_missing.yaml          the runs that would decide what is undecided (a sweep file), and
+    figures/claim*.png           a figure per claim
+
+Runs are grouped by one rule (cells.py): runs whose identity differs only in the seed are
+one cell; everything that averages over seeds reads cells.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bnonly_dist.analysis import figures, gamma, runs, tables
+from bnonly_dist.analysis import cells, figures, gamma, runs, tables
 from bnonly_dist.data.layout import DataError
 from bnonly_dist.run.checkpoint import CheckpointError
 
@@ -41,11 +47,16 @@ def _write_runs(records, reports, folder: Path) -> None:
                                  gammas.abs().mean().item(), rep.betas[layer].mean().item()])
 
 
-def run(paths: list[str], out: Path, threshold: float = 0.01, ablate: bool = True, device: str = "cpu") -> dict:
+def run(paths: list[str], out: Path, threshold: float = 0.01, ablate: bool = True, device: str = "cpu",
+        claims: bool = False) -> dict:
     records = runs.collect(paths)
     if not records:
         raise DataError(f"no finished runs under {', '.join(map(str, paths))}; pass run directories, a folder "
                         "of runs (e.g. runs/) or a sweep file")
+    grouped = cells.group(records)
+    if claims and not any(c.dataset == "cifar10" for c in grouped):  # said before anything is written
+        raise DataError("--claims: no finished CIFAR-10 runs among these; the paper's claims are about CIFAR-10 "
+                        "(drop --claims for the table of other runs)")
     out.mkdir(parents=True, exist_ok=True)
     reports = {}
     for record in records:
@@ -53,10 +64,15 @@ def run(paths: list[str], out: Path, threshold: float = 0.01, ablate: bool = Tru
             reports[str(record.run_dir)] = gamma.analyze(record, threshold, ablate, torch.device(device))
         except (CheckpointError, DataError) as err:
             log.warning("gamma analysis of %s skipped: %s", record.run_dir, err)
-    rows = tables.rows(records, reports, threshold)
+    rows = tables.rows(grouped, reports, threshold)
     md, csv_path = tables.write(rows, out, threshold)
     _write_runs(records, reports, out)
-    made = figures.accuracy_figures(rows, out / "figures") + figures.gamma_figures(records, reports,
+    made = figures.accuracy_figures(rows, out / "figures") + figures.gamma_figures(grouped, reports,
                                                                                    out / "figures", threshold)
-    return {"runs": len(records), "groups": len(rows), "gamma_analysed": len(reports), "table": str(md),
-            "csv": str(csv_path), "figures": [str(p) for p in made]}
+    result = {"runs": len(records), "groups": len(rows), "gamma_analysed": len(reports), "table": str(md),
+              "csv": str(csv_path), "figures": [str(p) for p in made],
+              "duplicates": sum(len(c.duplicates) for c in grouped)}
+    if claims:
+        from bnonly_dist.analysis import claims_report
+        result["claims"] = claims_report.write(grouped, reports, threshold, out)
+    return result

@@ -11,8 +11,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from bnonly_dist.analysis.cells import Cell  # noqa: E402
 from bnonly_dist.analysis.gamma import GammaReport  # noqa: E402
-from bnonly_dist.analysis.runs import RunRecord  # noqa: E402
 from bnonly_dist.run.bn_stats import bn_stage  # noqa: E402
 
 COLORS = {"all": "tab:blue", "bn": "tab:orange", "bn_output": "tab:olive", "bn_shortcut_output": "tab:green",
@@ -21,20 +21,20 @@ COLORS = {"all": "tab:blue", "bn": "tab:orange", "bn_output": "tab:olive", "bn_s
 
 
 def accuracy_plot(rows: list[dict], x_key: str, path: Path, title: str, xlabel: str, metric: str = "top1") -> Path | None:
-    """One line per mode: mean over seeds with std error bars; the paper's numbers dashed."""
+    """One line per mode (and setting): mean over seeds with std error bars; the paper's numbers dashed."""
     by_mode = defaultdict(list)
     for r in rows:
-        by_mode[r["mode"]].append(r)
+        by_mode[(r["mode"], r["setting"])].append(r)
     if len({r[x_key] for r in rows}) < 2:
         return None  # a figure needs at least two depths (widths)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for mode, points in by_mode.items():
+    for (mode, setting), points in by_mode.items():
         points.sort(key=lambda r: r[x_key])
         xs = [r[x_key] for r in points]
         ax.errorbar(xs, [r[metric][0] for r in points], yerr=[r[metric][1] for r in points], marker="o",
-                    capsize=3, color=COLORS.get(mode), label=f"{mode} (ours)")
+                    capsize=3, color=COLORS.get(mode), label=f"{mode} (ours{', ' + setting if setting else ''})")
         published = [(r[x_key], r["paper_top1"]) for r in points if metric == "top1" and r["paper_top1"] is not None]
-        if published:
+        if published and not any(label == f"{mode} (paper)" for label in ax.get_legend_handles_labels()[1]):
             ax.plot(*zip(*published), linestyle="--", marker="x", color=COLORS.get(mode), alpha=0.6,
                     label=f"{mode} (paper)")
     ax.set_xscale("log", base=2)
@@ -68,16 +68,19 @@ def accuracy_figures(rows: list[dict], folder: Path) -> list[Path]:
     return [p for p in made if p]
 
 
-def gamma_figures(records: list[RunRecord], reports: dict[str, GammaReport], folder: Path,
+def gamma_figures(cells: list[Cell], reports: dict[str, GammaReport], folder: Path,
                   threshold: float) -> list[Path]:
-    """Per (data set, model): gamma (top) and beta (bottom) histograms per stage, one colour per mode."""
+    """Per (data set, model, setting): gamma (top) and beta (bottom) histograms per stage, one colour per mode."""
     folder.mkdir(parents=True, exist_ok=True)
-    groups = defaultdict(list)
-    for record in records:
-        if str(record.run_dir) in reports:
-            groups[(record.cfg.data.name, record.cfg.model.arch)].append(record)
+    groups, settings = defaultdict(list), {}
+    for cell in cells:
+        settings.setdefault(cell.setting_key, (len(settings), cell.setting))
+        groups[(cell.dataset, cell.arch, cell.setting_key)] += [r for r in cell.records if str(r.run_dir) in reports]
     made = []
-    for (dataset, arch), runs in sorted(groups.items()):
+    for (dataset, arch, setting_key), runs in sorted(groups.items()):
+        if not runs:
+            continue
+        number, setting = settings[setting_key]
         stages = sorted({bn_stage(n) for n in reports[str(runs[0].run_dir)].layers}, key=lambda s: (s != "stem", s))
         fig, axes = plt.subplots(2, len(stages), figsize=(3.2 * len(stages), 5.5), dpi=110, squeeze=False)
         for mode in sorted({r.cfg.mode for r in runs}):
@@ -102,9 +105,10 @@ def gamma_figures(records: list[RunRecord], reports: dict[str, GammaReport], fol
             axes[0, col].axvspan(-threshold, threshold, color="gray", alpha=0.2)
         axes[0, 0].set_ylabel("density")
         axes[1, 0].set_ylabel("density")
-        fig.suptitle(f"{dataset} {arch}: BN parameters after training (|γ| < {threshold} shaded)")
+        fig.suptitle(f"{dataset} {arch}{' (' + setting + ')' if setting else ''}: BN parameters after training "
+                     f"(|γ| < {threshold} shaded)")
         fig.tight_layout()
-        path = folder / f"gamma_{dataset}_{arch}.png"
+        path = folder / f"gamma_{dataset}_{arch}{f'_setting{number}' if len(settings) > 1 else ''}.png"
         fig.savefig(path)
         plt.close(fig)
         made.append(path)

@@ -39,7 +39,7 @@ class RunRecord:
 
     @property
     def key(self) -> tuple[str, str, str]:
-        """(dataset, arch, mode): the runs of a key differ only in their seed."""
+        """(dataset, arch, mode); which runs are seeds of one experiment is cells.group's rule, not this."""
         return self.cfg.data.name, self.cfg.model.arch, self.cfg.mode
 
 
@@ -73,11 +73,26 @@ def _metrics_rows(path: Path) -> list[dict]:
     return rows
 
 
+def _unfinished(run_dir: Path) -> str:
+    """What is true of a run directory without summary.json: its job queued or running, or gone."""
+    from bnonly_dist.launch import cluster
+    job = cluster.recorded_job(run_dir)
+    if job and cluster.job_alive(job):
+        return f"not finished; its job {job} is queued or running"
+    if job:
+        return (f"not finished, and its job {job} is no longer queued or running (stopped or failed: see the job's "
+                "log); launch it again to resume")
+    return "not finished; no Slurm job recorded for it (a local process still running, or stopped: launch it again)"
+
+
 def read(run_dir: Path) -> RunRecord | None:
     """The finished run in run_dir, or None (with a log line) if it has not finished or cannot be read."""
     summary_path = run_dir / "summary.json"
+    if not run_dir.is_dir():
+        log.warning("skipping %s: never launched (no run directory yet)", run_dir)
+        return None
     if not summary_path.is_file():
-        log.warning("skipping %s: no summary.json (not finished; its job may still be running)", run_dir)
+        log.warning("skipping %s: %s", run_dir, _unfinished(run_dir))
         return None
     try:
         summary = json.loads(summary_path.read_bytes().decode("utf-8"))
@@ -105,8 +120,13 @@ def collect(paths: list[str | Path]) -> list[RunRecord]:
     """Every finished run under the given run directories, folders of runs or sweep files."""
     seen, records = set(), []
     for path in paths:
-        for run_dir in _run_dirs(Path(path)):
-            if run_dir.resolve() in seen:
+        run_dirs = _run_dirs(Path(path))
+        absent = [d for d in run_dirs if not d.exists()]
+        if absent:  # one line for a sweep's points never launched, not one per point
+            log.warning("skipping %d of %d points of %s: never launched (no run directory yet, e.g. %s); submit it "
+                        "with launchers/sweep.py", len(absent), len(run_dirs), path, absent[0])
+        for run_dir in run_dirs:
+            if run_dir.resolve() in seen or not run_dir.exists():
                 continue
             seen.add(run_dir.resolve())
             record = read(run_dir)

@@ -1,12 +1,12 @@
-"""Results tables: one row per (data set, model, mode), mean +- std over seeds."""
+"""Results tables: one row per cell (runs equal in all but the seed, cells.group), mean +- std over seeds."""
 from __future__ import annotations
 
 import csv
-import statistics
-from collections import defaultdict
 from pathlib import Path
 
 from bnonly_dist.analysis import paper
+from bnonly_dist.analysis.cells import Cell
+from bnonly_dist.analysis.cells import mean_std as _mean_std
 from bnonly_dist.analysis.gamma import GammaReport
 from bnonly_dist.analysis.runs import RunRecord
 from bnonly_dist.modes import MODES
@@ -14,24 +14,16 @@ from bnonly_dist.modes import MODES
 MODE_ORDER = {m: i for i, m in enumerate(MODES)}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float] | None:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def rows(records: list[RunRecord], gammas: dict[str, GammaReport], threshold: float) -> list[dict]:
-    groups: dict[tuple, list[RunRecord]] = defaultdict(list)
-    for record in records:
-        groups[record.key].append(record)
+def rows(cells: list[Cell], gammas: dict[str, GammaReport], threshold: float) -> list[dict]:
     out = []
-    for (dataset, arch_name, mode), runs in groups.items():
+    for cell in cells:
+        runs, dataset, arch_name, mode = cell.records, cell.dataset, cell.arch, cell.mode
         arch = runs[0].arch
         reports = [gammas.get(str(r.run_dir)) for r in runs]
         row = {"dataset": dataset, "arch": arch_name, "family": arch.family, "depth": arch.depth,
-               "width": arch.width, "mode": mode, "trainable_params": runs[0].summary["trainable_params"],
-               "runs": len(runs), "seeds": sorted(r.cfg.seed for r in runs),
+               "width": arch.width, "mode": mode, "setting": cell.setting,
+               "trainable_params": runs[0].summary["trainable_params"],
+               "runs": len(runs), "seeds": cell.seeds, "duplicates": cell.duplicates,
                "top1": _mean_std([r.summary["final"]["top1"] for r in runs]),
                "top5": _mean_std([r.summary["final"]["top5"] for r in runs]),
                "paper_top1": paper.top1(dataset, arch_name, mode),
@@ -40,7 +32,8 @@ def rows(records: list[RunRecord], gammas: dict[str, GammaReport], threshold: fl
                "ablation_change": _mean_std([rep.ablated_top1 - rep.top1 if rep and rep.ablated_top1 is not None
                                              else None for rep in reports])}
         out.append(row)
-    return sorted(out, key=lambda r: (r["dataset"], r["family"], r["width"], r["depth"], MODE_ORDER[r["mode"]]))
+    return sorted(out, key=lambda r: (r["dataset"], r["setting"], r["family"], r["width"], r["depth"],
+                                      MODE_ORDER[r["mode"]]))
 
 
 def _small_frac(record: RunRecord, report: GammaReport | None, threshold: float) -> float | None:
@@ -64,12 +57,12 @@ def write(rows_: list[dict], folder: Path, threshold: float) -> tuple[Path, Path
     with open(csv_path, "w", newline="") as f:
         fields = ["dataset", "arch", "depth", "width", "mode", "trainable_params", "runs", "seeds", "top1_mean",
                   "top1_std", "top5_mean", "top5_std", "paper_top1", "gamma_small_frac_mean", "gamma_small_frac_std",
-                  "ablated_top1_mean", "ablation_change_mean", "ablation_change_std"]
+                  "ablated_top1_mean", "ablation_change_mean", "ablation_change_std", "setting"]
         writer = csv.DictWriter(f, fields)
         writer.writeheader()
         for r in rows_:
             flat = {k: r[k] for k in ("dataset", "arch", "depth", "width", "mode", "trainable_params", "runs",
-                                      "paper_top1")}
+                                      "paper_top1", "setting")}
             flat["seeds"] = " ".join(map(str, r["seeds"]))
             for key in ("top1", "top5", "gamma_small_frac", "ablation_change", "ablated_top1"):
                 if r[key] is not None:
@@ -89,10 +82,18 @@ def write(rows_: list[dict], folder: Path, threshold: float) -> tuple[Path, Path
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in (r for r in rows_ if r["dataset"] == dataset):
             third = _fmt(r["top5"]) if imagenet else ("" if r["paper_top1"] is None else f"{r['paper_top1']:g}")
-            lines.append(f"| {r['arch']} | {r['mode']} | {r['trainable_params']:,} | {r['runs']} | {_fmt(r['top1'])} | "
+            model = f"{r['arch']} ({r['setting']})" if r["setting"] else r["arch"]
+            lines.append(f"| {model} | {r['mode']} | {r['trainable_params']:,} | {r['runs']} | {_fmt(r['top1'])} | "
                          f"{third} | {_fmt(r['gamma_small_frac'], 1, 100).replace(' ±', '% ±')}"
                          f"{'%' if r['gamma_small_frac'] else ''} | {_fmt(r['ablated_top1'])} | "
                          f"{_fmt(r['ablation_change'])} |")
         lines.append("")
+    if any(r["setting"] for r in rows_):
+        lines.append("Runs equal in everything but the seed are one row; the keys in brackets set a row's runs apart "
+                     "from the other rows' (they are never averaged together).")
+    for r in rows_:
+        for kept, copy in r["duplicates"]:
+            lines.append(f"- {copy} is {kept} again (same seed, every other key equal): counted once.")
+    lines.append("")
     md.write_text("\n".join(lines))
     return md, csv_path

@@ -8,6 +8,9 @@
     overrides: {optim.epochs: 160}         # optional, applied to every point
     slurm: {gpus_per_node: 1, time: "12:00:00"}   # optional resources (flags win)
 
+`grid:` may also be a list of such mappings: the union of their points (a grid that is not
+one product, e.g. every mode on one net and four modes on two others).
+
 A point's run directory is derived from its hyperparameters, so the same sweep always
 maps to the same directories: that is what makes resubmission idempotent.
 """
@@ -55,21 +58,27 @@ def load(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
     path = Path(path)
     spec = config.read_mapping(path, f"sweep file {path} does not exist; see configs/sweeps/")
     unknown = sorted(set(spec) - {"config", "grid", "overrides", "slurm"})
-    if (unknown or "config" not in spec or not isinstance(spec.get("grid"), dict) or not spec["grid"]
+    grids = spec.get("grid") if isinstance(spec.get("grid"), list) else [spec.get("grid")]
+    if (unknown or "config" not in spec or not grids or not all(isinstance(g, dict) and g for g in grids)
             or not isinstance(spec.get("overrides", {}), dict)):
-        raise ConfigError(f"{path}: a sweep has `config:` (a file), `grid:` (key: [values]) and optionally "
-                          f"`overrides:` (key: value) and `slurm:`{'; unknown key ' + repr(unknown[0]) if unknown else ''}")
+        raise ConfigError(f"{path}: a sweep has `config:` (a file), `grid:` (key: [values], or a list of those) and "
+                          f"optionally `overrides:` (key: value) and `slurm:`"
+                          f"{'; unknown key ' + repr(unknown[0]) if unknown else ''}")
     base = path.parent / spec["config"]
-    keys = list(spec["grid"])
-    for key in keys:
-        if not isinstance(spec["grid"][key], list) or not spec["grid"][key]:
-            raise ConfigError(f"{path}: grid.{key} must be a non-empty list of values")
+    for grid in grids:
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{path}: grid.{key} must be a non-empty list of values")
     common = [_override(k, v) for k, v in (spec.get("overrides") or {}).items()] + list(extra_overrides)
     points = []
-    for values in itertools.product(*(spec["grid"][k] for k in keys)):
-        point = tuple(_override(k, v) for k, v in zip(keys, values))
-        cfg = config.load(base, [*common, *point])
-        points.append(Point(point, cfg, run_dir(cfg).resolve()))
+    for grid in grids:
+        keys = list(grid)
+        for values in itertools.product(*(grid[k] for k in keys)):
+            point = tuple(_override(k, v) for k, v in zip(keys, values))
+            cfg = config.load(base, [*common, *point])
+            points.append(Point(point, cfg, run_dir(cfg).resolve()))
     if len({p.run_dir for p in points}) != len(points):
+        if len({p.cfg.model_dump_json() for p in points}) != len(points):
+            raise ConfigError(f"{path}: the grids list the same point twice; make the lists of `grid:` disjoint")
         raise ConfigError(f"{path}: two grid points map to the same run directory; remove `name:` from the config")
     return Sweep(points, spec.get("slurm") or {}, path.stem, base.resolve(), common)
