@@ -8,13 +8,15 @@ Before anything is submitted or created, the config, the data set (where its pat
 visible here), the run directory and the request against the cluster's partitions are
 checked; a refusal is one line and exit status 2. One task per GPU. The job saves and
 requeues itself on SIGUSR2 (sent --signal-delay-s seconds before the time limit, or on
-preemption) and resumes from its run directory. Without Slurm the job runs here as the
+preemption) and resumes from its run directory; after a failure a restart may cure (a
+lost rank or node) it restarts from its last checkpoint, at most --max-failures times. Without Slurm the job runs here as the
 process group this machine holds; --local runs all nodes x tasks here.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import uuid
 from pathlib import Path
 
 from bnonly_dist.launch import cluster
@@ -36,14 +38,14 @@ def main(argv=None) -> int:
     args = parse(argv)
     from bnonly_dist import config
     from bnonly_dist.data.layout import DataError
-    from bnonly_dist.launch import preflight
+    from bnonly_dist.launch import preflight, restart
     from bnonly_dist.launch.jobs import TrainJob
     from bnonly_dist.run import rundir
     from bnonly_dist.run.paths import RunPaths, run_dir
     try:
+        res = cluster.resources(args)  # every number of the request first: nothing below divides by a bad one
         cfg = config.load(args.config, args.overrides)
         preflight.require_data(cfg)  # before a question about where to run
-        res = cluster.resources(args)
         target, line = cluster.choose_target(res, cfg.train.device, args.local, args.dry_run, cluster.terminal_ask())
         paths = RunPaths(run_dir(cfg, args.run_dir).resolve())
         job_dir = (args.job_dir or paths.slurm).resolve()
@@ -57,9 +59,13 @@ def main(argv=None) -> int:
             print(cluster.sbatch_script(job_dir, res, name))
             print(f"# run directory: {paths.root}")
             return 0
+        # Restarts are counted per series: the Slurm job id (kept across requeues), or one id for this launch here.
+        train_job = TrainJob(cfg.to_dict(), paths.root, res["max_failures"],
+                             None if target.slurm else f"local-{uuid.uuid4().hex[:8]}")
         with cluster.created(paths.root):  # the launch goes ahead; a failed submission takes the new run dir back
             rundir.prepare(cfg, paths.root)
-            job = cluster.executor(job_dir, res, name, target).submit(TrainJob(cfg.to_dict(), paths.root))
+            executor = cluster.executor(job_dir, res, name, target)
+            job = executor.submit(train_job)
     except (config.ConfigError, DataError) as err:
         print(f"submit: error: {err}", file=sys.stderr)
         return 2
@@ -71,11 +77,16 @@ def main(argv=None) -> int:
           f"run directory: {paths.root}\nlogs: {job.paths.stdout} (and .err)"
           f"\n      {paths.logs}/rank*.log\ntensorboard --logdir {paths.tb}")
     if args.wait or not target.slurm:
-        try:
-            job.results()  # every task; rank 0 holds the summary
-        except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
-            print(cluster.failure_report(job, err), file=sys.stderr)
-            return 1
+        while True:
+            try:
+                job.results()  # every task; rank 0 holds the summary
+                break
+            except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
+                if target.slurm or not restart.restart_pending(paths.root, train_job.series):
+                    print(cluster.failure_report(job, err), file=sys.stderr)
+                    return 1
+                job = executor.submit(train_job)  # without Slurm the launcher does what a requeue does
+                print(f"job failed, restarting as job {job.job_id} (history: {paths.history})")
         print(f"job {job.job_id} done: {paths.summary}")
     return 0
 

@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     from bnonly_dist.run import rundir
     from bnonly_dist.run.paths import RunPaths
     try:
+        cluster.resources(args)  # the request's numbers first (again below with the sweep's slurm: block)
         spec = sweep.load(args.sweep, args.overrides)  # every point's config, validated
         res = cluster.resources(args, spec.slurm)
         todo = []
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
             rundir.prepare_all([(p.cfg, p.run_dir) for p in todo])
             executor = cluster.executor(job_dir, res, name, target)
             with executor.batch():  # one job array
-                jobs = [executor.submit(TrainJob(p.cfg.to_dict(), p.run_dir)) for p in todo]
+                jobs = [executor.submit(TrainJob(p.cfg.to_dict(), p.run_dir, res["max_failures"])) for p in todo]
     except (ConfigError, DataError) as err:
         print(f"sweep: error: {err}", file=sys.stderr)
         return 2
