@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from bnonly_dist.logsafe import quiet_writer_threads
 from bnonly_dist.run.bn_stats import bn_affine
 from bnonly_dist.run.paths import RunPaths
 
@@ -18,6 +19,7 @@ class Metrics:
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
+            quiet_writer_threads()  # a full disk: the run's one line, not the writer thread's traceback
             paths = RunPaths(run_dir)
             self.writer = SummaryWriter(str(paths.tb))
             self.jsonl = open(paths.metrics, "a")
