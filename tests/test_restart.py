@@ -36,6 +36,21 @@ def test_exit_codes_say_whether_a_restart_can_cure(err, code):
     assert (code in restart.NEVER_RETRIED) == (code != 1)
 
 
+def test_a_damaged_data_file_exits_4_and_a_missing_data_set_2(tmp_path, imagenet_root):
+    import shutil
+    root = tmp_path / "in"
+    shutil.copytree(imagenet_root, root)
+    victim = sorted((root / "train").rglob("*.JPEG"))[3]
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated mid-scan
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    damaged = subprocess.run([sys.executable, "-m", "bnonly_dist.cli", "data", "check", str(root), "--decode"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert damaged.returncode == 4 and "1 corrupt image(s)" in damaged.stderr, damaged.stderr
+    missing = subprocess.run([sys.executable, "-m", "bnonly_dist.cli", "data", "check", str(tmp_path / "none")],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr, missing.stderr
+
+
 def reach(run_dir: Path, step: int) -> None:
     """The run logged up to step (what history.step_reached reads)."""
     run_dir.mkdir(parents=True, exist_ok=True)
