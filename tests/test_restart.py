@@ -149,6 +149,27 @@ def test_launcher_numbers_are_checked_before_anything_else(tmp_path, script, fla
     assert "#SBATCH" not in out.stdout and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
+def test_without_slurm_the_launcher_restarts_the_job_and_stops_at_the_same_failure(cifar_root, tmp_path):
+    """A file where step 8's save goes: attempt 1 fails there, the launcher resubmits, attempt 2 fails the same way."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / ".tmp-step_00000008").write_text("in the way\n")
+    bin_dir = tmp_path / "bin"  # a PATH without sbatch
+    bin_dir.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{bin_dir}:{Path(sys.executable).parent}",
+           "BNONLY_CLUSTER_FILE": str(tmp_path / "none.yaml"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(REPO / "launchers" / "submit.py"), "configs/cifar10_resnet14.yaml",
+                          f"data.root={cifar_root}", "data.batch_size=32", "optim.epochs=1", "model.arch=cifar_resnet_8",
+                          "train.device=cpu", "train.log_every=2", "train.checkpoint_every=4", "train.progress=lines",
+                          "--run-dir", str(run_dir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1 and "job failed, restarting as job" in out.stdout, out.stdout + out.stderr
+    assert [(r["event"], r.get("decision")) for r in history.rows(run_dir)] == [
+        ("failure", "retry"), ("restart", None), ("failure", "stop")]
+    assert history.rows(run_dir)[0]["series"].startswith("local-")
+    assert "FileExistsError" in out.stderr
+
+
 # --- a rank killed in the middle of a checkpoint save, 2 processes ----------------------------------------
 def saves_under_way(folder: Path) -> list[int]:
     """Steps whose save has begun and not been committed (.tmp-step_X; not retention's .tmp-step_X.old)."""
