@@ -39,6 +39,12 @@ def overrides(cifar_root):
             "train.progress=lines"]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(overrides, tmp_path_factory) -> str:
+    """The fingerprint of the run never interrupted, 2 local processes (what every resumed job must end with)."""
+    return run_processes(2, overrides, tmp_path_factory.mktemp("uninterrupted") / "run")["fingerprint"]
+
+
 CPU_JOB = ["--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "15"]
 
 
@@ -78,7 +84,7 @@ def test_submit_trains_across_two_nodes(overrides, tmp_path):
     assert "node=0(2)" in task_logs[0] and "node=1(2)" in task_logs[1]  # one task on each node
 
 
-def test_a_preempted_job_requeues_resumes_and_ends_bit_identical(overrides, tmp_path):
+def test_a_preempted_job_requeues_resumes_and_ends_bit_identical(overrides, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     submit = launcher("submit.py", "--nodes", "2", *CPU_JOB, "--wait", "configs/cifar10_resnet14.yaml", *overrides,
                       "--run-dir", str(run_dir), wait=False)
@@ -90,8 +96,7 @@ def test_a_preempted_job_requeues_resumes_and_ends_bit_identical(overrides, tmp_
     assert submit.returncode == 0, output[-4000:]
     log = (run_dir / "logs" / "rank0.log").read_text()
     assert "received SIGUSR2" in log and f"Requeued job {job_id}" in log and "resumed from" in log
-    reference = run_processes(2, [*overrides, "train.progress=lines"], tmp_path / "uninterrupted")
-    assert json.loads((run_dir / "summary.json").read_text())["fingerprint"] == reference["fingerprint"]
+    assert json.loads((run_dir / "summary.json").read_text())["fingerprint"] == uninterrupted
 
 
 def test_sbatch_script_requeues_itself_after_a_stop_signal(overrides, tmp_path):
@@ -163,7 +168,7 @@ def events(run_dir: Path) -> list[tuple]:
     return [(r["event"], r.get("decision")) for r in history.rows(run_dir)]
 
 
-def test_a_rank_killed_on_one_node_restarts_the_job_which_ends_bit_identical(overrides, tmp_path):
+def test_a_rank_killed_on_one_node_restarts_the_job_which_ends_bit_identical(overrides, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     submit = launcher("submit.py", "--nodes", "2", *CPU_JOB, "--wait", "configs/cifar10_resnet14.yaml", *overrides,
                       "--run-dir", str(run_dir), wait=False)
@@ -182,8 +187,7 @@ def test_a_rank_killed_on_one_node_restarts_the_job_which_ends_bit_identical(ove
     assert f"attempt 1 failed at step {failure['step']}" in (run_dir / "logs" / "rank0.log").read_text()
     assert (f"restart 1 of at most 3 after attempt 1 failed at step {failure['step']}: resuming from checkpoint "
             f"{restarted['checkpoint']} (step {restarted['step']})") in (run_dir / "slurm" / f"{job_id}_0_log.out").read_text()
-    reference = run_processes(2, overrides, tmp_path / "uninterrupted")
-    assert json.loads((run_dir / "summary.json").read_text())["fingerprint"] == reference["fingerprint"]
+    assert json.loads((run_dir / "summary.json").read_text())["fingerprint"] == uninterrupted
 
 
 def in_the_way(run_dir: Path) -> None:
