@@ -5,6 +5,7 @@ a rank killed mid-save in a 2-process job is at the end of this file.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -130,6 +131,14 @@ def test_bnonly_retry_answers_scripts_by_exit_status(tmp_path):
     assert events == [("failure", "retry"), ("restart", None), ("failure", "stop")]
 
 
+def launcher_main(script: str):
+    """A launcher's main(), loaded from launchers/ (not a package)."""
+    spec = importlib.util.spec_from_file_location(f"launcher_{script[:-3]}", REPO / "launchers" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
 @pytest.mark.parametrize("script, flags, message", [
     ("submit.py", ["--nodes", "0"], "--nodes 0: must be a whole number of at least 1"),
     ("submit.py", ["--nodes", "-1"], "--nodes -1: must be a whole number of at least 1"),
@@ -137,16 +146,17 @@ def test_bnonly_retry_answers_scripts_by_exit_status(tmp_path):
     ("submit.py", ["--gpus-per-node", "-2"], "--gpus-per-node -2: must be a whole number of at least 0"),
     ("submit.py", ["--max-failures", "-1"], "--max-failures -1: must be a whole number of at least 0"),
     ("submit.py", ["--time", "0"], "--time 0: a job needs at least one minute"),
+    ("sweep.py", ["--nodes", "0"], "--nodes 0: must be a whole number of at least 1"),
     ("sweep.py", ["--tasks-per-node", "0"], "--tasks-per-node 0: must be a whole number of at least 1"),
 ])
-def test_launcher_numbers_are_checked_before_anything_else(tmp_path, script, flags, message):
+def test_launcher_numbers_are_checked_before_anything_else(tmp_path, monkeypatch, capsys, script, flags, message):
     """Even before the config: a missing config file is not what the line says."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "BNONLY_CLUSTER_FILE": str(tmp_path / "none.yaml")}
-    out = subprocess.run([sys.executable, str(REPO / "launchers" / script), "--dry-run", *flags,
-                          str(tmp_path / "missing.yaml")], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stdout + out.stderr
-    assert "#SBATCH" not in out.stdout and not (tmp_path / "runs").exists()
+    monkeypatch.setenv("BNONLY_CLUSTER_FILE", str(tmp_path / "none.yaml"))
+    monkeypatch.chdir(tmp_path)
+    code = launcher_main(script)(["--dry-run", *flags, str(tmp_path / "missing.yaml")])
+    out, err = capsys.readouterr()
+    assert code == 2 and message in err and err.count("\n") == 1, out + err
+    assert "#SBATCH" not in out and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
