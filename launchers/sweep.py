@@ -7,12 +7,15 @@ Idempotent: points whose summary.json says finished are skipped, points whose jo
 still queued or running are skipped, the rest are submitted (and resume from their
 checkpoints if they have any). Run it again after a crash, a preemption storm or an edit
 that adds points. Every point to submit is checked (config, data, run directory, the
-request against the cluster) before anything is submitted or created.
+request against the cluster) before anything is submitted or created. A point whose job
+fails in a way a restart may cure restarts from its last checkpoint, at most
+--max-failures times (see launchers/submit.py).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import uuid
 from pathlib import Path
 
 from bnonly_dist.launch import cluster
@@ -33,7 +36,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     from bnonly_dist.config import ConfigError
     from bnonly_dist.data.layout import DataError
-    from bnonly_dist.launch import preflight, sweep
+    from bnonly_dist.launch import preflight, restart, sweep
     from bnonly_dist.launch.jobs import TrainJob
     from bnonly_dist.run import rundir
     from bnonly_dist.run.paths import RunPaths
@@ -74,7 +77,10 @@ def main(argv=None) -> int:
             rundir.prepare_all([(p.cfg, p.run_dir) for p in todo])
             executor = cluster.executor(job_dir, res, name, target)
             with executor.batch():  # one job array
-                jobs = [executor.submit(TrainJob(p.cfg.to_dict(), p.run_dir, res["max_failures"])) for p in todo]
+                # restarts are counted per array task under Slurm; here, per point of this launch
+                train_jobs = [TrainJob(p.cfg.to_dict(), p.run_dir, res["max_failures"],
+                                       None if target.slurm else f"local-{uuid.uuid4().hex[:8]}") for p in todo]
+                jobs = [executor.submit(train_job) for train_job in train_jobs]
     except (ConfigError, DataError) as err:
         print(f"sweep: error: {err}", file=sys.stderr)
         return 2
@@ -87,12 +93,18 @@ def main(argv=None) -> int:
           f"on {target.where}; logs in {job_dir}; tensorboard --logdir {Path(spec.points[0].cfg.runs_root).resolve()}")
     if args.wait or not target.slurm:
         failed = 0
-        for point, job in zip(todo, jobs):
-            try:
-                job.results()
-            except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
-                failed += 1
-                print(f"({' '.join(point.overrides)}) {cluster.failure_report(job, err)}", file=sys.stderr)
+        for point, job, train_job in zip(todo, jobs, train_jobs):
+            while True:
+                try:
+                    job.results()
+                    break
+                except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
+                    if target.slurm or not restart.restart_pending(point.run_dir, train_job.series):
+                        failed += 1
+                        print(f"({' '.join(point.overrides)}) {cluster.failure_report(job, err)}", file=sys.stderr)
+                        break
+                    job = executor.submit(train_job)  # without Slurm the launcher does what a requeue does
+                    print(f"({' '.join(point.overrides)}) job failed, restarting as job {job.job_id}")
         print(f"{len(jobs) - failed} of {len(jobs)} jobs done")
         return 1 if failed else 0
     return 0
