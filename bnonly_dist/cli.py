@@ -261,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunDirError as err:
         print(f"bnonly: error: {err}", file=sys.stderr)
         return restart.EXIT_CONFIG
-    except ConfigError as err:  # (not a RunDirError above: that run dir may be another trainer's)
+    except ConfigError as err:  # not noted for the restart decision: the run dir may be another run's
         print(f"bnonly: config error: {err}", file=sys.stderr)
-        return _failed(args, restart.EXIT_CONFIG, f"ConfigError: {restart.one_line(err)}")
+        return restart.EXIT_CONFIG
     except _run_errors() as err:  # an except clause's expression runs only when an exception arrives
         print(f"bnonly: error: {err}", file=sys.stderr)
         return _failed(args, restart.exit_code(err), f"{type(err).__name__}: {restart.one_line(err)}")
