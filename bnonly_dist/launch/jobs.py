@@ -43,11 +43,11 @@ class TrainJob:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         run_dir, series, since = Path(self.run_dir), self.series or str(env.job_id), time.time()
         attempt = restart.attempt_number(run_dir, series)
-        if env.global_rank == 0:
-            line = restart.announce_restart(run_dir, series, str(env.job_id))
-            if line:
-                print(line, flush=True)  # the job's log (before the run's own logging starts)
         try:
+            if env.global_rank == 0:
+                line = restart.announce_restart(run_dir, series, str(env.job_id))
+                if line:
+                    print(line, flush=True)  # the job's log (before the run's own logging starts)
             return train.run(config.from_dict(self.config), run_dir)
         except Exception as err:
             if isinstance(err, UncompletedJobError):

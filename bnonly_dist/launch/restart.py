@@ -182,10 +182,12 @@ def after_failure(run_dir: Path, err: BaseException, series: str, job: str, atte
 
 
 def say(line: str) -> None:
-    """One line in the job's log: through logging where the run set it up (also RUN/logs/rank*.log)."""
-    if logging.getLogger().handlers:
+    """One line in the job's log: through logging where the run set it up (RUN/logs/rank*.log, and
+    rank 0's console), and on stderr, the task's own log, where no console handler takes it."""
+    handlers = logging.getLogger().handlers
+    if handlers:
         log.warning(line.removeprefix("bnonly: "))
-    else:
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in handlers):
         print(line, file=sys.stderr, flush=True)
 
 
