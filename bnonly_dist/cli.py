@@ -1,4 +1,4 @@
-"""`bnonly train|eval|config|analyze|bench|bench-checkpoint|model-info|run-dir|sweep-points|data`:
+"""`bnonly train|eval|config|analyze|bench|bench-checkpoint|model-info|run-dir|sweep-points|retry|data`:
 the command-line front door. Heavy imports (torch, DALI, DeepSpeed) happen inside the
 commands, so every --help answers at once."""
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bnonly_dist.config import ConfigError, load, load_with_sources, parse_args
 from bnonly_dist.config.catalog import ARCH_FORMS, MODES
+from bnonly_dist.launch import restart
 from bnonly_dist.run.paths import run_dir as run_dir_of
 
 
@@ -68,6 +69,13 @@ def _sweep_points(args) -> None:
     spec = sweep.load(args.sweep, args.overrides)
     for point in spec.points:  # shell words: config, overrides, run directory
         print(shlex.join([str(spec.config), *spec.common, *point.overrides, str(point.run_dir)]))
+
+
+def _retry(args) -> int:
+    if args.max_failures < 0:
+        raise ConfigError(f"--max-failures {args.max_failures}: must be 0 (no retries) or more")
+    again = restart.retry_command(args.run_dir, args.exit_code, args.series, args.since, args.max_failures)
+    return 0 if again else 1
 
 
 def _bench(args) -> None:
@@ -166,6 +174,17 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("overrides", nargs="*")
     w.set_defaults(func=_sweep_points)
 
+    rt = sub.add_parser("retry", help="after `bnonly train` failed in a script: restart it? (exit 0: yes, 1: no); "
+                        "records the decision in RUN/history.jsonl (see docs/failures.md)")
+    rt.add_argument("run_dir", type=Path)
+    rt.add_argument("--exit-code", type=int, required=True, help="the exit status of the failed step (srun's)")
+    rt.add_argument("--series", required=True, help="what the restarts are counted per, e.g. $SLURM_JOB_ID")
+    rt.add_argument("--since", type=float, default=0.0, help="when the failed attempt started (seconds since "
+                    "the epoch): failure notes older than this are not its own")
+    rt.add_argument("--max-failures", type=int, default=restart.DEFAULT_MAX_FAILURES,
+                    help=f"restarts per series (default {restart.DEFAULT_MAX_FAILURES}; 0: never)")
+    rt.set_defaults(func=_retry)
+
     b = sub.add_parser("bench", help="time training steps on synthetic data, variants in turns: mode=all, "
                        "mode=bn plain and lean")
     b.add_argument("config")
@@ -260,6 +279,16 @@ def _quiet_stdout() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
+def _failed(args, code: int, line: str) -> int:
+    """A training process's failure: noted in its run directory for the restart decision (history.py)."""
+    if args.func is _train:
+        from bnonly_dist.run import history
+        with contextlib.suppress(ConfigError, OSError, ValueError):
+            run_dir = args.run_dir or run_dir_of(load(args.config, args.overrides))
+            history.note_failure(run_dir, int(os.environ.get("RANK", "0")), code, line)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; every error from user input or the environment becomes one line on stderr."""
     import errno
@@ -269,31 +298,31 @@ def main(argv: list[str] | None = None) -> int:
     from bnonly_dist.run.rundir import RunDirError
     args = parse_args(parser(), argv)
     try:
-        args.func(args)
+        code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
     except RunDirError as err:
         print(f"bnonly: error: {err}", file=sys.stderr)
-        return 2
-    except ConfigError as err:
+        return restart.EXIT_CONFIG
+    except ConfigError as err:  # not noted for the restart decision: the run dir may be another run's
         print(f"bnonly: config error: {err}", file=sys.stderr)
-        return 2
+        return restart.EXIT_CONFIG
     except _run_errors() as err:  # an except clause's expression runs only when an exception arrives
         print(f"bnonly: error: {err}", file=sys.stderr)
-        return 1
+        return _failed(args, restart.exit_code(err), f"{type(err).__name__}: {restart.one_line(err)}")
     except KeyboardInterrupt:
         hint = _after_interrupt(args)
         print(f"bnonly: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
-        return 130
+        return _failed(args, restart.EXIT_INTERRUPTED, "interrupted (Ctrl-C)")
     except BrokenPipeError:  # the reader went away (`| head`): not an error of this command
         _quiet_stdout()
         return 0
     except UnicodeDecodeError as err:
         print(f"bnonly: error: a file read here is not UTF-8 text ({err.reason} at byte {err.start}); save it as "
               "UTF-8", file=sys.stderr)
-        return 2
+        return restart.EXIT_CONFIG
     except yaml.YAMLError as err:
         print(f"bnonly: config error: not valid YAML ({str(err).splitlines()[0]}); fix the syntax", file=sys.stderr)
-        return 2
+        return restart.EXIT_CONFIG
     except RuntimeError as err:
         if not _lost_contact(err):
             raise
@@ -303,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                    "to resume from the last checkpoint")
         logging.getLogger(__name__).error(message)
         logging.shutdown()
+        _failed(args, restart.EXIT_RETRYABLE, f"lost contact with the other ranks ({str(err).splitlines()[0]})")
         print(f"bnonly: error: {message}", file=sys.stderr, flush=True)
         os._exit(1)  # the process group cannot be torn down cleanly with a peer gone
     except OSError as err:
@@ -319,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"bnonly: error: {err.strerror or err}:{where or ' (no file named)'}; check the path and its "
                   "permissions", file=sys.stderr)
-        return 1
-    return 0
+        return _failed(args, restart.EXIT_RETRYABLE, f"OSError: {err.strerror or err}{where}")
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Log handlers that survive a full disk (or a closed pipe): one line on stderr, not a traceback per record.
+"""Log handlers (and TensorBoard's writer thread) that survive a full disk (or a closed pipe): one line on
+stderr, not a traceback per record.
 
 logging's default handleError prints a traceback for every record that fails to be
 written, so a full disk buries the real error under pages of them. These handlers say
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 
 
 class _ReportOnce:
@@ -36,3 +38,20 @@ class SafeFileHandler(_ReportOnce, logging.FileHandler):
 
 class SafeStreamHandler(_ReportOnce, logging.StreamHandler):
     """logging.StreamHandler that reports a write failure once."""
+
+
+def quiet_writer_threads() -> None:
+    """TensorBoard's writer thread re-raises a failed write (a full disk) into threading's hook,
+    which prints its traceback; the same error reaches the run at its next write, which ends
+    it with the project's one line. So an OSError of that thread is left to the run."""
+    if getattr(threading.excepthook, "bnonly_quiet", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        writer_thread = type(args.thread).__module__.startswith("tensorboard.")
+        if not (writer_thread and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook.bnonly_quiet = True
+    threading.excepthook = hook

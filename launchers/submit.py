@@ -8,13 +8,15 @@ Before anything is submitted or created, the config, the data set (where its pat
 visible here), the run directory and the request against the cluster's partitions are
 checked; a refusal is one line and exit status 2. One task per GPU. The job saves and
 requeues itself on SIGUSR2 (sent --signal-delay-s seconds before the time limit, or on
-preemption) and resumes from its run directory. Without Slurm the job runs here as the
+preemption) and resumes from its run directory; after a failure a restart may cure (a
+lost rank or node) it restarts from its last checkpoint, at most --max-failures times. Without Slurm the job runs here as the
 process group this machine holds; --local runs all nodes x tasks here.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import uuid
 from pathlib import Path
 
 from bnonly_dist.launch import cluster
@@ -41,8 +43,8 @@ def main(argv=None) -> int:
     from bnonly_dist.run import rundir
     from bnonly_dist.run.paths import RunPaths, run_dir, tensorboard_command
     try:
+        res = cluster.resources(args)  # every number of the request first: nothing below divides by a bad one
         cfg = config.load(args.config, args.overrides)
-        res = cluster.resources(args)
         paths = RunPaths(run_dir(cfg, args.run_dir).resolve())
         job_dir = (args.job_dir or paths.slurm).resolve()
         # Every check that can run does, so that one try names every refusal (a question only if none).
@@ -65,9 +67,13 @@ def main(argv=None) -> int:
             print(cluster.sbatch_script(job_dir, res, name))
             print(f"# run directory: {paths.root}")
             return 0
+        # Restarts are counted per series: the Slurm job id (kept across requeues), or one id for this launch here.
+        train_job = TrainJob(cfg.to_dict(), paths.root, res["max_failures"],
+                             None if target.slurm else f"local-{uuid.uuid4().hex[:8]}")
         with cluster.created(paths.root), jobs.spawn_ignoring_ctrl_c():  # a failed submission takes the new run dir back
             rundir.prepare(cfg, paths.root)
-            job = cluster.executor(job_dir, res, name, target).submit(TrainJob(cfg.to_dict(), paths.root))
+            executor = cluster.executor(job_dir, res, name, target)
+            job = executor.submit(train_job)
     except KeyboardInterrupt:  # at the [y/N] question, or during the checks
         print("submit: interrupted; nothing was submitted", file=sys.stderr)
         return 130
@@ -83,7 +89,7 @@ def main(argv=None) -> int:
           f"run directory: {paths.root}\nlogs: {job.paths.stdout} (and .err)"
           f"\n      {paths.logs}/rank*.log\n{tensorboard_command(paths.root)}")
     if not target.slurm:
-        return wait_here(job, paths)
+        return wait_here(job, paths, executor, train_job)
     if args.wait:
         try:
             job.results()  # every task; rank 0 holds the summary
@@ -98,24 +104,32 @@ def main(argv=None) -> int:
     return 0
 
 
-def wait_here(job, paths) -> int:
-    """Wait for a job on this machine; Ctrl-C stops it like `bnonly train` (jobs.ctrl_c)."""
+def wait_here(job, paths, executor, train_job) -> int:
+    """Wait for a job on this machine; Ctrl-C stops it like `bnonly train` (jobs.ctrl_c), and a failure a
+    restart may cure is submitted again, as a Slurm requeue would (launch/restart.py decides)."""
     from bnonly_dist.cli import resume_hint
-    from bnonly_dist.launch import jobs
+    from bnonly_dist.launch import jobs, restart
     from bnonly_dist.run.checkpoint import complete_checkpoints
-    pressed: list[bool] = []
-    try:
-        with jobs.ctrl_c("submit", [job]) as pressed:
-            summary = job.results()[0]  # every task; rank 0 holds the summary
-    except jobs.Interrupted:
-        print(f"submit: interrupted; {resume_hint(paths.root, complete_checkpoints(paths.root))}", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
-        if pressed:  # Ctrl-C before training began: the tasks stopped where they were (nothing to save yet)
+    while True:
+        pressed: list[bool] = []
+        try:
+            with jobs.ctrl_c("submit", [job]) as pressed:
+                summary = job.results()[0]  # every task; rank 0 holds the summary
+            break
+        except jobs.Interrupted:
             print(f"submit: interrupted; {resume_hint(paths.root, complete_checkpoints(paths.root))}", file=sys.stderr)
             return 130
-        print(cluster.failure_report(job, err), file=sys.stderr)
-        return 1
+        except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
+            if pressed:  # Ctrl-C before training began: the tasks stopped where they were (nothing to save yet)
+                print(f"submit: interrupted; {resume_hint(paths.root, complete_checkpoints(paths.root))}",
+                      file=sys.stderr)
+                return 130
+            if not restart.restart_pending(paths.root, train_job.series):
+                print(cluster.failure_report(job, err), file=sys.stderr)
+                return 1
+            with jobs.spawn_ignoring_ctrl_c():
+                job = executor.submit(train_job)  # without Slurm the launcher does what a requeue does
+            print(f"job failed, restarting as job {job.job_id} (history: {paths.history})")
     if summary.get("stopped"):
         print(f"job {job.job_id} stopped at step {summary['step']} with checkpoint {summary['checkpoint']}; "
               "run the same command to resume")

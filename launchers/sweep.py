@@ -7,13 +7,16 @@ Idempotent: points whose summary.json says finished are skipped, points whose jo
 still queued or running are skipped, the rest are submitted (and resume from their
 checkpoints if they have any). Run it again after a crash, a preemption storm or an edit
 that adds points. Every point to submit is checked (config, data, run directory, the
-request against the cluster) before anything is submitted or created.
+request against the cluster) before anything is submitted or created. A point whose job
+fails in a way a restart may cure restarts from its last checkpoint, at most
+--max-failures times (see launchers/submit.py).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import sys
+import uuid
 from pathlib import Path
 
 from bnonly_dist.launch import cluster
@@ -47,11 +50,12 @@ def main(argv=None) -> int:
     args = parse(argv)
     from bnonly_dist.config import ConfigError
     from bnonly_dist.data.layout import DataError
-    from bnonly_dist.launch import preflight, sweep
+    from bnonly_dist.launch import preflight, restart, sweep
     from bnonly_dist.launch.jobs import Interrupted, TrainJob, ctrl_c, spawn_ignoring_ctrl_c
     from bnonly_dist.run import rundir
     from bnonly_dist.run.paths import RunPaths, tensorboard_command
     try:
+        cluster.resources(args)  # the request's numbers first (again below with the sweep's slurm: block)
         spec = sweep.load(args.sweep, args.overrides)  # every point's config, validated
         res = cluster.resources(args, spec.slurm)
         todo = []
@@ -96,7 +100,10 @@ def main(argv=None) -> int:
             rundir.prepare_all([(p.cfg, p.run_dir) for p in todo])
             executor = cluster.executor(job_dir, res, name, target)
             with executor.batch():  # one job array
-                jobs = [executor.submit(TrainJob(p.cfg.to_dict(), p.run_dir)) for p in todo]
+                # restarts are counted per array task under Slurm; here, per point of this launch
+                train_jobs = [TrainJob(p.cfg.to_dict(), p.run_dir, res["max_failures"],
+                                       None if target.slurm else f"local-{uuid.uuid4().hex[:8]}") for p in todo]
+                jobs = [executor.submit(train_job) for train_job in train_jobs]
     except KeyboardInterrupt:  # at the [y/N] question, or during the checks
         print("sweep: interrupted; nothing was submitted", file=sys.stderr)
         return 130
@@ -116,12 +123,20 @@ def main(argv=None) -> int:
         failed = 0
         try:
             with ctrl_c("sweep", jobs) if not target.slurm else contextlib.nullcontext():
-                for point, job in zip(todo, jobs):
-                    try:
-                        job.results()
-                    except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
-                        failed += 1
-                        print(f"({' '.join(point.overrides)}) {cluster.failure_report(job, err)}", file=sys.stderr)
+                for i, (point, train_job) in enumerate(zip(todo, train_jobs)):
+                    while True:
+                        try:
+                            jobs[i].results()
+                            break
+                        except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
+                            if target.slurm or not restart.restart_pending(point.run_dir, train_job.series):
+                                failed += 1
+                                print(f"({' '.join(point.overrides)}) {cluster.failure_report(jobs[i], err)}",
+                                      file=sys.stderr)
+                                break
+                            with spawn_ignoring_ctrl_c():  # without Slurm the launcher does what a requeue does
+                                jobs[i] = executor.submit(train_job)
+                            print(f"({' '.join(point.overrides)}) job failed, restarting as job {jobs[i].job_id}")
         except (Interrupted, KeyboardInterrupt):
             print("sweep: interrupted; run the same command to go on (each point resumes from its last checkpoint)",
                   file=sys.stderr)

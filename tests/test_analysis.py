@@ -102,7 +102,7 @@ def test_figures_are_written(analysed):
 def test_cli_without_finished_runs_says_so(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bnonly_dist.cli", "analyze", str(tmp_path)], capture_output=True,
                           text=True)
-    assert proc.returncode == 1 and "no finished runs" in proc.stderr and proc.stderr.count("\n") == 1
+    assert proc.returncode == 2 and "no finished runs" in proc.stderr and proc.stderr.count("\n") == 1
 
 
 def test_claims_end_to_end_on_real_runs(mini_sweep):

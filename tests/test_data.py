@@ -49,7 +49,7 @@ def test_check_cli(imagenet_root, tmp_path):
     assert ok.returncode == 0 and '"imagenet"' in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "bnonly_dist.cli", "data", "check", str(tmp_path)],
                          capture_output=True, text=True)
-    assert bad.returncode == 1 and "no CIFAR-10" in bad.stderr and bad.stderr.count("\n") == 1
+    assert bad.returncode == 2 and "no CIFAR-10" in bad.stderr and bad.stderr.count("\n") == 1
 
 
 def test_malformed_data_sets_are_named(tmp_path, cifar_root):

@@ -268,6 +268,15 @@ def disk_full_while_logging(env):
     return env.train("train.checkpoint_every=1000", "train.log_every=1", run_dir=disk / "run"), str(disk / "run")
 
 
+def disk_full_in_tensorboard(env):
+    """60 KiB left: TensorBoard's writer thread meets the full disk first (its traceback is not printed)."""
+    disk = env.tmp / "disk"
+    env.mount(disk, "-t", "tmpfs", "-o", "size=600k", "tmpfs")
+    (disk / "filler").write_bytes(bytes((600 - 60) * 1024))
+    return env.train("model.arch=cifar_resnet_8", "train.checkpoint_every=1000", "train.log_every=1",
+                     run_dir=disk / "run"), str(disk / "run")
+
+
 def static(argv: list[str], names: str):
     """A row whose command needs no setup: argv may name {run}, {tmp}, {cifar} and {fresh}."""
     def setup(env):
@@ -349,6 +358,7 @@ ROWS = [
     ("empty-class-folder", empty_class_folder, ()),
     ("disk-full-at-a-save", disk_full_at_a_save, ()),
     ("disk-full-while-logging", disk_full_while_logging, ()),
+    ("disk-full-in-tensorboard", disk_full_in_tensorboard, ()),
     # other commands
     ("analyze-corrupt-summary", analyze_corrupt_summary, ()),
     ("analyze-missing-path", static(["analyze", "{tmp}/nowhere", "--out", "{tmp}/out"], "nowhere"), ()),

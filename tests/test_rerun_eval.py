@@ -56,7 +56,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_its_checkpoints(tiny_cfg,
                "data.eval_batch_size=50", "optim.epochs=2", "optim.milestones=[1]", "train.device=cpu",
                "train.deterministic=true", "train.log_every=1", "train.checkpoint_every=4", "train.progress=lines",
                "optim.lr=1.0e+30", "--run-dir", str(tmp_path / "diverged"))
-    assert proc.returncode == 1 and "diverged" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 3 and "diverged" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not checkpoint.complete_checkpoints(tmp_path / "diverged")  # no NaN checkpoint written
     assert [p.name for p in checkpoint.complete_checkpoints(run_dir)] == good

@@ -2,6 +2,7 @@
 where no cluster answers, except under CI=true, where the cluster must be up."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from launch import run as run_processes
+
+from bnonly_dist.run import history
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +37,12 @@ def overrides(cifar_root):
     return [f"data.root={cifar_root}", "data.batch_size=32", "train.bn_batch=32", "data.eval_batch_size=50", "optim.epochs=3",
             "optim.milestones=[2]", "train.device=cpu", "train.deterministic=true", "train.checkpoint_every=4",
             "train.progress=lines"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(overrides, tmp_path_factory) -> str:
+    """The fingerprint of the run never interrupted, 2 local processes (what every resumed job must end with)."""
+    return run_processes(2, overrides, tmp_path_factory.mktemp("uninterrupted") / "run")["fingerprint"]
 
 
 CPU_JOB = ["--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "15"]
@@ -75,7 +84,7 @@ def test_submit_trains_across_two_nodes(overrides, tmp_path):
     assert "node=0(2)" in task_logs[0] and "node=1(2)" in task_logs[1]  # one task on each node
 
 
-def test_a_preempted_job_requeues_resumes_and_ends_bit_identical(overrides, tmp_path):
+def test_a_preempted_job_requeues_resumes_and_ends_bit_identical(overrides, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     submit = launcher("submit.py", "--nodes", "2", *CPU_JOB, "--wait", "configs/cifar10_resnet14.yaml", *overrides,
                       "--run-dir", str(run_dir), wait=False)
@@ -87,8 +96,7 @@ def test_a_preempted_job_requeues_resumes_and_ends_bit_identical(overrides, tmp_
     assert submit.returncode == 0, output[-4000:]
     log = (run_dir / "logs" / "rank0.log").read_text()
     assert "received SIGUSR2" in log and f"Requeued job {job_id}" in log and "resumed from" in log
-    reference = run_processes(2, [*overrides, "train.progress=lines"], tmp_path / "uninterrupted")
-    assert json.loads((run_dir / "summary.json").read_text())["fingerprint"] == reference["fingerprint"]
+    assert json.loads((run_dir / "summary.json").read_text())["fingerprint"] == uninterrupted
 
 
 def test_sbatch_script_requeues_itself_after_a_stop_signal(overrides, tmp_path):
@@ -142,6 +150,84 @@ def test_a_request_the_partition_cannot_meet_is_refused_before_sbatch(overrides,
     assert submitted.stdout.strip() == ""
 
 
+def task_pid(job_id: str, rank: int) -> int | None:
+    """The process of task rank of a Slurm job (the tasks run on this machine)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            env = dict(e.split("=", 1) for e in (proc / "environ").read_text().split("\0") if "=" in e)
+            command = (proc / "cmdline").read_text()
+        except (OSError, ValueError):
+            continue
+        if (env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(rank)
+                and "submitit.core._submit" in command):
+            return int(proc.name)
+    return None
+
+
+def events(run_dir: Path) -> list[tuple]:
+    return [(r["event"], r.get("decision")) for r in history.rows(run_dir)]
+
+
+def test_a_rank_killed_on_one_node_restarts_the_job_which_ends_bit_identical(overrides, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    submit = launcher("submit.py", "--nodes", "2", *CPU_JOB, "--wait", "configs/cifar10_resnet14.yaml", *overrides,
+                      "--run-dir", str(run_dir), wait=False)
+    wait_until(lambda: (run_dir / "checkpoints" / "step_00000004" / "commit.json").is_file(), what="a checkpoint")
+    job_id = (run_dir / "slurm" / "job_id").read_text().strip()
+    pid = task_pid(job_id, 1)
+    assert pid, f"no process of task 1 of job {job_id}"
+    os.kill(pid, signal.SIGKILL)  # as a GPU falling off the bus or the OOM killer would
+    output, _ = submit.communicate(timeout=400)
+    assert submit.returncode == 0, output[-4000:]
+    assert events(run_dir) == [("failure", "retry"), ("restart", None)]
+    failure, restarted = history.rows(run_dir)
+    assert failure["job"] == job_id and failure["exit"] == 1 and "lost contact" in failure["cause"]
+    assert restarted["checkpoint"] == str(run_dir / "checkpoints" / f"step_{restarted['step']:08d}")
+    assert restarted["steps_lost"] == failure["step"] - restarted["step"] >= 0
+    assert f"attempt 1 failed at step {failure['step']}" in (run_dir / "logs" / "rank0.log").read_text()
+    assert (f"restart 1 of at most 3 after attempt 1 failed at step {failure['step']}: resuming from checkpoint "
+            f"{restarted['checkpoint']} (step {restarted['step']})") in (run_dir / "slurm" / f"{job_id}_0_log.out").read_text()
+    assert json.loads((run_dir / "summary.json").read_text())["fingerprint"] == uninterrupted
+
+
+def in_the_way(run_dir: Path) -> None:
+    """A file where the save of step 8 puts its temporary folder: every attempt fails there the same way."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / ".tmp-step_00000008").write_text("in the way\n")
+
+
+def test_the_same_failure_at_the_same_step_is_retried_once_then_stopped(overrides, tmp_path):
+    run_dir = tmp_path / "run"
+    in_the_way(run_dir)
+    out = launcher("submit.py", *CPU_JOB, "--wait", "configs/cifar10_resnet14.yaml", *overrides, "train.log_every=2",
+                   "--run-dir", str(run_dir))
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    assert events(run_dir) == [("failure", "retry"), ("restart", None), ("failure", "stop")]
+    first, restarted, second = history.rows(run_dir)
+    assert first["step"] == second["step"] == 8 and restarted["step"] == 4 and restarted["steps_lost"] == 4
+    said = "it failed at step 8 with the same error as attempt 1: a restart would fail the same way"
+    assert second["why"] == said and f"not retried: {said}" in (run_dir / "logs" / "rank0.log").read_text()
+    assert "FileExistsError" in out.stderr  # the job's own error, from its log
+
+
+def test_the_sbatch_loop_follows_the_rules_and_max_failures_0_turns_retrying_off(overrides, tmp_path):
+    runs = tmp_path / "runs"
+    args = [str(REPO / "configs" / "cifar10_resnet14.yaml"), *overrides, "train.log_every=2", f"runs_root={runs}"]
+    run_dir = Path(subprocess.run([sys.executable, "-m", "bnonly_dist.cli", "run-dir", *args], cwd=REPO,
+                                  capture_output=True, text=True, check=True).stdout.strip())
+    in_the_way(run_dir)
+    env = {**os.environ, "BNONLY": str(Path(sys.executable).parent / "bnonly"), "MAX_FAILURES": "0"}
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", "--ntasks-per-node", "1", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time",
+         "15", "--output", str(tmp_path / "slurm-%j.out"), str(REPO / "slurm" / "train.sbatch"), *args],
+        capture_output=True, text=True, check=True, env=env, cwd=tmp_path).stdout.strip()
+    wait_until(lambda: squeue(job_id) == "", timeout=300, what=f"job {job_id} to end")
+    out = (tmp_path / f"slurm-{job_id}.out").read_text()
+    assert "attempt 1 failed at step 8 (rank 0: CheckpointError: saving checkpoint" in out, out[-3000:]
+    assert "not retried: retrying is off (--max-failures 0)" in out
+    assert events(run_dir) == [("failure", "stop")] and history.rows(run_dir)[0]["series"] == job_id
+
+
 def test_a_failed_slurm_job_prints_the_task_error(overrides, tmp_path):
     """A data path the submitting machine does not see is submitted; the nodes' DataError comes back."""
     out = launcher("submit.py", *CPU_JOB, "--wait", "configs/cifar10_resnet14.yaml", *overrides,
@@ -151,3 +237,5 @@ def test_a_failed_slurm_job_prints_the_task_error(overrides, tmp_path):
     job_id = (tmp_path / "run" / "slurm" / "job_id").read_text().strip()
     assert f"job {job_id} failed; the end of task 0's error log" in out.stderr
     assert "DataError: no CIFAR-10 at /nonexistent/cifar" in out.stderr
+    rows = history.rows(tmp_path / "run")  # a data error is never retried
+    assert len(rows) == 1 and rows[0]["decision"] == "stop" and rows[0]["why"].startswith("never retried: a config")

@@ -28,7 +28,7 @@ import torch
 
 from bnonly_dist import dist
 from bnonly_dist.data import sharding
-from bnonly_dist.data.layout import DataError, find_corrupt, imagenet_index
+from bnonly_dist.data.layout import DamagedData, DataError, find_corrupt, imagenet_index
 from bnonly_dist.models.init import name_seed
 from bnonly_dist.config.plan import per_rank
 
@@ -195,8 +195,10 @@ class DaliImageNetSource:
     @staticmethod
     def _decode_failure(err: RuntimeError, files: list[str]) -> DataError:
         bad = find_corrupt(files)
-        where = f"corrupt image {bad[0]}" if bad else f"DALI failed ({str(err).splitlines()[0]})"
-        return DataError(f"{where}; delete or replace it (`bnonly data check DIR --decode` lists all)")
+        how = "delete or replace it (`bnonly data check DIR --decode` lists all)"
+        if bad:  # a damaged file: never cured by a restart
+            return DamagedData(f"corrupt image {bad[0]}; {how}")
+        return DataError(f"DALI failed ({str(err).splitlines()[0]}); {how}")
 
     def _iterator(self, pipe, files: list[str], train: bool):
         """The DALI iterator over a built pipe; a decode failure becomes a DataError naming the file."""

@@ -18,6 +18,10 @@ class DataError(ValueError):
     """A missing or malformed data set: the message names the problem and the fix."""
 
 
+class DamagedData(DataError):
+    """A file of the data set is corrupt (an image that does not decode, a garbled batch file)."""
+
+
 def cifar10_dir(root: str | Path) -> Path:
     root = Path(root)
     for candidate in (root / "cifar-10-batches-py", root):
@@ -36,7 +40,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         data = np.asarray(entry[b"data"], dtype=np.uint8)
         labels = np.asarray(entry[b"labels"], dtype=np.int64)
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
-        raise DataError(f"{path} is not a CIFAR-10 python batch ({type(err).__name__}); "
+        raise DamagedData(f"{path} is not a CIFAR-10 python batch ({type(err).__name__}); "
                         "re-download or regenerate it") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
         raise DataError(f"{path}: expected data of shape (N, 3072) and N labels, got {data.shape} and {len(labels)}")
@@ -84,7 +88,7 @@ def bad_headers(paths: list[str]) -> list[str]:
 def require_images(paths: list[str], split: str) -> None:
     bad = bad_headers(paths)
     if bad:
-        raise DataError(f"{bad[0]} is not a JPEG or PNG image (its first bytes say so; {len(bad)} such file(s) "
+        raise DamagedData(f"{bad[0]} is not a JPEG or PNG image (its first bytes say so; {len(bad)} such file(s) "
                         f"in {split}); delete or replace it (`bnonly data check DIR --decode` lists all)")
 
 
@@ -153,7 +157,7 @@ def check(root: str | Path, decode: bool = False, sample: int | None = None) -> 
         if decode:
             bad = find_corrupt([p for p, _ in train + val])
             if bad:
-                raise DataError(f"{len(bad)} corrupt image(s), first {bad[0]}; delete or replace them")
+                raise DamagedData(f"{len(bad)} corrupt image(s), first {bad[0]}; delete or replace them")
             report["decoded"] = True
         return report
     splits = load_cifar10(root)

@@ -24,8 +24,11 @@ from pathlib import Path
 from bnonly_dist.run.paths import RunPaths
 
 RESOURCE_KEYS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "partition", "account", "qos", "time",
-                 "mem", "constraint", "exclude", "setup", "max_requeues", "signal_delay_s")
-DEFAULTS = {"nodes": 1, "cpus_per_task": 4, "time": "24:00:00", "max_requeues": 3, "signal_delay_s": 120}
+                 "mem", "constraint", "exclude", "setup", "max_requeues", "max_failures", "signal_delay_s")
+DEFAULTS = {"nodes": 1, "cpus_per_task": 4, "time": "24:00:00", "max_requeues": 3, "max_failures": 3,
+            "signal_delay_s": 120}
+LOWEST = {"nodes": 1, "tasks_per_node": 1, "cpus_per_task": 1, "gpus_per_node": 0, "max_requeues": 0,
+          "max_failures": 0, "signal_delay_s": 0}  # the smallest value each number of a request may take
 ERROR_TAIL_LINES = 12  # of a failed task's stderr log: the traceback's last frames and the error itself
 
 
@@ -52,6 +55,9 @@ def add_resource_arguments(parser: argparse.ArgumentParser, job_dir_default: str
     g.add_argument("--constraint")
     g.add_argument("--exclude", help="nodes to avoid, e.g. gpu[03,07]")
     g.add_argument("--max-requeues", type=int, help="times a job may hit its time limit and be requeued")
+    g.add_argument("--max-failures", type=int,
+                   help="times a failed job (a lost rank or node, a timed-out collective) restarts from its last "
+                        "checkpoint (default 3; 0: never); config, data and diverged-loss errors are never retried")
     g.add_argument("--signal-delay-s", type=int,
                    help="seconds before the time limit at which Slurm sends SIGUSR2 (save and requeue; default 120)")
     parser.add_argument("--job-dir", type=Path, help=f"submitit's folder: scripts, logs, pickles (default {job_dir_default})")
@@ -96,7 +102,22 @@ def resources(args: argparse.Namespace, extra: dict | None = None) -> dict:
             raise _config_error(f"slurm.{key} is not a resource; the keys are {', '.join(RESOURCE_KEYS)}")
         merged[key] = value
     merged.update({k: v for k, v in vars(args).items() if k in RESOURCE_KEYS and v is not None})
+    check_numbers(merged)
     return merged
+
+
+def check_numbers(res: dict) -> None:
+    """Every number of a request in range (flags and cluster file alike), before anything else uses them."""
+    for key, lowest in LOWEST.items():
+        value = res.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            flag = "--" + key.replace("_", "-")
+            raise _config_error(f"{flag} {value}: must be a whole number of at least {lowest} (flag, or {key} in "
+                                f"the cluster file {cluster_file()}); e.g. {flag} {max(lowest, DEFAULTS.get(key, 1))}")
+    if minutes(res["time"]) < 1:
+        raise _config_error(f"--time {res['time']}: a job needs at least one minute; write e.g. --time 12:00:00")
 
 
 def slurm_available() -> bool:

@@ -5,6 +5,9 @@ SLURM_PROCID, master = first node, port from the job id) and calls train.run. On
 SIGUSR2 (time limit coming, or preemption) the loop saves on all ranks together and then
 hands the signal to submitit, whose handler calls checkpoint() below and requeues the job;
 the requeued job resumes from the newest complete checkpoint in the same run directory.
+On a failure a restart may cure, the first task to fail decides (restart.after_failure)
+and, under Slurm, requeues the job itself, at most max_failures times per series; without
+Slurm the launcher resubmits it (launchers/submit.py).
 
 Ctrl-C while a launcher waits for a job on this machine (submitit's local executor): the
 job is started with SIGINT ignored, so its controller, which would kill the tasks on
@@ -15,6 +18,7 @@ checkpoint, a second aborts. The launcher says so in one line each time (ctrl_c)
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -22,17 +26,26 @@ import threading
 import time
 from pathlib import Path
 
+from bnonly_dist.launch import restart
+
 ABORT_WAIT_S = 30  # after a second Ctrl-C: how long the launcher waits for the tasks to end
 
 
 class TrainJob:
-    """Picklable: the resolved config (a dict) and the run directory, nothing else."""
+    """Picklable: the resolved config (a dict), the run directory and the restart budget.
 
-    def __init__(self, config: dict, run_dir: str | Path):
+    series: what restarts are counted per; None: the Slurm job id (kept across requeues).
+    """
+
+    def __init__(self, config: dict, run_dir: str | Path, max_failures: int = restart.DEFAULT_MAX_FAILURES,
+                 series: str | None = None):
         self.config, self.run_dir = config, str(run_dir)
+        self.max_failures, self.series = max_failures, series
 
     def __call__(self) -> dict:
         import submitit
+        from submitit.core.utils import UncompletedJobError
+        from submitit.slurm.slurm import SlurmJobEnvironment
 
         from bnonly_dist import config, dist
         from bnonly_dist.run import train
@@ -40,14 +53,33 @@ class TrainJob:
             # Started with SIGINT ignored (spawn_ignoring_ctrl_c): Ctrl-C interrupts the start-up again.
             signal.signal(signal.SIGINT, signal.default_int_handler)
         # Our port rule (see dist.master_port) rather than submitit's, which may pick an ephemeral port.
-        os.environ.setdefault("MASTER_PORT", str(dist.master_port(submitit.JobEnvironment().job_id)))
+        env = submitit.JobEnvironment()
+        os.environ.setdefault("MASTER_PORT", str(dist.master_port(env.job_id)))
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        return train.run(config.from_dict(self.config), Path(self.run_dir))
+        run_dir, series, since = Path(self.run_dir), self.series or str(env.job_id), time.time()
+        attempt = restart.attempt_number(run_dir, series)
+        try:
+            if env.global_rank == 0:
+                line = restart.announce_restart(run_dir, series, str(env.job_id))
+                if line:
+                    print(line, flush=True)  # the job's log (before the run's own logging starts)
+            return train.run(config.from_dict(self.config), run_dir)
+        except Exception as err:
+            if isinstance(err, UncompletedJobError):
+                raise  # submitit's own end of a job that timed out too often
+            again, mine = restart.after_failure(run_dir, err, series, str(env.job_id), attempt, env.global_rank,
+                                                since, self.max_failures)
+            if again and isinstance(env, SlurmJobEnvironment):
+                if mine:
+                    restart.requeue(env.job_id)  # Slurm ends every task of the job and runs it again
+                logging.shutdown()
+                os._exit(restart.exit_code(err))  # no result pickle: the job is not over; Slurm runs it again
+            raise
 
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on SIGUSR2 after our own save: the same job again, which resumes."""
         import submitit
-        return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.run_dir))
+        return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.run_dir, self.max_failures, self.series))
 
 
 @contextlib.contextmanager

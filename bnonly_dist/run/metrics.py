@@ -2,29 +2,13 @@
 from __future__ import annotations
 
 import json
-import sys
-import threading
 from pathlib import Path
 
 import torch
 
+from bnonly_dist.logsafe import quiet_writer_threads
 from bnonly_dist.run.bn_stats import bn_affine
 from bnonly_dist.run.paths import RunPaths
-
-
-def _writer_thread_errors(previous):
-    """threading.excepthook: TensorBoard's writer thread failing to write (a full disk) is one line, said once, not a
-    traceback; the run goes on and its own writes report the disk (cli.py)."""
-    said = []
-
-    def hook(args) -> None:
-        if not (issubclass(args.exc_type, OSError) and type(args.thread).__module__.startswith("tensorboard")):
-            previous(args)
-        elif not said:
-            said.append(True)
-            sys.stderr.write(f"bnonly: warning: cannot write TensorBoard events ({args.exc_value.strerror or args.exc_value}); "
-                             "they are dropped from now on\n")
-    return hook
 
 
 class Metrics:
@@ -35,8 +19,7 @@ class Metrics:
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            if threading.excepthook is threading.__excepthook__:  # once per process
-                threading.excepthook = _writer_thread_errors(threading.excepthook)
+            quiet_writer_threads()  # a full disk: the run's one line, not the writer thread's traceback
             paths = RunPaths(run_dir)
             self.writer = SummaryWriter(str(paths.tb))
             self.jsonl = open(paths.metrics, "a")

@@ -8,6 +8,7 @@
     RUN/tb/              TensorBoard events
     RUN/logs/            each rank's text log
     RUN/checkpoints/     step_XXXXXXXX/ folders (see checkpoint.py)
+    RUN/history.jsonl    failures and restarts: one row per decision (see history.py)
     RUN/slurm/           submitit's folder of a launched run (scripts, task logs), and job_id
     RUN/.lock            held by the trainer that owns the run directory
 """
@@ -56,6 +57,10 @@ class RunPaths:
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.jsonl"
 
     @property
     def slurm(self) -> Path:

@@ -1,0 +1,209 @@
+"""Bounded automatic restart after a failure: the exit codes, the decision, the requeue.
+
+A failure a restart can cure (a peer lost, a collective timed out, a process killed by a
+signal, a CUDA/NCCL error, an I/O error) is retried from the newest complete checkpoint,
+at most --max-failures times per submission (a series: one Slurm job id, kept across
+requeues). Never retried: the exit codes in NEVER_RETRIED, and a failure at the same step
+with the same error as the attempt before (it would fail again). Each decision is one
+line in the job's log and one row of RUN/history.jsonl (history.py).
+
+Who decides: under submitit, the first task to fail (a task that only lost its peers
+waits LOST_CONTACT_WAIT_S, so the task with the real cause speaks first), which then
+requeues the Slurm job; the sbatch scripts ask `bnonly retry` after srun returns.
+Only the standard library at import (the CLI's exit codes come from here).
+"""
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bnonly_dist.run import history
+from bnonly_dist.run.paths import RunPaths
+
+log = logging.getLogger(__name__)
+
+EXIT_RETRYABLE = 1  # anything a restart may cure
+EXIT_CONFIG = 2  # config, command line, run directory, data set
+EXIT_DIVERGED = 3  # the training loss became NaN or inf
+EXIT_DAMAGED_DATA = 4  # a file of the data set is corrupt
+EXIT_INTERRUPTED = 130  # a second Ctrl-C
+NEVER_RETRIED = {
+    EXIT_CONFIG: "a config, command-line, run-directory or data-set error",
+    EXIT_DIVERGED: "the loss diverged",
+    EXIT_DAMAGED_DATA: "a damaged data file",
+    EXIT_INTERRUPTED: "interrupted by Ctrl-C",
+}
+DEFAULT_MAX_FAILURES = 3
+LOST_CONTACT_WAIT_S = 5.0
+
+
+def exit_code(err: BaseException) -> int:
+    """The exit code a run ending with err gets (the CLI's and the restart rules' one mapping)."""
+    from bnonly_dist.config import ConfigError
+    from bnonly_dist.data.layout import DamagedData, DataError
+    from bnonly_dist.run.checkpoint import CheckpointIncompatible
+    from bnonly_dist.run.rundir import RunDirError
+    from bnonly_dist.run.train import Diverged
+    if isinstance(err, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(err, DamagedData):
+        return EXIT_DAMAGED_DATA
+    if isinstance(err, (ConfigError, DataError, RunDirError, CheckpointIncompatible)):
+        return EXIT_CONFIG
+    if isinstance(err, Diverged):
+        return EXIT_DIVERGED
+    return EXIT_RETRYABLE
+
+
+def meaning(code: int) -> str:
+    """What an exit code (or srun's 128+N, or a negative signal number) says."""
+    if code in NEVER_RETRIED:
+        return NEVER_RETRIED[code]
+    number = -code if code < 0 else code - 128 if code > 128 else None
+    if number is not None:
+        try:
+            return f"killed by {signal.Signals(number).name}"
+        except ValueError:
+            pass
+    return "a failure a restart may cure"
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _same(a: str, b: str) -> bool:
+    """The same error, whatever ports, pids or addresses it names."""
+    return re.sub(r"\d+", "#", a) == re.sub(r"\d+", "#", b)
+
+
+def _failures(run_dir: Path, series: str | None = None) -> list[dict]:
+    return [r for r in history.rows(run_dir) if r.get("event") == "failure"
+            and (series is None or r.get("series") == series)]
+
+
+def attempt_number(run_dir: Path, series: str) -> int:
+    """The attempt that starts now in series (1 for a fresh submission)."""
+    return len(_failures(run_dir, series)) + 1
+
+
+def pick_cause(notes: list[dict], code: int) -> tuple[int, str]:
+    """The attempt's cause from its failure notes: a never-retried code first, then a task's own
+    error, then a lost peer; without such notes, the job step's exit code alone."""
+    def order(note):
+        return note.get("exit") not in NEVER_RETRIED, "lost contact" in note.get("line", ""), note.get("rank", 0)
+    said = f"the job step ended with exit {code} ({meaning(code)})"
+    if notes:
+        note = min(notes, key=order)
+        if note.get("exit") in NEVER_RETRIED or code not in NEVER_RETRIED:
+            return int(note.get("exit", code)), f"rank {note.get('rank', 0)}: {note.get('line', '')}"
+    return code, said
+
+
+def decide(run_dir: Path, series: str, job: str, attempt: int, code: int, cause: str, max_failures: int) -> dict:
+    """Record and return the decision about a failed attempt (the caller holds history.locked)."""
+    step = history.step_reached(run_dir)
+    earlier = _failures(run_dir)
+    used = sum(r.get("decision") == "retry" for r in _failures(run_dir, series))
+    previous = earlier[-1] if earlier else None
+    retry = False
+    if code in NEVER_RETRIED:
+        why = f"never retried: {NEVER_RETRIED[code]} (exit {code})"
+    elif previous and previous.get("step") == step and _same(previous.get("cause", ""), cause):
+        why = (f"it failed at step {step} with the same error as attempt {previous.get('attempt')}: a restart "
+               "would fail the same way")
+    elif max_failures <= 0:
+        why = "retrying is off (--max-failures 0)"
+    elif used >= max_failures:
+        why = f"all {max_failures} restarts of --max-failures {max_failures} are used"
+    else:
+        retry, why = True, f"restart {used + 1} of at most {max_failures}"
+    return history.append(run_dir, {"series": series, "job": job, "attempt": attempt, "event": "failure",
+                                    "step": step, "exit": code, "cause": cause,
+                                    "decision": "retry" if retry else "stop", "why": why})
+
+
+def decision_line(row: dict, run_dir: Path) -> str:
+    head = f"bnonly: attempt {row['attempt']} failed at step {row['step']} ({row['cause']})"
+    if row["decision"] == "retry":
+        return f"{head}; retrying from the newest complete checkpoint ({row['why']})"
+    return f"{head}; not retried: {row['why']}; see {RunPaths(Path(run_dir)).history}"
+
+
+def announce_restart(run_dir: Path, series: str, job: str) -> str | None:
+    """At the start of an attempt that follows a retry decision: record which checkpoint it
+    resumes from and how many steps were lost; the line to log (None on a first attempt)."""
+    if not restart_pending(run_dir, series):
+        return None
+    failed = [r for r in history.rows(run_dir) if r.get("series") == series][-1]
+    from bnonly_dist.run.checkpoint import latest_good  # torch: only a restart needs it
+    from bnonly_dist.run.checkpoint_files import step_of
+    checkpoint = latest_good(run_dir)
+    start = step_of(checkpoint) if checkpoint else 0
+    lost = max(0, failed["step"] - start)
+    history.append(run_dir, {"series": series, "job": job, "attempt": failed["attempt"] + 1, "event": "restart",
+                             "step": start, "checkpoint": str(checkpoint) if checkpoint else None, "steps_lost": lost})
+    where = f"checkpoint {checkpoint} (step {start})" if checkpoint else "scratch (no complete checkpoint)"
+    return (f"bnonly: {failed['why']} after attempt {failed['attempt']} failed at step {failed['step']}: "
+            f"resuming from {where}; {lost} step{'' if lost == 1 else 's'} lost")
+
+
+def restart_pending(run_dir: Path, series: str) -> bool:
+    """The series' last row is a decision to retry that no attempt has taken up yet."""
+    mine = [r for r in history.rows(run_dir) if r.get("series") == series]
+    return bool(mine) and mine[-1].get("event") == "failure" and mine[-1].get("decision") == "retry"
+
+
+def after_failure(run_dir: Path, err: BaseException, series: str, job: str, attempt: int, rank: int,
+                  since: float, max_failures: int) -> tuple[bool, bool]:
+    """A task's training failed with err: note it; the first task to get here decides for the
+    attempt and logs the decision. (restart?, decided here?): the decider requeues."""
+    from bnonly_dist import dist
+    code = exit_code(err)
+    lost = dist.lost_contact(err)
+    line = f"lost contact with the other ranks ({one_line(err)})" if lost else f"{type(err).__name__}: {one_line(err)}"
+    history.note_failure(run_dir, rank, code, line)
+    if lost:
+        time.sleep(LOST_CONTACT_WAIT_S)  # the rank that failed first writes its note meanwhile
+    with history.locked(run_dir):
+        made = [r for r in _failures(run_dir, series) if r.get("attempt") == attempt]
+        if made:
+            return made[-1]["decision"] == "retry", False  # another task decided for this attempt
+        code, cause = pick_cause(history.failures_since(run_dir, since), code)
+        row = decide(run_dir, series, job, attempt, code, cause, max_failures)
+    say(decision_line(row, run_dir))
+    return row["decision"] == "retry", True
+
+
+def say(line: str) -> None:
+    """One line in the job's log: through logging where the run set it up (RUN/logs/rank*.log, and
+    rank 0's console), and on stderr, the task's own log, where no console handler takes it."""
+    handlers = logging.getLogger().handlers
+    if handlers:
+        log.warning(line.removeprefix("bnonly: "))
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in handlers):
+        print(line, file=sys.stderr, flush=True)
+
+
+def requeue(job_id: str) -> None:
+    """Put the Slurm job back in the queue; Slurm ends its tasks and runs it again (same job id)."""
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+
+
+def retry_command(run_dir: Path, code: int, series: str, since: float, max_failures: int) -> bool:
+    """`bnonly retry`: the sbatch scripts' decision after srun returned code; True to run again."""
+    with history.locked(run_dir):
+        attempt = attempt_number(run_dir, series)
+        code, cause = pick_cause(history.failures_since(run_dir, since), code)
+        row = decide(run_dir, series, series, attempt, code, cause, max_failures)
+    print(decision_line(row, run_dir), flush=True)
+    if row["decision"] != "retry":
+        return False
+    print(announce_restart(run_dir, series, series), flush=True)
+    return True

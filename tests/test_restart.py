@@ -1,0 +1,213 @@
+"""The restart rules (launch/restart.py) and the history they write; the launchers' numbers.
+
+The real restarts (a rank killed on the local Slurm, the sbatch loop) are in test_slurm.py;
+a rank killed mid-save in a 2-process job is at the end of this file.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from launch import Launch, committed_steps, run
+
+from bnonly_dist.config import ConfigError
+from bnonly_dist.data.layout import DamagedData, DataError
+from bnonly_dist.launch import restart
+from bnonly_dist.run import history
+from bnonly_dist.run.checkpoint import CheckpointError, CheckpointIncompatible
+from bnonly_dist.run.rundir import RunDirInUse
+from bnonly_dist.run.train import Diverged
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("err, code", [
+    (ConfigError("x"), 2), (DataError("x"), 2), (RunDirInUse("x"), 2), (CheckpointIncompatible("x"), 2),
+    (DamagedData("x"), 4), (Diverged("x"), 3), (KeyboardInterrupt(), 130),
+    (RuntimeError("[gloo] Connection closed by peer"), 1), (OSError(28, "No space left on device"), 1),
+    (CheckpointError("saving checkpoint failed"), 1),
+])
+def test_exit_codes_say_whether_a_restart_can_cure(err, code):
+    assert restart.exit_code(err) == code
+    assert (code in restart.NEVER_RETRIED) == (code != 1)
+
+
+def test_a_damaged_data_file_exits_4_and_a_missing_data_set_2(tmp_path, imagenet_root):
+    import shutil
+    root = tmp_path / "in"
+    shutil.copytree(imagenet_root, root)
+    victim = sorted((root / "train").rglob("*.JPEG"))[3]
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated mid-scan
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    damaged = subprocess.run([sys.executable, "-m", "bnonly_dist.cli", "data", "check", str(root), "--decode"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert damaged.returncode == 4 and "1 corrupt image(s)" in damaged.stderr, damaged.stderr
+    missing = subprocess.run([sys.executable, "-m", "bnonly_dist.cli", "data", "check", str(tmp_path / "none")],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr, missing.stderr
+
+
+def reach(run_dir: Path, step: int) -> None:
+    """The run logged up to step (what history.step_reached reads)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "train", "step": step, "loss": 1.0}) + "\n")
+
+
+def fail(run_dir, series="7", code=1, cause="rank 0: lost contact (peer 10.0.0.3:29500)", max_failures=3):
+    with history.locked(run_dir):
+        return restart.decide(run_dir, series, series, restart.attempt_number(run_dir, series), code, cause,
+                              max_failures)
+
+
+def test_retries_are_bounded_per_series_and_recorded(tmp_path):
+    for step in (5, 9, 13):
+        reach(tmp_path, step)
+        assert fail(tmp_path)["decision"] == "retry"
+    reach(tmp_path, 17)
+    last = fail(tmp_path)
+    assert last["decision"] == "stop" and "all 3 restarts of --max-failures 3 are used" in last["why"]
+    reach(tmp_path, 21)
+    assert fail(tmp_path, series="8")["decision"] == "retry"  # a new submission has its own budget
+    rows = history.rows(tmp_path)
+    assert [r["attempt"] for r in rows] == [1, 2, 3, 4, 1] and [r["step"] for r in rows] == [5, 9, 13, 17, 21]
+    assert all({"time", "step", "cause", "decision"} <= set(r) for r in rows)
+
+
+def test_the_same_error_at_the_same_step_is_not_retried(tmp_path):
+    reach(tmp_path, 8)
+    assert fail(tmp_path, cause="rank 1: CheckpointError: saving step_00000008 failed")["decision"] == "retry"
+    again = fail(tmp_path, cause="rank 1: CheckpointError: saving step_00000008 failed")
+    assert again["decision"] == "stop" and "failed at step 8 with the same error as attempt 1" in again["why"]
+    # another error at that step, or the same one later, is retried
+    reach(tmp_path, 8)
+    assert fail(tmp_path, series="9", cause="rank 0: OSError: Input/output error")["decision"] == "retry"
+    reach(tmp_path, 12)
+    assert fail(tmp_path, series="9", cause="rank 0: OSError: Input/output error")["decision"] == "retry"
+
+
+@pytest.mark.parametrize("code", sorted(restart.NEVER_RETRIED))
+def test_never_retried_codes_and_max_failures_zero(tmp_path, code):
+    row = fail(tmp_path, code=code, cause="rank 0: x")
+    assert row["decision"] == "stop" and row["why"].startswith("never retried") and f"(exit {code})" in row["why"]
+    off = fail(tmp_path / "off", max_failures=0)
+    assert off["decision"] == "stop" and off["why"] == "retrying is off (--max-failures 0)"
+
+
+def test_the_cause_is_the_task_that_failed_not_the_peers_that_lost_it():
+    notes = [{"rank": 0, "exit": 1, "line": "lost contact with the other ranks (gloo: closed)"},
+             {"rank": 1, "exit": 1, "line": "RuntimeError: CUDA error: an illegal memory access"},
+             {"rank": 2, "exit": 1, "line": "lost contact with the other ranks (gloo: closed)"}]
+    assert restart.pick_cause(notes, 137) == (1, "rank 1: RuntimeError: CUDA error: an illegal memory access")
+    assert restart.pick_cause([*notes, {"rank": 3, "exit": 3, "line": "Diverged: nan"}], 1)[0] == 3
+    assert restart.pick_cause(notes[:1], 2)[0] == 2  # srun's never-retried code wins over a lost peer
+    code, cause = restart.pick_cause([], 137)
+    assert code == 137 and "exit 137 (killed by SIGKILL)" in cause
+
+
+def retry_cli(run_dir, *args):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "bnonly_dist.cli", "retry", str(run_dir), *map(str, args)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_bnonly_retry_answers_scripts_by_exit_status(tmp_path):
+    run_dir = tmp_path / "run"
+    reach(run_dir, 6)
+    history.note_failure(run_dir, 1, 1, "RuntimeError: NCCL error: unhandled system error")
+    yes = retry_cli(run_dir, "--exit-code", 137, "--series", "42", "--since", 0)
+    assert yes.returncode == 0, yes.stderr
+    assert ("attempt 1 failed at step 6 (rank 1: RuntimeError: NCCL error: unhandled system error); retrying from "
+            "the newest complete checkpoint (restart 1 of at most 3)") in yes.stdout
+    assert "resuming from scratch (no complete checkpoint); 6 steps lost" in yes.stdout
+    no = retry_cli(run_dir, "--exit-code", 2, "--series", "42", "--since", 9e9)  # the old note is not this attempt's
+    assert no.returncode == 1 and "not retried: never retried: a config, command-line" in no.stdout, no.stdout
+    events = [(r["event"], r.get("decision")) for r in history.rows(run_dir)]
+    assert events == [("failure", "retry"), ("restart", None), ("failure", "stop")]
+
+
+def launcher_main(script: str):
+    """A launcher's main(), loaded from launchers/ (not a package)."""
+    spec = importlib.util.spec_from_file_location(f"launcher_{script[:-3]}", REPO / "launchers" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("submit.py", ["--nodes", "0"], "--nodes 0: must be a whole number of at least 1"),
+    ("submit.py", ["--nodes", "-1"], "--nodes -1: must be a whole number of at least 1"),
+    ("submit.py", ["--cpus-per-task", "0"], "--cpus-per-task 0: must be a whole number of at least 1"),
+    ("submit.py", ["--gpus-per-node", "-2"], "--gpus-per-node -2: must be a whole number of at least 0"),
+    ("submit.py", ["--max-failures", "-1"], "--max-failures -1: must be a whole number of at least 0"),
+    ("submit.py", ["--time", "0"], "--time 0: a job needs at least one minute"),
+    ("sweep.py", ["--nodes", "0"], "--nodes 0: must be a whole number of at least 1"),
+    ("sweep.py", ["--tasks-per-node", "0"], "--tasks-per-node 0: must be a whole number of at least 1"),
+])
+def test_launcher_numbers_are_checked_before_anything_else(tmp_path, monkeypatch, capsys, script, flags, message):
+    """Even before the config: a missing config file is not what the line says."""
+    monkeypatch.setenv("BNONLY_CLUSTER_FILE", str(tmp_path / "none.yaml"))
+    monkeypatch.chdir(tmp_path)
+    code = launcher_main(script)(["--dry-run", *flags, str(tmp_path / "missing.yaml")])
+    out, err = capsys.readouterr()
+    assert code == 2 and message in err and err.count("\n") == 1, out + err
+    assert "#SBATCH" not in out and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_without_slurm_the_launcher_restarts_the_job_and_stops_at_the_same_failure(cifar_root, tmp_path):
+    """A file where step 8's save goes: attempt 1 fails there, the launcher resubmits, attempt 2 fails the same way."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / ".tmp-step_00000008").write_text("in the way\n")
+    bin_dir = tmp_path / "bin"  # a PATH without sbatch
+    bin_dir.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{bin_dir}:{Path(sys.executable).parent}",
+           "BNONLY_CLUSTER_FILE": str(tmp_path / "none.yaml"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(REPO / "launchers" / "submit.py"), "configs/cifar10_resnet14.yaml",
+                          f"data.root={cifar_root}", "data.batch_size=32", "train.bn_batch=32", "optim.epochs=1",
+                          "model.arch=cifar_resnet_8", "train.device=cpu", "train.log_every=2", "train.checkpoint_every=4", "train.progress=lines",
+                          "--run-dir", str(run_dir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1 and "job failed, restarting as job" in out.stdout, out.stdout + out.stderr
+    assert [(r["event"], r.get("decision")) for r in history.rows(run_dir)] == [
+        ("failure", "retry"), ("restart", None), ("failure", "stop")]
+    assert history.rows(run_dir)[0]["series"].startswith("local-")
+    assert "FileExistsError" in out.stderr
+
+
+# --- a rank killed in the middle of a checkpoint save, 2 processes ----------------------------------------
+def saves_under_way(folder: Path) -> list[int]:
+    """Steps whose save has begun and not been committed (.tmp-step_X; not retention's .tmp-step_X.old)."""
+    names = [p.name for p in folder.glob(".tmp-step_*")] if folder.is_dir() else []
+    return sorted(int(n[10:]) for n in names if n[10:].isdigit())
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_save_resumes_from_the_previous_checkpoint_bit_for_bit(cifar_root, tmp_path):
+    overrides = [f"data.root={cifar_root}", "data.batch_size=32", "train.bn_batch=32", "data.eval_batch_size=50",
+                 "optim.epochs=1", "optim.milestones=[1]", "model.arch=cifar_resnet_8", "train.device=cpu", "train.deterministic=true",
+                 "train.log_every=2", "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.progress=lines",
+                 "dist.save_frozen=true"]  # a larger save: a wider window to land in
+    reference = run(2, overrides, tmp_path / "whole")["fingerprint"]
+    run_dir, folder = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    launch = Launch(2, overrides, run_dir)
+    launch.wait_for(lambda: committed_steps(run_dir), timeout=180, poll=0.01)  # a first complete checkpoint
+    first = committed_steps(run_dir)[-1]
+    # the next save under way: its temporary folder exists, its commit marker does not (yet)
+    launch.wait_for(lambda: [s for s in saves_under_way(folder) if s > first], timeout=120, poll=0.0005)
+    launch.kill(rank=1)
+    codes = launch.wait(timeout=180)
+    cut = saves_under_way(folder)
+    assert codes[1] == -9 and codes[0] == 1 and cut and cut[-1] not in committed_steps(run_dir), (codes, cut)
+    previous = committed_steps(run_dir)[-1]
+    assert previous < cut[-1]
+    again = Launch(2, overrides, run_dir, tag="-retry")
+    assert again.wait(timeout=300) == [0, 0], again.output(0)[-3000:]
+    assert f"resumed from {folder / f'step_{previous:08d}'} at step {previous}" in again.output(0)
+    assert json.loads((run_dir / "summary.json").read_text())["fingerprint"] == reference
+    assert not list(folder.glob(".tmp-*"))
