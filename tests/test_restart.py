@@ -171,7 +171,8 @@ def test_without_slurm_the_launcher_restarts_the_job_and_stops_at_the_same_failu
            "BNONLY_CLUSTER_FILE": str(tmp_path / "none.yaml"), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(REPO / "launchers" / "submit.py"), "configs/cifar10_resnet14.yaml",
                           f"data.root={cifar_root}", "data.batch_size=32", "train.bn_batch=32", "optim.epochs=1",
-                          "model.arch=cifar_resnet_8", "train.device=cpu", "train.log_every=2", "train.checkpoint_every=4", "train.progress=lines",
+                          "model.arch=cifar_resnet_8", "train.device=cpu", "train.log_every=2", "train.checkpoint_every=4",
+                          "train.progress=lines",
                           "--run-dir", str(run_dir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 1 and "job failed, restarting as job" in out.stdout, out.stdout + out.stderr
     assert [(r["event"], r.get("decision")) for r in history.rows(run_dir)] == [
@@ -190,8 +191,8 @@ def saves_under_way(folder: Path) -> list[int]:
 @pytest.mark.slow
 def test_a_rank_killed_mid_save_resumes_from_the_previous_checkpoint_bit_for_bit(cifar_root, tmp_path):
     overrides = [f"data.root={cifar_root}", "data.batch_size=32", "train.bn_batch=32", "data.eval_batch_size=50",
-                 "optim.epochs=1", "optim.milestones=[1]", "model.arch=cifar_resnet_8", "train.device=cpu", "train.deterministic=true",
-                 "train.log_every=2", "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.progress=lines",
+                 "optim.epochs=1", "optim.milestones=[1]", "model.arch=cifar_resnet_8", "train.device=cpu",
+                 "train.deterministic=true", "train.log_every=2", "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.progress=lines",
                  "dist.save_frozen=true"]  # a larger save: a wider window to land in
     reference = run(2, overrides, tmp_path / "whole")["fingerprint"]
     run_dir, folder = tmp_path / "run", tmp_path / "run" / "checkpoints"
