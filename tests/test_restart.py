@@ -192,8 +192,8 @@ def saves_under_way(folder: Path) -> list[int]:
 def test_a_rank_killed_mid_save_resumes_from_the_previous_checkpoint_bit_for_bit(cifar_root, tmp_path):
     overrides = [f"data.root={cifar_root}", "data.batch_size=32", "train.bn_batch=32", "data.eval_batch_size=50",
                  "optim.epochs=1", "optim.milestones=[1]", "model.arch=cifar_resnet_8", "train.device=cpu",
-                 "train.deterministic=true", "train.log_every=2", "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.progress=lines",
-                 "dist.save_frozen=true"]  # a larger save: a wider window to land in
+                 "train.deterministic=true", "train.log_every=2", "train.checkpoint_every=2", "train.keep_checkpoints=3",
+                 "train.progress=lines", "dist.save_frozen=true"]  # a larger save: a wider window to land in
     reference = run(2, overrides, tmp_path / "whole")["fingerprint"]
     run_dir, folder = tmp_path / "run", tmp_path / "run" / "checkpoints"
     launch = Launch(2, overrides, run_dir)

@@ -196,10 +196,13 @@ def claim(cfg: Config, run_dir: Path) -> RunLock | None:
     _check_paths(root)
     if not root.is_dir():
         return None
+    lock_existed = RunPaths(root).lock.exists()
     lock = acquire(root)
     try:
         _check_identity(cfg, root)
     except BaseException:
+        if not lock_existed:  # a refused directory is left as it was found
+            lock.path.unlink(missing_ok=True)
         lock.release()
         raise
     return lock
