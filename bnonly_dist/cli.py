@@ -116,12 +116,13 @@ def _data(args) -> None:
             raise ConfigError(f"--min-side {args.min_side} --max-side {args.max_side}: need 8 <= min < max")
         out = fake.write_imagenet(args.dir, args.classes, args.train_per_class, args.val_per_class, args.seed,
                                   (args.min_side, args.max_side), photo_like=args.photo_like)
-        print(f"{args.classes * args.train_per_class} training images: an ImageNet config's batch needs lowering for "
-              "a trial (README: Trying an ImageNet config)")
     else:
         print(json.dumps(layout.check(args.dir, decode=args.decode)))
         return
     print(f"wrote {out}")
+    if args.data_command == "fake-imagenet":
+        print(f"{args.classes * args.train_per_class} training images: an ImageNet config's batch needs lowering for "
+              "a trial (README: Trying an ImageNet config)")
 
 
 TRAIN_EPILOG = f"""modes (mode=...): {", ".join(MODES)}

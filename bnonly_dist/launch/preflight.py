@@ -126,15 +126,15 @@ def check_run(cfg: Config, run_dir: Path, target: Target, preview_run_dir: bool 
 
 
 def local_cost(cfg: Config, target: Target, local: bool, ask=None) -> str | None:
-    """An ImageNet config falling back to this machine's CPU (no Slurm here) would hold many GiB and take minutes
+    """An ImageNet network falling back to this machine's CPU (no Slurm here) would hold many GiB and take minutes
     per step: its memory estimate (the plan's), stated before anything starts. With --local that is the line to
     print; else ask(question) -> bool where a person can answer, and ConfigError if not agreed (or nobody can)."""
-    if target.slurm or cfg.data.name != "imagenet" or job_device(cfg, target) != "cpu":
+    from bnonly_dist.config.catalog import num_classes, parse_arch
+    if target.slurm or parse_arch(cfg.model.arch).family != "imagenet" or job_device(cfg, target) != "cpu":
         return None
     import torch
 
     from bnonly_dist.config import plan as plans
-    from bnonly_dist.config.catalog import num_classes
     from bnonly_dist.perf import memory
     cpu = torch.device("cpu")
     plan = plans.resolve(cfg, cpu, target.world)

@@ -14,8 +14,10 @@ and verified, and never the newest good one.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -126,6 +128,21 @@ def _reason(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
+FULL_BELOW = 1 << 20  # bytes free under which a failed write is put down to a full disk
+
+
+def _disk_full(error: BaseException, folder: Path) -> BaseException:
+    """error, or an OSError saying the disk is full where it is (torch.save's zip writer may report a full disk
+    as "unexpected pos ..." without the errno)."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error
+    try:
+        full = shutil.disk_usage(folder).free < FULL_BELOW
+    except OSError:
+        full = False
+    return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({_reason(error)})") if full else error
+
+
 def _retain(folder: Path, newest: Path, keep: int) -> None:
     """Delete checkpoints older than newest beyond keep (rank 0, after newest is verified).
 
@@ -183,7 +200,7 @@ def save(run_dir: Path, engine, rank: int, meta: dict, data_state: dict, keep: i
         engine.save(tmp / "state", include_frozen)
         torch.save(_rank_state(data_state, list(bn_running)), tmp / f"rank{rank}.pt")
     except (OSError, RuntimeError, CheckpointException) as err:  # torch.save reports a full disk as RuntimeError
-        error = err
+        error = _disk_full(err, tmp)
     if not dist.any_rank(error is not None) and rank == 0:  # collective: every rank's files are written
         try:  # the marker (hashing and fsyncing every file), then the rename that commits it
             write_marker(tmp, {**meta, "frozen_included": include_frozen, "torch": torch.__version__})
