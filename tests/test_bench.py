@@ -35,9 +35,9 @@ def test_bench_reports_all_plain_and_lean_side_by_side(tmp_path):
 
 def test_bench_times_the_data_pipeline_alone(tmp_path, imagenet_root):
     proc = subprocess.run([sys.executable, "-m", "bnonly_dist.cli", "bench", "configs/imagenet_resnet18.yaml",
-                           "data.batch_size=8", "train.bn_batch=8", "data.image_size=64", "train.device=cpu",
-                           f"data.root={imagenet_root}",
-                           "--variants", "bn-lean", "--steps", "2", "--warmup", "1", "--data", "--json",
+                           "data.batch_size=4", "train.bn_batch=4", "data.image_size=64", "train.device=cpu",
+                           f"data.root={imagenet_root}",  # 32 images: 8 batches, more than the 2 prefetched + 3 timed
+                           "--variants", "bn-lean", "--steps", "3", "--warmup", "1", "--data", "--json",
                            str(tmp_path / "b.json")], capture_output=True, text=True, check=True)
     report = json.loads((tmp_path / "b.json").read_text())
     pipe = report["data_pipeline"]

@@ -184,7 +184,7 @@ def test_fsdp_gathers_conv_weights_in_bf16_and_keeps_bn_fp32():
     from torch.distributed.fsdp import FSDPModule
 
     from bnonly_dist.engines.fsdp import shard, shard_units
-    cfg = small_cfg("train.precision=bf16")
+    cfg = small_cfg("train.precision=bf16", "train.frozen_dtype=fp32")  # stored fp32, gathered bf16
     plan = plan_mod.resolve(cfg, CPU)
     model = network.build(cfg, plan, 10).model
     torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)

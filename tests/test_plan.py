@@ -7,6 +7,7 @@ import torch
 
 from bnonly_dist import config, network
 from bnonly_dist.config import ConfigError, plan
+from bnonly_dist.config.catalog import num_classes
 from bnonly_dist.perf import memory
 
 CPU = torch.device("cpu")
@@ -96,8 +97,8 @@ def test_network_build_is_the_one_recipe():
     assert lean16.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert plain.trainable == 2 * sum(m.num_features for m in plain.model.modules()
                                       if isinstance(m, torch.nn.BatchNorm2d))
-    assert network.num_classes(c) == 10 and network.num_classes(cfg(path="configs/imagenet_resnet18.yaml")) == 1000
-    assert network.num_classes(cfg("model.num_classes=7")) == 7
+    assert num_classes(c) == 10 and num_classes(cfg(path="configs/imagenet_resnet18.yaml")) == 1000
+    assert num_classes(cfg("model.num_classes=7")) == 7
 
 
 def test_the_cli_and_config_load_without_torch():
