@@ -96,13 +96,14 @@ def small_cfg(*overrides):
 def test_ddp_is_given_the_device_index_not_the_local_rank(monkeypatch):
     seen = {}
     monkeypatch.setattr("bnonly_dist.engines.ddp.DistributedDataParallel",
-                        lambda model, device_ids: seen.setdefault("device_ids", device_ids) and model)
+                        lambda model, device_ids, **options: seen.update(device_ids=device_ids, **options) or model)
     cfg = small_cfg()
     model = models.build(cfg.model.arch, 10, 0, cfg.model.bn_init)
     masks = modes.apply(model, "bn", 0)
     ctx = dist.Context(rank=5, world=8, local_rank=3, device=torch.device("cuda", 0))  # srun --gpus-per-task 1
     engines.wrap(cfg, plan_mod.resolve(cfg, CPU), model, masks, ctx)
     assert seen["device_ids"] == [0]
+    assert seen["broadcast_buffers"] is False  # each rank's BN running statistics are its own groups'
 
 
 class Started(Exception):

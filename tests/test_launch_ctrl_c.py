@@ -31,9 +31,11 @@ def _env(tmp_path) -> dict:
 
 
 def _submit(tmp_path, *args, stdin=subprocess.DEVNULL) -> subprocess.Popen:
+    # Ctrl-C as at a terminal's foreground: SIGINT not ignored, even when the suite itself runs in the
+    # background (which starts its children with SIGINT ignored, and Python then raises no KeyboardInterrupt).
     return subprocess.Popen([sys.executable, str(REPO / "launchers" / "submit.py"), *map(str, args)], cwd=REPO,
                             env=_env(tmp_path), stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(proc, condition, what: str, limit_s: float = 180) -> None:

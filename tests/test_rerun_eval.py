@@ -9,8 +9,10 @@ from bnonly_dist.run import checkpoint, train
 
 
 def tree_digest(root):
+    """Every file's name and bytes but the lock's, which names whoever held the run dir last (a re-run holds it
+    while it reads the summary)."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != ".lock"):
         digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
     return digest.hexdigest()
 

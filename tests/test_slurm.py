@@ -142,7 +142,9 @@ def test_a_sweep_completes_and_a_second_submission_submits_nothing(cifar_root, t
 def test_a_request_the_partition_cannot_meet_is_refused_before_sbatch(overrides, tmp_path, flags, message):
     run_dir = tmp_path / f"refused-{tmp_path.name}"  # the job name bnonly-<run dir name> is this test's alone
     out = launcher("submit.py", *flags, "configs/cifar10_resnet14.yaml", *overrides, "--run-dir", str(run_dir))
-    assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()  # every refusal at once, one line each (3 nodes: the batch too)
+    assert out.returncode == 2 and any(message in line for line in lines), out.stdout + out.stderr
+    assert all(line.startswith("submit: error: ") for line in lines), out.stderr
     assert not run_dir.exists()
     # -t all: also jobs that already ended, which slurmctld keeps for MinJobAge (300 s)
     submitted = subprocess.run(["squeue", "-h", "-t", "all", "-n", f"bnonly-{run_dir.name}"], capture_output=True,
