@@ -13,7 +13,7 @@ images of the global batch" is the same set of images on 1 GPU or 512:
 
 Statistics and the sums of backward are accumulated in fp32 (fp64 for fp64 inputs), also
 under bf16 autocast. The running statistics follow the mean over this rank's groups of
-each group's mean and unbiased variance; run/bn_stats.average_running_stats averages them
+each group's mean and unbiased variance; average_running_statistics (below) averages them
 over the ranks, which is then exactly what one process holding every group would have.
 """
 from __future__ import annotations
@@ -32,11 +32,6 @@ class BNGroups:
     images: int | None  # images per statistic; None: the rank's own batch (depends on the world)
     per_rank: int = 1
     ranks: int = 1
-
-    @property
-    def native(self) -> bool:
-        """One statistic over exactly the rank's batch: nn.BatchNorm2d's own kernels do it."""
-        return self.per_rank == 1 and self.ranks == 1
 
     def describe(self, per_rank_batch: int) -> str:
         if self.images is None:
@@ -108,11 +103,10 @@ class GroupBatchNormFunction(torch.autograd.Function):
                                                 False, 0.0, eps)
             mean, variance = mean[None], variance[None]
             invstd = torch.rsqrt(variance + eps)
-        if momentum is not None:  # None: a recomputed forward (activation checkpointing) updates nothing
-            with torch.no_grad():
-                running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype), alpha=momentum)
-                unbiased = (variance * (count / max(count - 1, 1))).mean(0)
-                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype), alpha=momentum)
+            unbiased = (variance * (count / max(count - 1, 1))).mean(0)
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
         positive = out.relu_().bool() if relu else None
         ctx.save_for_backward(x, pack_bits(positive) if relu else None, weight, mean, invstd)
         ctx.mask_layout = (positive.shape, positive.stride()) if relu else None

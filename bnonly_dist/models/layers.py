@@ -153,8 +153,7 @@ class BatchNorm2d(nn.BatchNorm2d):
         if not (self.training and self.track_running_stats):
             out = super().forward(x)
             return F.relu(out, inplace=True) if relu else out
-        recomputing = getattr(_recompute, "active", False)
-        if recomputing:
+        if getattr(_recompute, "active", False):
             # Recomputed for activation checkpointing: the same computation, but the running
             # statistics were updated by the first forward, so throwaway copies take this one.
             running_mean, running_var, momentum = self.running_mean.clone(), self.running_var.clone(), 0.0
@@ -163,15 +162,14 @@ class BatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
             # nn.BatchNorm2d's update factor (momentum=None: a cumulative average)
             momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        lean = self.lean and torch.is_grad_enabled()
         if self.groups_per_rank > 1 or self.sync_group is not None:
             # A recomputed segment runs the same collectives in the same order on every rank of
-            # the group (each recomputes it in its own backward), and updates no running statistic.
-            out = GroupBatchNormFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                               None if recomputing else momentum, self.eps,
-                                               relu and self.lean and torch.is_grad_enabled(), self.groups_per_rank,
-                                               self.sync_group)
-            return F.relu(out, inplace=True) if relu and not (self.lean and torch.is_grad_enabled()) else out
-        if self.lean and torch.is_grad_enabled():
+            # the group (each recomputes it in its own backward).
+            out = GroupBatchNormFunction.apply(x, self.weight, self.bias, running_mean, running_var, momentum,
+                                               self.eps, relu and lean, self.groups_per_rank, self.sync_group)
+            return F.relu(out, inplace=True) if relu and not lean else out
+        if lean:
             return BatchNormReLUFunction.apply(x, self.weight, self.bias, running_mean, running_var, momentum,
                                                self.eps, relu)
         out = F.batch_norm(x, running_mean, running_var, self.weight, self.bias, True, momentum, self.eps)
