@@ -74,7 +74,13 @@ def _sweep_points(args) -> None:
 def _retry(args) -> int:
     if args.max_failures < 0:
         raise ConfigError(f"--max-failures {args.max_failures}: must be 0 (no retries) or more")
-    again = restart.retry_command(args.run_dir, args.exit_code, args.series, args.since, args.max_failures)
+    if args.stopped:
+        restart.stop_command(args.run_dir, args.series)
+        return 0
+    if args.requeued is not None:
+        again = restart.start_command(args.run_dir, args.series, args.requeued, args.max_failures)
+    else:
+        again = restart.retry_command(args.run_dir, args.exit_code, args.series, args.since, args.max_failures)
     return 0 if again else 1
 
 
@@ -175,10 +181,17 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("overrides", nargs="*")
     w.set_defaults(func=_sweep_points)
 
-    rt = sub.add_parser("retry", help="after `bnonly train` failed in a script: restart it? (exit 0: yes, 1: no); "
-                        "records the decision in RUN/history.jsonl (see docs/failures.md)")
+    rt = sub.add_parser("retry", help="a script's restart decisions (exit 0: go on, 1: stop), recorded in "
+                        "RUN/history.jsonl (see docs/failures.md)")
     rt.add_argument("run_dir", type=Path)
-    rt.add_argument("--exit-code", type=int, required=True, help="the exit status of the failed step (srun's)")
+    when = rt.add_mutually_exclusive_group(required=True)
+    when.add_argument("--exit-code", type=int, help="after `bnonly train` failed: its exit status (srun's); "
+                      "restart it?")
+    when.add_argument("--requeued", type=int, metavar="N", help="at the start of a Slurm job: "
+                      "$SLURM_RESTART_COUNT; a requeue the run before did not ask for (a node failed) counts as a "
+                      "failure: go on?")
+    when.add_argument("--stopped", action="store_true", help="before the script requeues a job stopped with a "
+                      "checkpoint (time limit, preemption): record the stop")
     rt.add_argument("--series", required=True, help="what the restarts are counted per, e.g. $SLURM_JOB_ID")
     rt.add_argument("--since", type=float, default=0.0, help="when the failed attempt started (seconds since "
                     "the epoch): failure notes older than this are not its own")
@@ -326,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         return restart.EXIT_CONFIG
     except RuntimeError as err:
         if not _lost_contact(err):
-            raise
+            return _unexpected(args, err)
         message = (f"rank {os.environ.get('RANK', '0')} lost contact with the other ranks "
                    f"({str(err).splitlines()[0]}): one died or hung longer than dist.timeout_s, or the "
                    "master could not be reached; see RUN/logs/rank*.log, then start the same command again "
@@ -351,7 +364,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bnonly: error: {err.strerror or err}:{where or ' (no file named)'}; check the path and its "
                   "permissions", file=sys.stderr)
         return _failed(args, restart.EXIT_RETRYABLE, f"OSError: {err.strerror or err}{where}")
+    except Exception as err:  # noqa: BLE001 - the traceback is printed; a training process notes it too
+        return _unexpected(args, err)
     return code or 0
+
+
+def _unexpected(args, err: Exception) -> int:
+    """An error no rule above names (a CUDA error, a bug): its traceback, exit 1, and for training a
+    failure note, so that the restart decision sees this rank's own error."""
+    import traceback
+    traceback.print_exception(err)
+    return _failed(args, restart.EXIT_RETRYABLE, f"{type(err).__name__}: {restart.one_line(err)}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from launch import Launch, committed_steps, run
 
 from bnonly_dist.config import ConfigError
 from bnonly_dist.data.layout import DamagedData, DataError
-from bnonly_dist.launch import restart
+from bnonly_dist.launch import restart, supervise
 from bnonly_dist.run import history
 from bnonly_dist.run.checkpoint import CheckpointError, CheckpointIncompatible
 from bnonly_dist.run.rundir import RunDirInUse
@@ -110,8 +112,64 @@ def test_the_cause_is_the_task_that_failed_not_the_peers_that_lost_it():
     assert code == 137 and "exit 137 (killed by SIGKILL)" in cause
 
 
-def retry_cli(run_dir, *args):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def test_a_task_notes_what_killed_its_training_and_tells_a_stop_from_a_failure(tmp_path):
+    (tmp_path / "logs").mkdir(parents=True)
+    aborted = supervise.Ended(128 + signal.SIGABRT)
+    assert supervise.failure_line(tmp_path, 1, 0.0, aborted) == "killed by SIGABRT"  # no note of its own: written
+    assert history.failures_since(tmp_path, 0.0) == [
+        {"unix_time": pytest.approx(time.time(), abs=60), "rank": 1, "exit": 134, "line": "killed by SIGABRT"}]
+    history.note_failure(tmp_path, 0, 1, "RuntimeError: CUDA error: an illegal memory access")
+    assert supervise.failure_line(tmp_path, 0, 0.0, supervise.Ended(1)) == "RuntimeError: CUDA error: an illegal memory access"
+    assert not aborted.stopped and supervise.Ended(0, [signal.SIGUSR2]).stopped
+    assert supervise.Ended(128 + signal.SIGUSR2, [signal.SIGUSR2]).stopped  # before the child's handler was in
+    assert not supervise.Ended(128 + signal.SIGKILL, [signal.SIGTERM]).stopped
+    stopped = supervise.result(tmp_path)
+    assert stopped == {"run_dir": str(tmp_path), "step": 0, "finished": False, "stopped": True, "checkpoint": None}
+
+
+def slurm_run(monkeypatch, count: int) -> None:
+    """This process is run count of a requeued Slurm job (what history rows and account_for_requeue read)."""
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", str(count))
+
+
+def test_a_requeue_no_row_asked_for_is_a_failure_recorded_once_and_counted(tmp_path, monkeypatch, capsys):
+    reach(tmp_path, 6)
+    (tmp_path / "logs").mkdir()
+    slurm_run(monkeypatch, 0)
+    restart.note_stop(tmp_path, "7", "7", 4, "SIGUSR2: stopped with a checkpoint")  # a time limit: asked for
+    slurm_run(monkeypatch, 1)
+    assert restart.account_for_requeue(tmp_path, "7", "7", 1, 1, rank=0) and len(history.rows(tmp_path)) == 1
+    # run 1 vanishes without a word (a node failed): run 2 records it once, whichever task comes first
+    reach(tmp_path, 9)
+    slurm_run(monkeypatch, 2)
+    assert restart.account_for_requeue(tmp_path, "7", "7", 2, 1, rank=1)
+    assert restart.account_for_requeue(tmp_path, "7", "7", 2, 1, rank=0)
+    stop, lost = history.rows(tmp_path)
+    assert stop["event"] == "stop" and stop["requeue"] and stop["slurm_run"] == 0
+    assert lost["cause"] == restart.UNASKED_REQUEUE and lost["decision"] == "retry" and lost["exit"] is None
+    assert lost["step"] == 9 and lost["slurm_run"] == 2 and lost["attempt"] == 1
+    assert restart.restart_pending(tmp_path, "7")  # rank 0 then says what it resumes from
+    # again, with --max-failures 1 used up: every task is told to stop
+    reach(tmp_path, 12)
+    slurm_run(monkeypatch, 3)
+    assert not restart.account_for_requeue(tmp_path, "7", "7", 3, 1, rank=0)
+    assert not restart.account_for_requeue(tmp_path, "7", "7", 3, 1, rank=1)
+    last = history.rows(tmp_path)[-1]
+    assert len(history.rows(tmp_path)) == 3 and last["decision"] == "stop" and "are used" in last["why"]
+    assert "not retried: all 1 restarts" in (tmp_path / "logs" / "rank0.log").read_text()
+    assert capsys.readouterr().err.count("requeued by Slurm, not by a task") == 2  # said once per decision
+    # a retry by requeue, as submitit's tasks make it, explains the next run
+    reach(tmp_path, 20)
+    with history.locked(tmp_path):
+        restart.decide(tmp_path, "8", "8", 1, 1, "rank 0: killed by SIGKILL", 3, requeue=True)
+    slurm_run(monkeypatch, 4)
+    assert restart.account_for_requeue(tmp_path, "8", "8", 1 + 3, 3, rank=0) is True
+    assert history.rows(tmp_path)[-1]["series"] == "8" and len(history.rows(tmp_path)) == 4
+
+
+def retry_cli(run_dir, *args, env=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", "bnonly_dist.cli", "retry", str(run_dir), *map(str, args)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
@@ -129,6 +187,25 @@ def test_bnonly_retry_answers_scripts_by_exit_status(tmp_path):
     assert no.returncode == 1 and "not retried: never retried: a config, command-line" in no.stdout, no.stdout
     events = [(r["event"], r.get("decision")) for r in history.rows(run_dir)]
     assert events == [("failure", "retry"), ("restart", None), ("failure", "stop")]
+
+
+def test_the_sbatch_scripts_record_their_stops_and_the_requeues_they_did_not_ask_for(tmp_path):
+    run_dir = tmp_path / "run"
+    reach(run_dir, 6)
+    slurm = {"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "0"}
+    assert retry_cli(run_dir, "--requeued", 0, "--series", "42", env=slurm).returncode == 0
+    assert history.rows(run_dir) == []  # a first run has nothing to account for
+    stopped = retry_cli(run_dir, "--stopped", "--series", "42", env=slurm)
+    assert stopped.returncode == 0 and history.rows(run_dir)[0]["event"] == "stop", stopped.stderr
+    assert retry_cli(run_dir, "--requeued", 1, "--series", "42", env={**slurm, "SLURM_RESTART_COUNT": "1"}).returncode == 0
+    assert len(history.rows(run_dir)) == 1  # the stop asked for that requeue
+    lost = retry_cli(run_dir, "--requeued", 2, "--series", "42", env={**slurm, "SLURM_RESTART_COUNT": "2"})
+    assert lost.returncode == 0 and "requeued by Slurm, not by a task of the job" in lost.stderr, lost.stderr
+    assert "resuming from scratch (no complete checkpoint); 6 steps lost" in lost.stdout
+    assert [(r["event"], r.get("decision")) for r in history.rows(run_dir)] == [
+        ("stop", None), ("failure", "retry"), ("restart", None)]
+    both = retry_cli(run_dir, "--stopped", "--exit-code", 1, "--series", "42")
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
 
 
 def launcher_main(script: str):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from launch import run as run_processes
 
+from bnonly_dist.launch import restart
 from bnonly_dist.run import history
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +96,8 @@ def test_a_preempted_job_requeues_resumes_and_ends_bit_identical(overrides, unin
     output, _ = submit.communicate(timeout=300)
     assert submit.returncode == 0, output[-4000:]
     log = (run_dir / "logs" / "rank0.log").read_text()
-    assert "received SIGUSR2" in log and f"Requeued job {job_id}" in log and "resumed from" in log
+    assert "received SIGUSR2" in log and "resumed from" in log
+    assert f"Requeued job {job_id}" in (run_dir / "slurm" / f"{job_id}_0_log.out").read_text()  # by submitit
     assert json.loads((run_dir / "summary.json").read_text())["fingerprint"] == uninterrupted
 
 
@@ -115,6 +117,7 @@ def test_sbatch_script_requeues_itself_after_a_stop_signal(overrides, tmp_path):
     assert "resumed from" in (run_dir / "logs" / "rank0.log").read_text()
     assert "requeueing job" in (tmp_path / f"slurm-{job_id}.out").read_text()
     assert json.loads((run_dir / "summary.json").read_text())["world"] == 2
+    assert events(run_dir) == [("stop", None)]  # the requeue it asked for is no failure
 
 
 def test_a_sweep_completes_and_a_second_submission_submits_nothing(cifar_root, tmp_path):
@@ -152,43 +155,82 @@ def test_a_request_the_partition_cannot_meet_is_refused_before_sbatch(overrides,
     assert submitted.stdout.strip() == ""
 
 
+def training_pid(job_id: str, rank: int) -> int | None:
+    """The training process (`bnonly train`, the child of the submitit task) of rank of a Slurm job."""
+    return job_process(job_id, rank, "bnonly_dist.cli\0train")
+
+
 def task_pid(job_id: str, rank: int) -> int | None:
-    """The process of task rank of a Slurm job (the tasks run on this machine)."""
+    """The submitit task process of rank of a Slurm job."""
+    return job_process(job_id, rank, "submitit.core._submit")
+
+
+def job_process(job_id: str, rank: int, mark: str) -> int | None:
+    """The process of a Slurm job's task rank whose command line holds mark (the tasks run on this machine)."""
     for proc in Path("/proc").iterdir():
         try:
             env = dict(e.split("=", 1) for e in (proc / "environ").read_text().split("\0") if "=" in e)
             command = (proc / "cmdline").read_text()
         except (OSError, ValueError):
             continue
-        if (env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(rank)
-                and "submitit.core._submit" in command):
+        program = Path(command.split("\0")[0]).name  # python, not the srun that started it
+        if (env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(rank) and mark in command
+                and program.startswith("python")):
             return int(proc.name)
     return None
+
+
+def job_pids(job_id: str) -> list[int]:
+    """Every task process of a Slurm job and its training child (not srun or Slurm's own)."""
+    tasks = [task_pid(job_id, rank) for rank in (0, 1)]  # first: no task may see its training die
+    return [pid for pid in tasks + [training_pid(job_id, rank) for rank in (0, 1)] if pid]
 
 
 def events(run_dir: Path) -> list[tuple]:
     return [(r["event"], r.get("decision")) for r in history.rows(run_dir)]
 
 
-def test_a_rank_killed_on_one_node_restarts_the_job_which_ends_bit_identical(overrides, uninterrupted, tmp_path):
+def test_a_killed_rank_and_an_abort_on_every_rank_restart_the_job_which_ends_bit_identical(overrides, uninterrupted,
+                                                                                          tmp_path):
+    """SIGKILL of one rank's training (a GPU off the bus, the OOM killer), then SIGABRT of every rank's (what
+    NCCL's watchdog does): each time the job requeues itself and resumes; it ends as if never interrupted."""
     run_dir = tmp_path / "run"
     submit = launcher("submit.py", "--nodes", "2", *CPU_JOB, "--wait", "configs/cifar10_resnet14.yaml", *overrides,
                       "--run-dir", str(run_dir), wait=False)
     wait_until(lambda: (run_dir / "checkpoints" / "step_00000004" / "commit.json").is_file(), what="a checkpoint")
     job_id = (run_dir / "slurm" / "job_id").read_text().strip()
-    pid = task_pid(job_id, 1)
-    assert pid, f"no process of task 1 of job {job_id}"
-    os.kill(pid, signal.SIGKILL)  # as a GPU falling off the bus or the OOM killer would
+    pid = training_pid(job_id, 1)
+    assert pid, f"no training process of task 1 of job {job_id}"
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: (run_dir / "checkpoints" / "step_00000012" / "commit.json").is_file(), timeout=300,
+               what="a checkpoint after the restart")
+    assert events(run_dir) == [("failure", "retry"), ("restart", None)]
+    pids = [training_pid(job_id, rank) for rank in (0, 1)]
+    assert all(pids), f"no training processes in job {job_id} after its restart: {pids}"
+    for pid in pids:
+        os.kill(pid, signal.SIGABRT)
+    wait_until(lambda: (run_dir / "checkpoints" / "step_00000020" / "commit.json").is_file(), timeout=300,
+               what="a checkpoint after the second restart")
+    # A node lost: Slurm requeues the job and every process of it is gone before any could say a word.
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    for pid in job_pids(job_id):
+        os.kill(pid, signal.SIGKILL)
     output, _ = submit.communicate(timeout=400)
     assert submit.returncode == 0, output[-4000:]
-    assert events(run_dir) == [("failure", "retry"), ("restart", None)]
-    failure, restarted = history.rows(run_dir)
-    assert failure["job"] == job_id and failure["exit"] == 1 and "lost contact" in failure["cause"]
+    assert events(run_dir) == [("failure", "retry"), ("restart", None)] * 3
+    killed, restarted, aborted, restarted_again, lost, _ = history.rows(run_dir)
+    assert lost["cause"] == restart.UNASKED_REQUEUE and lost["slurm_run"] == 3 and lost["exit"] is None
+    assert killed["job"] == job_id and killed["exit"] == 137 and killed["cause"] == "rank 1: killed by SIGKILL"
+    assert aborted["exit"] == 134 and aborted["attempt"] == 2
+    assert aborted["cause"] in ("rank 0: killed by SIGABRT", "rank 1: killed by SIGABRT")  # the first to decide
     assert restarted["checkpoint"] == str(run_dir / "checkpoints" / f"step_{restarted['step']:08d}")
-    assert restarted["steps_lost"] == failure["step"] - restarted["step"] >= 0
-    assert f"attempt 1 failed at step {failure['step']}" in (run_dir / "logs" / "rank0.log").read_text()
-    assert (f"restart 1 of at most 3 after attempt 1 failed at step {failure['step']}: resuming from checkpoint "
-            f"{restarted['checkpoint']} (step {restarted['step']})") in (run_dir / "slurm" / f"{job_id}_0_log.out").read_text()
+    assert restarted["steps_lost"] == killed["step"] - restarted["step"] >= 0
+    assert restarted_again["step"] >= 12
+    assert f"attempt 1 failed at step {killed['step']}" in (run_dir / "logs" / "rank0.log").read_text()
+    task_log = (run_dir / "slurm" / f"{job_id}_0_log.out").read_text()
+    assert (f"restart 1 of at most 3 after attempt 1 failed at step {killed['step']}: resuming from checkpoint "
+            f"{restarted['checkpoint']} (step {restarted['step']})") in task_log
+    assert "restart 2 of at most 3 after attempt 2 failed" in task_log
     assert json.loads((run_dir / "summary.json").read_text())["fingerprint"] == uninterrupted
 
 

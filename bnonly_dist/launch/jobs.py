@@ -1,24 +1,26 @@
 """A training run as a submitit job: what Slurm (or the local executor) runs on every task.
 
 Each task exports torch.distributed's variables from submitit's view of the job (rank =
-SLURM_PROCID, master = first node, port from the job id) and calls train.run. On
-SIGUSR2 (time limit coming, or preemption) the loop saves on all ranks together and then
-hands the signal to submitit, whose handler calls checkpoint() below and requeues the job;
-the requeued job resumes from the newest complete checkpoint in the same run directory.
-On a failure a restart may cure, the first task to fail decides (restart.after_failure)
-and, under Slurm, requeues the job itself, at most max_failures times per series; without
-Slurm the launcher resubmits it (launchers/submit.py).
+SLURM_PROCID, master = first node, port from the job id) and runs `bnonly train` as a
+child process (supervise.py), so that the task is still there to decide when training
+dies without running Python (NCCL's watchdog's SIGABRT, a segfault, the OOM killer). On
+SIGUSR2 (time limit coming, or preemption) the task passes the signal on, the child saves
+on all ranks together and ends, and then the task hands the signal to submitit, whose
+handler calls checkpoint() below and requeues the job; the requeued job resumes from the
+newest complete checkpoint in the same run directory. On a failure a restart may cure,
+the first task to see its child fail decides (restart.after_failure) and, under Slurm,
+requeues the job itself, at most max_failures times per series; without Slurm the
+launcher resubmits it (launchers/submit.py).
 
 Ctrl-C while a launcher waits for a job on this machine (submitit's local executor): the
 job is started with SIGINT ignored, so its controller, which would kill the tasks on
-Ctrl-C, lets it pass; the tasks take Ctrl-C like `bnonly train` (they are in the
+Ctrl-C, lets it pass; the tasks' children take Ctrl-C like `bnonly train` (they are in the
 terminal's process group): the first stops every rank after the same step with a
 checkpoint, a second aborts. The launcher says so in one line each time (ctrl_c).
 """
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import sys
@@ -26,9 +28,14 @@ import threading
 import time
 from pathlib import Path
 
-from bnonly_dist.launch import restart
+from bnonly_dist.launch import restart, supervise
+from bnonly_dist.run.paths import RunPaths
 
 ABORT_WAIT_S = 30  # after a second Ctrl-C: how long the launcher waits for the tasks to end
+
+
+class TrainingFailed(RuntimeError):
+    """A task's training failed: its rank's one-line error (submitit shows it as the job's failure)."""
 
 
 class TrainJob:
@@ -44,37 +51,50 @@ class TrainJob:
 
     def __call__(self) -> dict:
         import submitit
-        from submitit.core.utils import UncompletedJobError
         from submitit.slurm.slurm import SlurmJobEnvironment
 
-        from bnonly_dist import config, dist
-        from bnonly_dist.run import train
+        from bnonly_dist.dist import master_port
         if threading.current_thread() is threading.main_thread():
             # Started with SIGINT ignored (spawn_ignoring_ctrl_c): Ctrl-C interrupts the start-up again.
             signal.signal(signal.SIGINT, signal.default_int_handler)
         # Our port rule (see dist.master_port) rather than submitit's, which may pick an ephemeral port.
         env = submitit.JobEnvironment()
-        os.environ.setdefault("MASTER_PORT", str(dist.master_port(env.job_id)))
+        os.environ.setdefault("MASTER_PORT", str(master_port(env.job_id)))
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         run_dir, series, since = Path(self.run_dir), self.series or str(env.job_id), time.time()
+        slurm = isinstance(env, SlurmJobEnvironment)
+        if slurm and not restart.account_for_requeue(run_dir, series, str(env.job_id),
+                                                     int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+                                                     self.max_failures, env.global_rank):
+            raise TrainingFailed(f"rank {env.global_rank}: {restart.UNASKED_REQUEUE}; not retried (see "
+                                 f"{RunPaths(run_dir).history})")
         attempt = restart.attempt_number(run_dir, series)
-        try:
-            if env.global_rank == 0:
-                line = restart.announce_restart(run_dir, series, str(env.job_id))
-                if line:
-                    print(line, flush=True)  # the job's log (before the run's own logging starts)
-            return train.run(config.from_dict(self.config), run_dir)
-        except Exception as err:
-            if isinstance(err, UncompletedJobError):
-                raise  # submitit's own end of a job that timed out too often
-            again, mine = restart.after_failure(run_dir, err, series, str(env.job_id), attempt, env.global_rank,
-                                                since, self.max_failures)
-            if again and isinstance(env, SlurmJobEnvironment):
-                if mine:
-                    restart.requeue(env.job_id)  # Slurm ends every task of the job and runs it again
-                logging.shutdown()
-                os._exit(restart.exit_code(err))  # no result pickle: the job is not over; Slurm runs it again
-            raise
+        if env.global_rank == 0:
+            line = restart.announce_restart(run_dir, series, str(env.job_id))
+            if line:
+                print(line, flush=True)  # the job's log (before the run's own logging starts)
+        ended = supervise.train(self.config, run_dir)
+        if ended.code == 0 or ended.stopped:
+            result = supervise.result(run_dir)
+            if ended.signals and not result.get("finished"):
+                signum = ended.signals[0]
+                if slurm and env.global_rank == 0:  # what the requeue that may follow is for
+                    restart.note_stop(run_dir, series, str(env.job_id), result["step"],
+                                      f"{signal.Signals(signum).name}: stopped with a checkpoint")
+                handler = signal.getsignal(signum)
+                if callable(handler):
+                    handler(signum, None)  # submitit's: on SIGUSR2 checkpoint() and requeue (rank 0)
+            return result
+        line = supervise.failure_line(run_dir, env.global_rank, since, ended)
+        if ended.code == restart.EXIT_INTERRUPTED:
+            raise TrainingFailed(f"rank {env.global_rank}: {line}")  # the user's Ctrl-C: nothing to decide
+        again, mine = restart.after_failure(run_dir, ended.code, line, series, str(env.job_id), attempt,
+                                            env.global_rank, since, self.max_failures, requeue=slurm)
+        if again and slurm:
+            if mine:
+                restart.requeue(env.job_id)  # Slurm ends every task of the job and runs it again
+            os._exit(ended.code)  # no result pickle: the job is not over; Slurm runs it again
+        raise TrainingFailed(f"rank {env.global_rank}: {line} (exit {ended.code})")
 
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on SIGUSR2 after our own save: the same job again, which resumes."""

@@ -7,14 +7,16 @@ requeues). Never retried: the exit codes in NEVER_RETRIED, and a failure at the 
 with the same error as the attempt before (it would fail again). Each decision is one
 line in the job's log and one row of RUN/history.jsonl (history.py).
 
-Who decides: under submitit, the first task to fail (a task that only lost its peers
-waits LOST_CONTACT_WAIT_S, so the task with the real cause speaks first), which then
-requeues the Slurm job; the sbatch scripts ask `bnonly retry` after srun returns.
+Who decides: under submitit, the first task whose training (its child, supervise.py)
+failed (a task whose training only lost its peers waits LOST_CONTACT_WAIT_S, so the task
+with the real cause speaks first), which then requeues the Slurm job; the sbatch scripts
+ask `bnonly retry` after srun returns. A run of a Slurm job that ended without a word (a
+node failed) is decided when Slurm's requeue starts the next one (account_for_requeue).
 Only the standard library at import (the CLI's exit codes come from here).
 """
 from __future__ import annotations
 
-import logging
+import contextlib
 import re
 import signal
 import subprocess
@@ -24,8 +26,6 @@ from pathlib import Path
 
 from bnonly_dist.run import history
 from bnonly_dist.run.paths import RunPaths
-
-log = logging.getLogger(__name__)
 
 EXIT_RETRYABLE = 1  # anything a restart may cure
 EXIT_CONFIG = 2  # config, command line, run directory, data set
@@ -95,9 +95,12 @@ def attempt_number(run_dir: Path, series: str) -> int:
 
 def pick_cause(notes: list[dict], code: int) -> tuple[int, str]:
     """The attempt's cause from its failure notes: a never-retried code first, then a task's own
-    error, then a lost peer; without such notes, the job step's exit code alone."""
+    error, then a task killed by a signal, then a lost peer; without such notes, the job step's exit
+    code alone."""
     def order(note):
-        return note.get("exit") not in NEVER_RETRIED, "lost contact" in note.get("line", ""), note.get("rank", 0)
+        line = note.get("line", "")
+        return (note.get("exit") not in NEVER_RETRIED, line.startswith("lost contact"), line.startswith("killed by"),
+                note.get("rank", 0))
     said = f"the job step ended with exit {code} ({meaning(code)})"
     if notes:
         note = min(notes, key=order)
@@ -106,8 +109,10 @@ def pick_cause(notes: list[dict], code: int) -> tuple[int, str]:
     return code, said
 
 
-def decide(run_dir: Path, series: str, job: str, attempt: int, code: int, cause: str, max_failures: int) -> dict:
-    """Record and return the decision about a failed attempt (the caller holds history.locked)."""
+def decide(run_dir: Path, series: str, job: str, attempt: int, code: int | None, cause: str, max_failures: int,
+           requeue: bool = False) -> dict:
+    """Record and return the decision about a failed attempt (the caller holds history.locked); requeue:
+    a retry is a Slurm requeue (the row says so: account_for_requeue)."""
     step = history.step_reached(run_dir)
     earlier = _failures(run_dir)
     used = sum(r.get("decision") == "retry" for r in _failures(run_dir, series))
@@ -126,7 +131,8 @@ def decide(run_dir: Path, series: str, job: str, attempt: int, code: int, cause:
         retry, why = True, f"restart {used + 1} of at most {max_failures}"
     return history.append(run_dir, {"series": series, "job": job, "attempt": attempt, "event": "failure",
                                     "step": step, "exit": code, "cause": cause,
-                                    "decision": "retry" if retry else "stop", "why": why})
+                                    "decision": "retry" if retry else "stop", "why": why,
+                                    **({"requeue": True} if retry and requeue else {})})
 
 
 def decision_line(row: dict, run_dir: Path) -> str:
@@ -134,6 +140,37 @@ def decision_line(row: dict, run_dir: Path) -> str:
     if row["decision"] == "retry":
         return f"{head}; retrying from the newest complete checkpoint ({row['why']})"
     return f"{head}; not retried: {row['why']}; see {RunPaths(Path(run_dir)).history}"
+
+
+UNASKED_REQUEUE = ("requeued by Slurm, not by a task of the job: a node failed or was rebooted, or someone ran "
+                   "scontrol requeue; no task was left to say more")
+
+
+def note_stop(run_dir: Path, series: str, job: str, step: int, why: str) -> None:
+    """A planned stop (time limit, preemption, scancel) with a checkpoint at step: what the Slurm requeue
+    after it is for."""
+    history.append(run_dir, {"series": series, "job": job, "event": "stop", "step": step, "why": why,
+                             "requeue": True})
+
+
+def account_for_requeue(run_dir: Path, series: str, job: str, restart_count: int, max_failures: int,
+                        rank: int) -> bool:
+    """At the start of run restart_count of a Slurm job (SLURM_RESTART_COUNT): if no row of the run before
+    asked for the requeue (a stop, a retry by requeue; history rows carry their slurm_run), that run ended
+    without a word (UNASKED_REQUEUE): recorded and decided as a failure, the same answer for every task.
+    False: stop here (not retried)."""
+    if restart_count <= 0:
+        return True
+    with history.locked(run_dir):
+        mine = [r for r in history.rows(run_dir) if r.get("series") == series]
+        recorded = [r for r in mine if r.get("slurm_run") == restart_count and r.get("cause") == UNASKED_REQUEUE]
+        if recorded:
+            return recorded[0]["decision"] == "retry"  # another task of this run recorded it
+        if any(r.get("slurm_run") == restart_count - 1 and r.get("requeue") for r in mine):
+            return True
+        row = decide(run_dir, series, job, attempt_number(run_dir, series), None, UNASKED_REQUEUE, max_failures)
+    say(decision_line(row, run_dir), run_dir, rank)
+    return row["decision"] == "retry"
 
 
 def announce_restart(run_dir: Path, series: str, job: str) -> str | None:
@@ -160,35 +197,30 @@ def restart_pending(run_dir: Path, series: str) -> bool:
     return bool(mine) and mine[-1].get("event") == "failure" and mine[-1].get("decision") == "retry"
 
 
-def after_failure(run_dir: Path, err: BaseException, series: str, job: str, attempt: int, rank: int,
-                  since: float, max_failures: int) -> tuple[bool, bool]:
-    """A task's training failed with err: note it; the first task to get here decides for the
-    attempt and logs the decision. (restart?, decided here?): the decider requeues."""
-    from bnonly_dist import dist
-    code = exit_code(err)
-    lost = dist.lost_contact(err)
-    line = f"lost contact with the other ranks ({one_line(err)})" if lost else f"{type(err).__name__}: {one_line(err)}"
-    history.note_failure(run_dir, rank, code, line)
-    if lost:
+def after_failure(run_dir: Path, code: int, line: str, series: str, job: str, attempt: int, rank: int,
+                  since: float, max_failures: int, requeue: bool) -> tuple[bool, bool]:
+    """A task's training ended with exit code and its note's line: the first task to get here decides
+    for the attempt and logs the decision. (restart?, decided here?): the decider requeues (requeue:
+    under Slurm)."""
+    if line.startswith("lost contact"):
         time.sleep(LOST_CONTACT_WAIT_S)  # the rank that failed first writes its note meanwhile
     with history.locked(run_dir):
         made = [r for r in _failures(run_dir, series) if r.get("attempt") == attempt]
         if made:
             return made[-1]["decision"] == "retry", False  # another task decided for this attempt
         code, cause = pick_cause(history.failures_since(run_dir, since), code)
-        row = decide(run_dir, series, job, attempt, code, cause, max_failures)
-    say(decision_line(row, run_dir))
+        row = decide(run_dir, series, job, attempt, code, cause, max_failures, requeue)
+    say(decision_line(row, run_dir), run_dir, rank)
     return row["decision"] == "retry", True
 
 
-def say(line: str) -> None:
-    """One line in the job's log: through logging where the run set it up (RUN/logs/rank*.log, and
-    rank 0's console), and on stderr, the task's own log, where no console handler takes it."""
-    handlers = logging.getLogger().handlers
-    if handlers:
-        log.warning(line.removeprefix("bnonly: "))
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in handlers):
-        print(line, file=sys.stderr, flush=True)
+def say(line: str, run_dir: Path, rank: int) -> None:
+    """One line in the job's log (the deciding task's stderr) and in RUN/logs/rank0.log, the run's main
+    log, whichever rank decided (its training has ended)."""
+    print(line, file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError):
+        with open(RunPaths(Path(run_dir)).rank_log(0), "a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} [rank{rank}] WARNING {line.removeprefix('bnonly: ')}\n")
 
 
 def requeue(job_id: str) -> None:
@@ -207,3 +239,20 @@ def retry_command(run_dir: Path, code: int, series: str, since: float, max_failu
         return False
     print(announce_restart(run_dir, series, series), flush=True)
     return True
+
+
+def start_command(run_dir: Path, series: str, restart_count: int, max_failures: int) -> bool:
+    """`bnonly retry --requeued N`: the sbatch scripts' start; True to go on."""
+    if not account_for_requeue(run_dir, series, series, restart_count, max_failures, 0):
+        return False
+    if restart_pending(run_dir, series):
+        print(announce_restart(run_dir, series, series), flush=True)
+    return True
+
+
+def stop_command(run_dir: Path, series: str) -> None:
+    """`bnonly retry --stopped`: the sbatch scripts record a planned stop before they requeue the job."""
+    from bnonly_dist.run.checkpoint_files import committed, step_of
+    checkpoints = committed(RunPaths(Path(run_dir)).checkpoints)
+    note_stop(run_dir, series, series, step_of(checkpoints[-1]) if checkpoints else 0,
+              "stopped with a checkpoint (time limit or preemption); the script requeues the job")

@@ -1,14 +1,18 @@
-"""A run's failure and restart history: RUN/history.jsonl, one JSON object per decision.
+"""A run's failure, restart and stop history: RUN/history.jsonl, one JSON object per decision.
 
     {"time": "...", "series": "4242", "job": "4242", "attempt": 1, "event": "failure", "step": 11,
      "exit": 1, "cause": "rank 0 lost contact ...", "decision": "retry", "why": "restart 1 of at most 3"}
     {"time": "...", "series": "4242", "job": "4242", "attempt": 2, "event": "restart", "step": 8,
      "checkpoint": "RUN/checkpoints/step_00000008", "steps_lost": 3}
+    {"time": "...", "series": "4242", "job": "4242", "event": "stop", "step": 20,
+     "why": "SIGUSR2: stopped with a checkpoint", "requeue": true, "slurm_run": 1}
 
 A series is one submission (a Slurm job id, kept across requeues); its restarts are
-counted against --max-failures. Every failing process also leaves a note,
-RUN/logs/failure.rank<r>.json (its exit code and one-line error), from which the
-one decider of an attempt picks the cause. Only the standard library: the sbatch
+counted against --max-failures. Under Slurm each row says which run of the job wrote it
+(slurm_run: SLURM_RESTART_COUNT), and a row that asks Slurm for the next run says
+requeue: true, so that a requeue nobody asked for (a node failure) shows. Every failing
+process also leaves a note, RUN/logs/failure.rank<r>.json (its exit code and one-line
+error), from which the one decider of an attempt picks the cause. Only the standard library: the sbatch
 scripts' `bnonly retry` must answer quickly.
 """
 from __future__ import annotations
@@ -45,6 +49,8 @@ def rows(run_dir: Path) -> list[dict]:
 def append(run_dir: Path, row: dict) -> dict:
     """Add one row (time filled in) and return it; the caller holds locked() if others may write."""
     row = {"time": now_iso(), **row}
+    if "SLURM_JOB_ID" in os.environ:  # which run of a requeued Slurm job wrote it (restart.account_for_requeue)
+        row.setdefault("slurm_run", int(os.environ.get("SLURM_RESTART_COUNT") or 0))
     path = RunPaths(Path(run_dir)).history
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
