@@ -283,6 +283,20 @@ def test_stop_is_agreed_only_every_n_steps(monkeypatch):
         request.close()
 
 
+def test_a_stop_signal_delivered_twice_at_once_is_said_once(caplog):
+    """Slurm signals every process of a step, and the submitit task passes the same signal on to its training."""
+    request = stop.StopRequest(every=1)
+    try:
+        with caplog.at_level(logging.WARNING):
+            os.kill(os.getpid(), signal.SIGUSR2)
+            os.kill(os.getpid(), signal.SIGUSR2)
+        assert request.signal_name == "SIGUSR2"
+        assert [r.getMessage() for r in caplog.records].count(
+            "received SIGUSR2: stopping within 1 steps with a checkpoint") == 1
+    finally:
+        request.close()
+
+
 def test_ctrl_c_stops_gracefully_then_aborts(monkeypatch):
     before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN when started in the background
     request = stop.StopRequest(every=1)

@@ -150,6 +150,12 @@ def test_a_requeue_no_row_asked_for_is_a_failure_recorded_once_and_counted(tmp_p
     assert lost["cause"] == restart.UNASKED_REQUEUE and lost["decision"] == "retry" and lost["exit"] is None
     assert lost["step"] == 9 and lost["slurm_run"] == 2 and lost["attempt"] == 1
     assert restart.restart_pending(tmp_path, "7")  # rank 0 then says what it resumes from
+    # the same step and cause again is no reason to stop (two node failures say nothing about a third)
+    with history.locked(tmp_path):
+        again = restart.decide(tmp_path, "9", "9", 1, None, restart.UNASKED_REQUEUE, 3)
+        assert again["decision"] == "retry" and again["step"] == lost["step"]
+    rows = history.rows(tmp_path)
+    (tmp_path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
     # again, with --max-failures 1 used up: every task is told to stop
     reach(tmp_path, 12)
     slurm_run(monkeypatch, 3)
@@ -159,13 +165,24 @@ def test_a_requeue_no_row_asked_for_is_a_failure_recorded_once_and_counted(tmp_p
     assert len(history.rows(tmp_path)) == 3 and last["decision"] == "stop" and "are used" in last["why"]
     assert "not retried: all 1 restarts" in (tmp_path / "logs" / "rank0.log").read_text()
     assert capsys.readouterr().err.count("requeued by Slurm, not by a task") == 2  # said once per decision
+    # a preemption: the run saved on a stop signal, trained nothing after it, and Slurm requeued it
+    saved = tmp_path / "checkpoints" / "step_00000012"
+    saved.mkdir(parents=True)
+    (saved / "commit.json").write_text(json.dumps({"step": 12, "world": 2, "engine": "ddp", "frozen_sha256": "0",
+                                                   "frozen_included": False, "final": True}))
+    slurm_run(monkeypatch, 4)
+    assert restart.account_for_requeue(tmp_path, "7", "7", 4, 1, rank=0)
+    assert restart.account_for_requeue(tmp_path, "7", "7", 4, 1, rank=1)
+    preempted = history.rows(tmp_path)[-1]
+    assert len(history.rows(tmp_path)) == 4 and preempted["event"] == "stop" and preempted["unasked"]
+    assert preempted["step"] == 12 and "after a stop with a checkpoint" in preempted["why"]
     # a retry by requeue, as submitit's tasks make it, explains the next run
     reach(tmp_path, 20)
     with history.locked(tmp_path):
         restart.decide(tmp_path, "8", "8", 1, 1, "rank 0: killed by SIGKILL", 3, requeue=True)
     slurm_run(monkeypatch, 4)
-    assert restart.account_for_requeue(tmp_path, "8", "8", 1 + 3, 3, rank=0) is True
-    assert history.rows(tmp_path)[-1]["series"] == "8" and len(history.rows(tmp_path)) == 4
+    assert restart.account_for_requeue(tmp_path, "8", "8", 5, 3, rank=0) is True
+    assert history.rows(tmp_path)[-1]["series"] == "8" and len(history.rows(tmp_path)) == 5
 
 
 def retry_cli(run_dir, *args, env=None):

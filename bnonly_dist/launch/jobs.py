@@ -63,6 +63,8 @@ class TrainJob:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         run_dir, series, since = Path(self.run_dir), self.series or str(env.job_id), time.time()
         slurm = isinstance(env, SlurmJobEnvironment)
+        if slurm and env.global_rank == 0:
+            self._note_requeues_on_sigusr2(run_dir, series, str(env.job_id))
         if slurm and not restart.account_for_requeue(run_dir, series, str(env.job_id),
                                                      int(os.environ.get("SLURM_RESTART_COUNT", "0")),
                                                      self.max_failures, env.global_rank):
@@ -77,13 +79,9 @@ class TrainJob:
         if ended.code == 0 or ended.stopped:
             result = supervise.result(run_dir)
             if ended.signals and not result.get("finished"):
-                signum = ended.signals[0]
-                if slurm and env.global_rank == 0:  # what the requeue that may follow is for
-                    restart.note_stop(run_dir, series, str(env.job_id), result["step"],
-                                      f"{signal.Signals(signum).name}: stopped with a checkpoint")
-                handler = signal.getsignal(signum)
+                handler = signal.getsignal(ended.signals[0])
                 if callable(handler):
-                    handler(signum, None)  # submitit's: on SIGUSR2 checkpoint() and requeue (rank 0)
+                    handler(ended.signals[0], None)  # submitit's: on SIGUSR2 checkpoint() and requeue (rank 0)
             return result
         line = supervise.failure_line(run_dir, env.global_rank, since, ended)
         if ended.code == restart.EXIT_INTERRUPTED:
@@ -95,6 +93,23 @@ class TrainJob:
                 restart.requeue(env.job_id)  # Slurm ends every task of the job and runs it again
             os._exit(ended.code)  # no result pickle: the job is not over; Slurm runs it again
         raise TrainingFailed(f"rank {env.global_rank}: {line} (exit {ended.code})")
+
+    @staticmethod
+    def _note_requeues_on_sigusr2(run_dir: Path, series: str, job: str) -> None:
+        """Wrap submitit's SIGUSR2 handler, which requeues the job on rank 0 (also while this task starts
+        or decides, outside supervise.train): every call first leaves the stop row that asks for it."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        submitits = signal.getsignal(signal.SIGUSR2)
+        if not callable(submitits):
+            return
+
+        def requeue_with_a_row(signum, frame):
+            restart.note_stop(run_dir, series, job, supervise.result(run_dir)["step"],
+                              "SIGUSR2: time limit or preemption; requeued with the newest checkpoint")
+            submitits(signum, frame)
+
+        signal.signal(signal.SIGUSR2, requeue_with_a_row)
 
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on SIGUSR2 after our own save: the same job again, which resumes."""

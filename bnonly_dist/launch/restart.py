@@ -110,9 +110,10 @@ def pick_cause(notes: list[dict], code: int) -> tuple[int, str]:
 
 
 def decide(run_dir: Path, series: str, job: str, attempt: int, code: int | None, cause: str, max_failures: int,
-           requeue: bool = False) -> dict:
+           requeue: bool = False, unasked: bool = False) -> dict:
     """Record and return the decision about a failed attempt (the caller holds history.locked); requeue:
-    a retry is a Slurm requeue (the row says so: account_for_requeue)."""
+    a retry is a Slurm requeue; unasked: the failure is a requeue by Slurm alone (rows say so for
+    account_for_requeue)."""
     step = history.step_reached(run_dir)
     earlier = _failures(run_dir)
     used = sum(r.get("decision") == "retry" for r in _failures(run_dir, series))
@@ -120,7 +121,8 @@ def decide(run_dir: Path, series: str, job: str, attempt: int, code: int | None,
     retry = False
     if code in NEVER_RETRIED:
         why = f"never retried: {NEVER_RETRIED[code]} (exit {code})"
-    elif previous and previous.get("step") == step and _same(previous.get("cause", ""), cause):
+    elif (previous and previous.get("step") == step and _same(previous.get("cause", ""), cause)
+          and cause != UNASKED_REQUEUE):  # two node failures in a row say nothing about the next attempt
         why = (f"it failed at step {step} with the same error as attempt {previous.get('attempt')}: a restart "
                "would fail the same way")
     elif max_failures <= 0:
@@ -132,7 +134,8 @@ def decide(run_dir: Path, series: str, job: str, attempt: int, code: int | None,
     return history.append(run_dir, {"series": series, "job": job, "attempt": attempt, "event": "failure",
                                     "step": step, "exit": code, "cause": cause,
                                     "decision": "retry" if retry else "stop", "why": why,
-                                    **({"requeue": True} if retry and requeue else {})})
+                                    **({"requeue": True} if retry and requeue else {}),
+                                    **({"unasked": True} if unasked else {})})
 
 
 def decision_line(row: dict, run_dir: Path) -> str:
@@ -156,21 +159,43 @@ def note_stop(run_dir: Path, series: str, job: str, step: int, why: str) -> None
 def account_for_requeue(run_dir: Path, series: str, job: str, restart_count: int, max_failures: int,
                         rank: int) -> bool:
     """At the start of run restart_count of a Slurm job (SLURM_RESTART_COUNT): if no row of the run before
-    asked for the requeue (a stop, a retry by requeue; history rows carry their slurm_run), that run ended
-    without a word (UNASKED_REQUEUE): recorded and decided as a failure, the same answer for every task.
-    False: stop here (not retried)."""
+    asked for the requeue (a stop, a retry by requeue; history rows carry their slurm_run), Slurm requeued
+    it on its own. After a stop with a checkpoint and nothing since (a preemption: SIGTERM, then Slurm's
+    requeue) that is recorded as a stop; otherwise the run ended without a word (UNASKED_REQUEUE: a node
+    failed) and is recorded and decided as a failure. Every task gets the same answer; False: stop here."""
     if restart_count <= 0:
         return True
     with history.locked(run_dir):
         mine = [r for r in history.rows(run_dir) if r.get("series") == series]
-        recorded = [r for r in mine if r.get("slurm_run") == restart_count and r.get("cause") == UNASKED_REQUEUE]
+        recorded = [r for r in mine if r.get("slurm_run") == restart_count and r.get("unasked")]
         if recorded:
-            return recorded[0]["decision"] == "retry"  # another task of this run recorded it
+            return recorded[0].get("decision") != "stop"  # another task of this run recorded it
         if any(r.get("slurm_run") == restart_count - 1 and r.get("requeue") for r in mine):
             return True
-        row = decide(run_dir, series, job, attempt_number(run_dir, series), None, UNASKED_REQUEUE, max_failures)
+        stop_step = _stopped_with_checkpoint(run_dir)
+        if stop_step is not None:
+            history.append(run_dir, {"series": series, "job": job, "event": "stop", "step": stop_step,
+                                     "why": "requeued by Slurm after a stop with a checkpoint (a preemption)",
+                                     "unasked": True})
+            return True
+        row = decide(run_dir, series, job, attempt_number(run_dir, series), None, UNASKED_REQUEUE, max_failures,
+                     unasked=True)
     say(decision_line(row, run_dir), run_dir, rank)
     return row["decision"] == "retry"
+
+
+def _stopped_with_checkpoint(run_dir: Path) -> int | None:
+    """The step of the newest complete checkpoint if a stop signal saved it and nothing was logged since."""
+    from bnonly_dist.run.checkpoint_files import CheckpointDamaged, committed, read_marker, step_of
+    checkpoints = committed(RunPaths(Path(run_dir)).checkpoints)
+    if not checkpoints:
+        return None
+    try:
+        final = read_marker(checkpoints[-1]).get("final") is True
+    except CheckpointDamaged:  # the resume will say so
+        return None
+    step = step_of(checkpoints[-1])
+    return step if final and history.step_reached(run_dir) <= step else None
 
 
 def announce_restart(run_dir: Path, series: str, job: str) -> str | None:
@@ -216,7 +241,7 @@ def after_failure(run_dir: Path, code: int, line: str, series: str, job: str, at
 
 def say(line: str, run_dir: Path, rank: int) -> None:
     """One line in the job's log (the deciding task's stderr) and in RUN/logs/rank0.log, the run's main
-    log, whichever rank decided (its training has ended)."""
+    log, whichever rank decided (no training of this task is writing to it now)."""
     print(line, file=sys.stderr, flush=True)
     with contextlib.suppress(OSError):
         with open(RunPaths(Path(run_dir)).rank_log(0), "a") as f:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from bnonly_dist.launch import restart
 from bnonly_dist.run import history
 from bnonly_dist.run.checkpoint_files import committed, step_of
 from bnonly_dist.run.paths import RunPaths
@@ -55,10 +57,14 @@ class Ended:
         return bool(self.signals) and (self.code == 0 or self.code - 128 in self.signals)
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: the kernel sends it SIGKILL when the task ends (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def _dying_with(parent: int):
+    def die_with_parent() -> None:
+        """In the child before exec: the kernel sends it SIGKILL when the task ends (Linux)."""
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the task ended before prctl: no training without it
+            os._exit(1)
+    return die_with_parent
 
 
 def train(config: dict, run_dir: Path) -> Ended:
@@ -82,8 +88,8 @@ def train(config: dict, run_dir: Path) -> Ended:
             # keeps an ignored signal ignored) and takes the terminal's Ctrl-C itself.
             previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda signum, frame: None)
         try:
-            child = subprocess.Popen([sys.executable, "-m", "bnonly_dist.cli", "train", file.name, "--run-dir",
-                                      str(run_dir)], preexec_fn=_die_with_parent)
+            child = subprocess.Popen([sys.executable, "-u", "-m", "bnonly_dist.cli", "train", file.name,
+                                      "--run-dir", str(run_dir)], preexec_fn=_dying_with(os.getpid()))
             for signum in received:  # came before the child existed
                 child.send_signal(signum)
             code = child.wait()
@@ -112,7 +118,7 @@ def failure_line(run_dir: Path, rank: int, since: float, ended: Ended) -> str:
     if mine:
         return str(mine[-1].get("line", ""))
     line = (f"killed by {ended.signal_name}" if ended.signal_name
-            else f"ended with exit {ended.code} and no error of its own")
+            else f"ended with exit {ended.code} ({restart.meaning(ended.code)}); its error is in the task's log")
     history.note_failure(run_dir, rank, ended.code, line)
     return line
 

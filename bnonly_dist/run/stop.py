@@ -2,8 +2,10 @@
 first Ctrl-C (SIGINT) only sets a flag; the loop calls agreed(step) after every step and
 every `every` steps (train.stop_check_every) the ranks agree on it, so all ranks stop
 after the same step and save one checkpoint together. A second Ctrl-C (a second or more later) aborts at once
-(KeyboardInterrupt: exit 130; the run resumes from its last checkpoint). After the save,
-a handler that was there before (submitit's, which requeues the job) gets the signal."""
+(KeyboardInterrupt: exit 130; the run resumes from its last checkpoint). A signal that
+arrives twice within DUPLICATE_S (Slurm's, and the copy a submitit task passes on to its
+training) counts once. What comes after the stop (submitit's requeue) is the task's job:
+launch/jobs.py."""
 from __future__ import annotations
 
 import logging
@@ -25,12 +27,17 @@ class StopRequest:
         self.every = every
         self.signal_name: str | None = None
         self._first_sigint: float | None = None
+        self._last: dict[int, float] = {}
         self._previous = {}
         if threading.current_thread() is threading.main_thread():  # handlers live in the main thread
             self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
 
     def _handle(self, signum, frame) -> None:
         name, now = signal.Signals(signum).name, time.monotonic()
+        last = self._last.get(signum)
+        if signum != signal.SIGINT and last is not None and now - last < DUPLICATE_S:
+            return  # the same signal twice at once: Slurm's and the copy the submitit task passed on
+        self._last[signum] = now
         if signum == signal.SIGINT and self._first_sigint is not None:
             # torchrun forwards the terminal's Ctrl-C to its workers, who also get it from the
             # terminal: a copy within a second is the same keypress.
@@ -49,16 +56,6 @@ class StopRequest:
         if step % self.every:
             return False
         return dist.any_rank(self.signal_name is not None)
-
-    def hand_over(self) -> None:
-        """Pass the received signal to the Python handler that was installed before ours, if any."""
-        if self.signal_name is None:
-            return
-        signum = signal.Signals[self.signal_name]
-        previous = self._previous.get(signum)
-        self.close()
-        if callable(previous) and previous is not signal.default_int_handler:  # Ctrl-C stopped us; do not raise
-            previous(signum, None)
 
     def close(self) -> None:
         for sig, handler in self._previous.items():

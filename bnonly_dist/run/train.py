@@ -271,7 +271,6 @@ class Run:
         log.warning("stopped at step %d by %s; checkpoint %s; run the same command to resume", self.step,
                     stop.signal_name or "a signal to another rank", path)
         self.close()
-        stop.hand_over()  # under submitit: requeue the job
         return {"run_dir": str(self.run_dir), "step": self.step, "finished": False, "stopped": True,
                 "checkpoint": str(path)}
 
