@@ -18,10 +18,12 @@ from bnonly_dist.run.paths import run_dir as run_dir_of
 
 
 def _train(args) -> None:
-    from bnonly_dist import dist
-    from bnonly_dist.run import train
-    train.run(load(args.config, args.overrides), args.run_dir)
-    dist.teardown()
+    from bnonly_dist.run import early_signals
+    with early_signals.kept():  # a stop signal during start-up stops the run at its first step, with a checkpoint
+        from bnonly_dist import dist
+        from bnonly_dist.run import train
+        train.run(load(args.config, args.overrides), args.run_dir)
+        dist.teardown()
 
 
 def _eval(args) -> None:
@@ -293,13 +295,15 @@ def _quiet_stdout() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
-def _failed(args, code: int, line: str) -> int:
-    """A training process's failure: noted in its run directory for the restart decision (history.py)."""
+def _failed(args, code: int, line: str, err: BaseException | None = None) -> int:
+    """A training process's failure: noted in its run directory for the restart decision (history.py),
+    with the step the loop had reached (train.run leaves it on the error)."""
     if args.func is _train:
         from bnonly_dist.run import history
         with contextlib.suppress(ConfigError, OSError, ValueError):
             run_dir = args.run_dir or run_dir_of(load(args.config, args.overrides))
-            history.note_failure(run_dir, int(os.environ.get("RANK", "0")), code, line)
+            history.note_failure(run_dir, int(os.environ.get("RANK", "0")), code, line,
+                                 getattr(err, "training_step", None))
     return code
 
 
@@ -322,11 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         return restart.EXIT_CONFIG
     except _run_errors() as err:  # an except clause's expression runs only when an exception arrives
         print(f"bnonly: error: {err}", file=sys.stderr)
-        return _failed(args, restart.exit_code(err), f"{type(err).__name__}: {restart.one_line(err)}")
-    except KeyboardInterrupt:
+        return _failed(args, restart.exit_code(err), f"{type(err).__name__}: {restart.one_line(err)}", err)
+    except KeyboardInterrupt as err:
         hint = _after_interrupt(args)
         print(f"bnonly: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
-        return _failed(args, restart.EXIT_INTERRUPTED, "interrupted (Ctrl-C)")
+        return _failed(args, restart.EXIT_INTERRUPTED, "interrupted (Ctrl-C)", err)
     except BrokenPipeError:  # the reader went away (`| head`): not an error of this command
         _quiet_stdout()
         return 0
@@ -346,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                    "to resume from the last checkpoint")
         logging.getLogger(__name__).error(message)
         logging.shutdown()
-        _failed(args, restart.EXIT_RETRYABLE, f"lost contact with the other ranks ({str(err).splitlines()[0]})")
+        _failed(args, restart.EXIT_RETRYABLE, f"lost contact with the other ranks ({str(err).splitlines()[0]})", err)
         print(f"bnonly: error: {message}", file=sys.stderr, flush=True)
         os._exit(1)  # the process group cannot be torn down cleanly with a peer gone
     except OSError as err:
@@ -363,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"bnonly: error: {err.strerror or err}:{where or ' (no file named)'}; check the path and its "
                   "permissions", file=sys.stderr)
-        return _failed(args, restart.EXIT_RETRYABLE, f"OSError: {err.strerror or err}{where}")
+        return _failed(args, restart.EXIT_RETRYABLE, f"OSError: {err.strerror or err}{where}", err)
     except Exception as err:  # noqa: BLE001 - the traceback is printed; a training process notes it too
         return _unexpected(args, err)
     return code or 0
@@ -374,7 +378,7 @@ def _unexpected(args, err: Exception) -> int:
     failure note, so that the restart decision sees this rank's own error."""
     import traceback
     traceback.print_exception(err)
-    return _failed(args, restart.EXIT_RETRYABLE, f"{type(err).__name__}: {restart.one_line(err)}")
+    return _failed(args, restart.EXIT_RETRYABLE, f"{type(err).__name__}: {restart.one_line(err)}", err)
 
 
 if __name__ == "__main__":

@@ -297,6 +297,21 @@ def test_a_stop_signal_delivered_twice_at_once_is_said_once(caplog):
         request.close()
 
 
+def test_a_stop_signal_during_start_up_is_kept_for_the_loop(caplog):
+    """bnonly train keeps SIGUSR2/SIGTERM from its first line until the loop's StopRequest takes them over."""
+    from bnonly_dist.run import early_signals
+    before = signal.getsignal(signal.SIGTERM)
+    with early_signals.kept():
+        os.kill(os.getpid(), signal.SIGTERM)  # the default would end this process
+        request = stop.StopRequest(every=1)
+        try:
+            assert request.signal_name == "SIGTERM"
+            assert "received SIGTERM: stopping within 1 steps" in caplog.text
+        finally:
+            request.close()
+    assert signal.getsignal(signal.SIGTERM) == before and early_signals.take() == []
+
+
 def test_ctrl_c_stops_gracefully_then_aborts(monkeypatch):
     before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN when started in the background
     request = stop.StopRequest(every=1)

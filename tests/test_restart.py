@@ -112,6 +112,16 @@ def test_the_cause_is_the_task_that_failed_not_the_peers_that_lost_it():
     assert code == 137 and "exit 137 (killed by SIGKILL)" in cause
 
 
+def test_the_step_reached_is_where_the_failing_ranks_were_not_the_last_logged_one(tmp_path):
+    reach(tmp_path, 100)  # logged every 100 steps; rows of an earlier attempt may lie beyond the checkpoint too
+    history.note_failure(tmp_path, 0, 1, "lost contact with the other ranks (gloo: closed)", step=137)
+    history.note_failure(tmp_path, 1, 137, "killed by SIGKILL")  # its task wrote it: no step known
+    with history.locked(tmp_path):
+        notes = history.failures_since(tmp_path, 0.0)
+        assert restart.decide(tmp_path, "7", "7", 1, 137, "rank 1: killed by SIGKILL", 3, notes=notes)["step"] == 137
+        assert restart.decide(tmp_path, "8", "8", 1, 137, "rank 1: killed by SIGKILL", 3)["step"] == 100
+
+
 def test_a_task_notes_what_killed_its_training_and_tells_a_stop_from_a_failure(tmp_path):
     (tmp_path / "logs").mkdir(parents=True)
     aborted = supervise.Ended(128 + signal.SIGABRT)

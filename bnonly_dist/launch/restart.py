@@ -110,11 +110,11 @@ def pick_cause(notes: list[dict], code: int) -> tuple[int, str]:
 
 
 def decide(run_dir: Path, series: str, job: str, attempt: int, code: int | None, cause: str, max_failures: int,
-           requeue: bool = False, unasked: bool = False) -> dict:
+           requeue: bool = False, unasked: bool = False, notes: list[dict] = ()) -> dict:
     """Record and return the decision about a failed attempt (the caller holds history.locked); requeue:
     a retry is a Slurm requeue; unasked: the failure is a requeue by Slurm alone (rows say so for
     account_for_requeue)."""
-    step = history.step_reached(run_dir)
+    step = history.step_reached(run_dir, notes)
     earlier = _failures(run_dir)
     used = sum(r.get("decision") == "retry" for r in _failures(run_dir, series))
     previous = earlier[-1] if earlier else None
@@ -233,8 +233,9 @@ def after_failure(run_dir: Path, code: int, line: str, series: str, job: str, at
         made = [r for r in _failures(run_dir, series) if r.get("attempt") == attempt]
         if made:
             return made[-1]["decision"] == "retry", False  # another task decided for this attempt
-        code, cause = pick_cause(history.failures_since(run_dir, since), code)
-        row = decide(run_dir, series, job, attempt, code, cause, max_failures, requeue)
+        notes = history.failures_since(run_dir, since)
+        code, cause = pick_cause(notes, code)
+        row = decide(run_dir, series, job, attempt, code, cause, max_failures, requeue, notes=notes)
     say(decision_line(row, run_dir), run_dir, rank)
     return row["decision"] == "retry", True
 
@@ -257,8 +258,9 @@ def retry_command(run_dir: Path, code: int, series: str, since: float, max_failu
     """`bnonly retry`: the sbatch scripts' decision after srun returned code; True to run again."""
     with history.locked(run_dir):
         attempt = attempt_number(run_dir, series)
-        code, cause = pick_cause(history.failures_since(run_dir, since), code)
-        row = decide(run_dir, series, series, attempt, code, cause, max_failures)
+        notes = history.failures_since(run_dir, since)
+        code, cause = pick_cause(notes, code)
+        row = decide(run_dir, series, series, attempt, code, cause, max_failures, notes=notes)
     print(decision_line(row, run_dir), flush=True)
     if row["decision"] != "retry":
         return False

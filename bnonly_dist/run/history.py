@@ -11,8 +11,8 @@ A series is one submission (a Slurm job id, kept across requeues); its restarts 
 counted against --max-failures. Under Slurm each row says which run of the job wrote it
 (slurm_run: SLURM_RESTART_COUNT), and a row that asks Slurm for the next run says
 requeue: true, so that a requeue nobody asked for (a node failure) shows. Every failing
-process also leaves a note, RUN/logs/failure.rank<r>.json (its exit code and one-line
-error), from which the one decider of an attempt picks the cause. Only the standard library: the sbatch
+process also leaves a note, RUN/logs/failure.rank<r>.json (its exit code, one-line error
+and the step it had reached), from which the one decider of an attempt picks the cause. Only the standard library: the sbatch
 scripts' `bnonly retry` must answer quickly.
 """
 from __future__ import annotations
@@ -73,8 +73,12 @@ def locked(run_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def step_reached(run_dir: Path) -> int:
-    """The last step the run logged (metrics.jsonl, every train.log_every steps) or saved."""
+def step_reached(run_dir: Path, notes: list[dict] = ()) -> int:
+    """The step a failed attempt reached: the furthest its failing ranks' notes name; without such notes,
+    the last step the run logged (metrics.jsonl, every train.log_every steps) or saved."""
+    noted = [n["step"] for n in notes if isinstance(n.get("step"), int)]
+    if noted:
+        return max(noted)
     paths = RunPaths(Path(run_dir))
     step = 0
     if paths.checkpoints.is_dir():
@@ -93,15 +97,17 @@ def step_reached(run_dir: Path) -> int:
     return step
 
 
-def note_failure(run_dir: Path, rank: int, code: int, line: str) -> None:
-    """This process's failure, for the attempt's decider (best effort: the disk may be full)."""
+def note_failure(run_dir: Path, rank: int, code: int, line: str, step: int | None = None) -> None:
+    """This process's failure and the step its loop had reached (if known), for the attempt's decider
+    (best effort: the disk may be full)."""
     paths = RunPaths(Path(run_dir))
     if not paths.root.is_dir():  # nothing is created for a run that never started
         return
     path = paths.logs / f"failure.rank{rank}.json"
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"unix_time": time.time(), "rank": rank, "exit": code, "line": line}) + "\n")
+        note = {"unix_time": time.time(), "rank": rank, "exit": code, "line": line}
+        path.write_text(json.dumps({**note, **({"step": step} if isinstance(step, int) else {})}) + "\n")
 
 
 def failures_since(run_dir: Path, since: float) -> list[dict]:

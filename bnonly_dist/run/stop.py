@@ -14,6 +14,7 @@ import threading
 import time
 
 from bnonly_dist import dist
+from bnonly_dist.run import early_signals
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
@@ -31,6 +32,8 @@ class StopRequest:
         self._previous = {}
         if threading.current_thread() is threading.main_thread():  # handlers live in the main thread
             self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+            for signum in early_signals.take():  # came while the process started (bnonly train)
+                self._handle(signum, None)
 
     def _handle(self, signum, frame) -> None:
         name, now = signal.Signals(signum).name, time.monotonic()

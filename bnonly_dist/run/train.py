@@ -317,5 +317,9 @@ def run(cfg: Config, run_dir: Path | None = None) -> dict:
     run_ = Run(cfg, run_dir)
     try:
         return run_.train()
+    except BaseException as err:
+        with contextlib.suppress(AttributeError):  # for the failure note (cli): where the loop had got to
+            err.training_step = getattr(run_, "step", None)
+        raise
     finally:
         run_.close()
