@@ -1,17 +1,13 @@
 """Process-group setup from the launcher's environment, device choice, collectives.
 
-A process learns its place from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR, MASTER_PORT) or, under `srun`, from Slurm's (SLURM_PROCID, SLURM_NTASKS,
-SLURM_LOCALID; the master is the first host of SLURM_JOB_NODELIST and the port is derived
-from the job id, so a requeued job meets on the same port). One process per GPU.
+A process learns its place from rendezvous.environment(): torchrun's variables or, under
+`srun`, Slurm's. One process per GPU.
 """
 from __future__ import annotations
 
 import datetime
 import ipaddress
 import os
-import random
-import re
 import socket
 import struct
 from dataclasses import dataclass
@@ -20,6 +16,7 @@ import torch
 import torch.distributed as torch_dist
 
 from bnonly_dist.config import ConfigError
+from bnonly_dist.rendezvous import environment
 
 
 @dataclass(frozen=True)
@@ -32,38 +29,6 @@ class Context:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    """Slurm's compressed host list ("gpu[01-03,07],login1") as host names, in order."""
-    hosts = []
-    for prefix, ranges, single in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
-        if single:
-            hosts.append(single)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            hosts += [f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1)]
-    return hosts
-
-
-def master_port(job_id: str) -> int:
-    """A port that is a pure function of the job id (stable across requeues), below Linux's
-    ephemeral range (32768+) so that no outgoing connection on the node holds it."""
-    return random.Random(int(re.sub(r"\D", "", job_id) or 0)).randint(20_000, 32_767)
-
-
-def environment(env=os.environ) -> dict[str, str]:
-    """torchrun-style variables for this process, filled in from Slurm's when run by srun."""
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k in env}
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        job_id = env.get("SLURM_JOB_ID", "0")
-        return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
-                "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-                "MASTER_ADDR": env.get("MASTER_ADDR") or expand_nodelist(env["SLURM_JOB_NODELIST"])[0],
-                "MASTER_PORT": env.get("MASTER_PORT") or str(master_port(job_id))}
-    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
 
 
 # Texts of errors that mean a peer is gone, as gloo and NCCL word them when they reach Python

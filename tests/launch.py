@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from bnonly_dist.dist import master_port
+from bnonly_dist.rendezvous import master_port
 
 
 def free_port() -> int:

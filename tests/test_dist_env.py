@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from bnonly_dist import dist
+from bnonly_dist import dist, rendezvous
 
 
 @pytest.mark.parametrize("nodelist, hosts", [
@@ -14,29 +14,29 @@ from bnonly_dist import dist
     ("a[1,3],b[002-003]", ["a1", "a3", "b002", "b003"]),
 ])
 def test_slurm_nodelist_expands_in_order(nodelist, hosts):
-    assert dist.expand_nodelist(nodelist) == hosts
+    assert rendezvous.expand_nodelist(nodelist) == hosts
 
 
 def test_master_port_is_a_pure_function_of_the_job_id():
-    ports = {dist.master_port(str(job)) for job in range(1000, 1100)}
-    assert dist.master_port("123456") == dist.master_port("123456")  # a requeued job meets again
+    ports = {rendezvous.master_port(str(job)) for job in range(1000, 1100)}
+    assert rendezvous.master_port("123456") == rendezvous.master_port("123456")  # a requeued job meets again
     assert all(20_000 <= p < 32_768 for p in ports) and len(ports) > 90  # below the ephemeral range
 
 
 def test_slurm_variables_become_torchrun_ones():
     env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "777",
            "SLURM_JOB_NODELIST": "gpu[03-06]"}
-    assert dist.environment(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu03",
-                                     "MASTER_PORT": str(dist.master_port("777"))}
-    assert dist.environment({**env, "MASTER_PORT": "29500"})["MASTER_PORT"] == "29500"  # an explicit choice wins
+    assert rendezvous.environment(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu03",
+                                     "MASTER_PORT": str(rendezvous.master_port("777"))}
+    assert rendezvous.environment({**env, "MASTER_PORT": "29500"})["MASTER_PORT"] == "29500"  # an explicit choice wins
 
 
 def test_torchrun_variables_win_and_one_task_is_one_process():
     torchrun = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1",
                 "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
-    assert dist.environment(torchrun)["RANK"] == "1"
-    assert dist.environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})["WORLD_SIZE"] == "1"
-    assert dist.environment({})["WORLD_SIZE"] == "1"
+    assert rendezvous.environment(torchrun)["RANK"] == "1"
+    assert rendezvous.environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})["WORLD_SIZE"] == "1"
+    assert rendezvous.environment({})["WORLD_SIZE"] == "1"
 
 
 def test_a_single_process_leaves_the_environment_alone(monkeypatch):

@@ -53,11 +53,11 @@ class TrainJob:
         import submitit
         from submitit.slurm.slurm import SlurmJobEnvironment
 
-        from bnonly_dist.dist import master_port
+        from bnonly_dist.rendezvous import master_port  # not dist: this task imports no torch
         if threading.current_thread() is threading.main_thread():
             # Started with SIGINT ignored (spawn_ignoring_ctrl_c): Ctrl-C interrupts the start-up again.
             signal.signal(signal.SIGINT, signal.default_int_handler)
-        # Our port rule (see dist.master_port) rather than submitit's, which may pick an ephemeral port.
+        # Our port rule (see rendezvous.master_port) rather than submitit's, which may pick an ephemeral port.
         env = submitit.JobEnvironment()
         os.environ.setdefault("MASTER_PORT", str(master_port(env.job_id)))
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
