@@ -312,6 +312,27 @@ def test_a_stop_signal_during_start_up_is_kept_for_the_loop(caplog):
     assert signal.getsignal(signal.SIGTERM) == before and early_signals.take() == []
 
 
+@pytest.mark.parametrize("then, dies", [("taken", True), ("again later", True), ("again at once", False)])
+def test_a_kept_signal_ends_the_process_once_the_loop_is_over_or_when_it_comes_again_later(then, dies):
+    script = f"""
+import os, signal, sys, time
+from bnonly_dist.run import early_signals
+with early_signals.kept():
+    os.kill(os.getpid(), signal.SIGTERM)
+    if {then!r} == "taken":
+        early_signals.take()
+    if {then!r} == "again later":
+        time.sleep(early_signals.REPEAT_S + 0.1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    print("alive", early_signals.take(), flush=True)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    if dies:
+        assert out.returncode == -signal.SIGTERM and "alive" not in out.stdout, out.stdout + out.stderr
+    else:
+        assert out.returncode == 0 and "alive [15, 15]" in out.stdout, out.stderr
+
+
 def test_ctrl_c_stops_gracefully_then_aborts(monkeypatch):
     before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN when started in the background
     request = stop.StopRequest(every=1)

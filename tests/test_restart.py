@@ -178,21 +178,31 @@ def test_a_requeue_no_row_asked_for_is_a_failure_recorded_once_and_counted(tmp_p
     # a preemption: the run saved on a stop signal, trained nothing after it, and Slurm requeued it
     saved = tmp_path / "checkpoints" / "step_00000012"
     saved.mkdir(parents=True)
-    (saved / "commit.json").write_text(json.dumps({"step": 12, "world": 2, "engine": "ddp", "frozen_sha256": "0",
-                                                   "frozen_included": False, "final": True}))
+    (saved / "commit.json").write_text("{}")  # complete (not verified here)
+    history.note_stop(tmp_path, 12, "SIGTERM")  # what the loop leaves after its stop
     slurm_run(monkeypatch, 4)
     assert restart.account_for_requeue(tmp_path, "7", "7", 4, 1, rank=0)
     assert restart.account_for_requeue(tmp_path, "7", "7", 4, 1, rank=1)
     preempted = history.rows(tmp_path)[-1]
     assert len(history.rows(tmp_path)) == 4 and preempted["event"] == "stop" and preempted["unasked"]
     assert preempted["step"] == 12 and "after a stop with a checkpoint" in preempted["why"]
+    # the note explains only the requeue right after the stop: a node lost in the next run's start-up is a failure
+    history.note_stop(tmp_path, 12, "SIGTERM")
+    restart.note_stop(tmp_path, "7", "7", 12, "SIGUSR2: requeued")  # run 4 asked for run 5
+    slurm_run(monkeypatch, 5)
+    assert restart.account_for_requeue(tmp_path, "7", "7", 5, 3, rank=0) and not (tmp_path / "logs" / "stopped.json").exists()
+    slurm_run(monkeypatch, 6)
+    assert restart.account_for_requeue(tmp_path, "7", "7", 6, 3, rank=0) is True
+    assert history.rows(tmp_path)[-1]["cause"] == restart.UNASKED_REQUEUE
     # a retry by requeue, as submitit's tasks make it, explains the next run
     reach(tmp_path, 20)
+    slurm_run(monkeypatch, 0)
     with history.locked(tmp_path):
         restart.decide(tmp_path, "8", "8", 1, 1, "rank 0: killed by SIGKILL", 3, requeue=True)
-    slurm_run(monkeypatch, 4)
-    assert restart.account_for_requeue(tmp_path, "8", "8", 5, 3, rank=0) is True
-    assert history.rows(tmp_path)[-1]["series"] == "8" and len(history.rows(tmp_path)) == 5
+    before = len(history.rows(tmp_path))
+    slurm_run(monkeypatch, 1)
+    assert restart.account_for_requeue(tmp_path, "8", "8", 1, 3, rank=0) is True
+    assert history.rows(tmp_path)[-1]["series"] == "8" and len(history.rows(tmp_path)) == before
 
 
 def retry_cli(run_dir, *args, env=None):

@@ -160,19 +160,23 @@ def account_for_requeue(run_dir: Path, series: str, job: str, restart_count: int
                         rank: int) -> bool:
     """At the start of run restart_count of a Slurm job (SLURM_RESTART_COUNT): if no row of the run before
     asked for the requeue (a stop, a retry by requeue; history rows carry their slurm_run), Slurm requeued
-    it on its own. After a stop with a checkpoint and nothing since (a preemption: SIGTERM, then Slurm's
-    requeue) that is recorded as a stop; otherwise the run ended without a word (UNASKED_REQUEUE: a node
-    failed) and is recorded and decided as a failure. Every task gets the same answer; False: stop here."""
-    if restart_count <= 0:
-        return True
+    it on its own. After a stop with a checkpoint in the run before and nothing logged since (a
+    preemption: SIGTERM, then Slurm's requeue) that is recorded as a stop; otherwise the run ended
+    without a word (UNASKED_REQUEUE: a node failed) and is recorded and decided as a failure. Every
+    task gets the same answer; False: stop here."""
+    if restart_count <= 0 and not Path(run_dir).is_dir():
+        return True  # a first start: nothing to account for, and nothing is created before the run checks it
     with history.locked(run_dir):
+        stop = history.take_stop(run_dir)  # each start takes it: it can only explain the requeue right after it
+        if restart_count <= 0:
+            return True
         mine = [r for r in history.rows(run_dir) if r.get("series") == series]
         recorded = [r for r in mine if r.get("slurm_run") == restart_count and r.get("unasked")]
         if recorded:
             return recorded[0].get("decision") != "stop"  # another task of this run recorded it
         if any(r.get("slurm_run") == restart_count - 1 and r.get("requeue") for r in mine):
             return True
-        stop_step = _stopped_with_checkpoint(run_dir)
+        stop_step = _stopped_with_checkpoint(run_dir, stop)
         if stop_step is not None:
             history.append(run_dir, {"series": series, "job": job, "event": "stop", "step": stop_step,
                                      "why": "requeued by Slurm after a stop with a checkpoint (a preemption)",
@@ -184,18 +188,14 @@ def account_for_requeue(run_dir: Path, series: str, job: str, restart_count: int
     return row["decision"] == "retry"
 
 
-def _stopped_with_checkpoint(run_dir: Path) -> int | None:
-    """The step of the newest complete checkpoint if a stop signal saved it and nothing was logged since."""
-    from bnonly_dist.run.checkpoint_files import CheckpointDamaged, committed, read_marker, step_of
+def _stopped_with_checkpoint(run_dir: Path, stop: dict | None) -> int | None:
+    """The step of the newest complete checkpoint if the run before stopped there on a signal (stop: its
+    note, RUN/logs/stopped.json) and logged nothing after it; else None."""
+    from bnonly_dist.run.checkpoint_files import committed, step_of
     checkpoints = committed(RunPaths(Path(run_dir)).checkpoints)
-    if not checkpoints:
+    if stop is None or not checkpoints or stop.get("step") != step_of(checkpoints[-1]):
         return None
-    try:
-        final = read_marker(checkpoints[-1]).get("final") is True
-    except CheckpointDamaged:  # the resume will say so
-        return None
-    step = step_of(checkpoints[-1])
-    return step if final and history.step_reached(run_dir) <= step else None
+    return stop["step"] if history.step_reached(run_dir) <= stop["step"] else None
 
 
 def announce_restart(run_dir: Path, series: str, job: str) -> str | None:
@@ -204,8 +204,7 @@ def announce_restart(run_dir: Path, series: str, job: str) -> str | None:
     if not restart_pending(run_dir, series):
         return None
     failed = [r for r in history.rows(run_dir) if r.get("series") == series][-1]
-    from bnonly_dist.run.checkpoint import latest_good  # torch: only a restart needs it
-    from bnonly_dist.run.checkpoint_files import step_of
+    from bnonly_dist.run.checkpoint_files import latest_good, step_of
     checkpoint = latest_good(run_dir)
     start = step_of(checkpoint) if checkpoint else 0
     lost = max(0, failed["step"] - start)

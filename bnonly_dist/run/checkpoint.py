@@ -35,6 +35,7 @@ from bnonly_dist.run.checkpoint_files import (
     committed,
     damaged,
     fsync_dir,
+    latest_good,
     move_aside,
     read_marker,
     step_dir,
@@ -90,17 +91,6 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 def latest(run_dir: Path) -> Path | None:
     found = complete_checkpoints(run_dir)
     return found[-1] if found else None
-
-
-def latest_good(run_dir: Path) -> Path | None:
-    """The newest checkpoint that verifies (read-only: damaged ones are skipped, not moved)."""
-    for path in reversed(complete_checkpoints(run_dir)):
-        try:
-            verify(path)
-            return path
-        except CheckpointDamaged as err:
-            log.warning("skipping damaged checkpoint: %s", err)
-    return None
 
 
 def read_commit(path: Path) -> dict:

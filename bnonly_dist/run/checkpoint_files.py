@@ -158,3 +158,14 @@ def newest_identity(folder: Path) -> tuple[Path, dict] | None:
         if isinstance(identity, dict):
             return path, identity
     return None
+
+
+def latest_good(run_dir: Path) -> Path | None:
+    """The newest checkpoint of a run that verifies (read-only: damaged ones are skipped, not moved)."""
+    for path in reversed(committed(Path(run_dir) / "checkpoints")):
+        try:
+            verify(path)
+            return path
+        except CheckpointDamaged as err:
+            log.warning("skipping damaged checkpoint: %s", err)
+    return None

@@ -5,22 +5,30 @@ seconds (a preemption; a submitit task passing one on to the training it started
 launch/supervise.py), long before the loop's StopRequest is in place (imports, process
 group, data, model, resume). kept() holds them from the start of the command until a
 StopRequest takes them over (take()), so the run still stops with a checkpoint after the
-same step on every rank instead of dying on some ranks while others wait for them.
+same step on every rank instead of dying on some ranks while others wait for them. The
+same signal again a second later, or any after the loop has ended, ends the process as
+the default would.
 Only the standard library: it must be in place before torch is imported.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
+import time
 
 KEPT = (signal.SIGUSR2, signal.SIGTERM)
-_kept: list[int] = []
+REPEAT_S = 1.0  # the same signal again after this long ends the process (a start-up that hangs)
+_kept: list[tuple[int, float]] = []
+_taken = False
 
 
 @contextlib.contextmanager
 def kept():
     """Inside: SIGUSR2 and SIGTERM are kept for the StopRequest to come; the handlers before are back after."""
+    global _taken
+    _taken = False
     previous = {}
     if threading.current_thread() is threading.main_thread():  # handlers live in the main thread
         previous = {s: signal.signal(s, _keep) for s in KEPT}
@@ -30,14 +38,24 @@ def kept():
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _kept.clear()
+        _taken = False
 
 
 def _keep(signum, frame) -> None:
-    _kept.append(signum)
+    """Kept for the loop; after the loop took over (its handlers are gone again: the run is finishing), or
+    when the same signal comes again later than REPEAT_S, the signal's default: the process ends."""
+    now = time.monotonic()
+    if _taken or any(kept == signum and now - at > REPEAT_S for kept, at in _kept):
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    _kept.append((signum, now))
 
 
 def take() -> list[int]:
-    """The signals kept so far, oldest first; they are the caller's now."""
-    taken = list(_kept)
+    """The signals kept so far, oldest first; they are the caller's (a StopRequest's) now."""
+    global _taken
+    taken = [signum for signum, _ in _kept]
     _kept.clear()
+    _taken = True
     return taken

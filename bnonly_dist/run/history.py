@@ -119,3 +119,20 @@ def failures_since(run_dir: Path, since: float) -> list[dict]:
             if isinstance(note, dict) and note.get("unix_time", 0) >= since:
                 notes.append(note)
     return sorted(notes, key=lambda n: n.get("rank", 0))
+
+
+def note_stop(run_dir: Path, step: int, signal_name: str | None) -> None:
+    """The run stopped on a signal with a checkpoint of step (best effort, like note_failure)."""
+    with contextlib.suppress(OSError):
+        RunPaths(Path(run_dir)).stopped.write_text(json.dumps({"unix_time": time.time(), "step": step,
+                                                               "signal": signal_name}) + "\n")
+
+
+def take_stop(run_dir: Path) -> dict | None:
+    """The last stop noted and not yet taken; taken now (the next stop writes a new one)."""
+    path = RunPaths(Path(run_dir)).stopped
+    with contextlib.suppress(OSError, ValueError):
+        note = json.loads(path.read_text())
+        path.unlink()
+        return note if isinstance(note, dict) else None
+    return None

@@ -6,7 +6,7 @@
     RUN/eval.jsonl       evaluations asked for with `bnonly eval` (never mixed into metrics.jsonl)
     RUN/summary.json     final metrics and the fingerprint of the final model
     RUN/tb/              TensorBoard events
-    RUN/logs/            each rank's text log
+    RUN/logs/            each rank's text log; failure.rank<r>.json and stopped.json for restarts
     RUN/checkpoints/     step_XXXXXXXX/ folders (see checkpoint.py)
     RUN/history.jsonl    failures and restarts: one row per decision (see history.py)
     RUN/slurm/           submitit's folder of a launched run (scripts, task logs), and job_id
@@ -61,6 +61,11 @@ class RunPaths:
     @property
     def history(self) -> Path:
         return self.root / "history.jsonl"
+
+    @property
+    def stopped(self) -> Path:
+        """The last stop on a signal with a checkpoint, until the next run's requeue accounting reads it."""
+        return self.logs / "stopped.json"
 
     @property
     def slurm(self) -> Path:

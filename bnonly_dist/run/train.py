@@ -26,7 +26,7 @@ from bnonly_dist.config.catalog import num_classes
 from bnonly_dist.data.layout import check_num_classes
 from bnonly_dist.models.bn_groups import average_running_statistics
 from bnonly_dist.logs import setup_logging
-from bnonly_dist.run import paths, rundir
+from bnonly_dist.run import history, paths, rundir
 from bnonly_dist.run.bn_stats import gamma_stats
 from bnonly_dist.run.checkpoint import Checkpointer, fingerprint
 from bnonly_dist.run.evaluate import evaluate
@@ -159,6 +159,7 @@ class Run:
         console = logging_redirect_tqdm() if shown else contextlib.nullcontext()
         console.__enter__()  # left in the finally below (a with block would re-indent the loop)
         started, first = time.perf_counter(), True
+        self.looping = True  # from here a failure has a step (run() leaves it on the error)
         try:
             while self.step < self.end:
                 epoch, offset = divmod(self.step, self.steps_per_epoch)
@@ -268,6 +269,8 @@ class Run:
     def stopped(self, stop: StopRequest) -> dict:
         """All ranks agreed to stop on a signal: save together and leave without a summary."""
         path = self.ckpt.save(self.step, final=True)  # collective
+        if self.ctx.is_main:  # for the requeue that may follow (launch/restart.py: a preemption, not a failure)
+            history.note_stop(self.run_dir, self.step, stop.signal_name)
         log.warning("stopped at step %d by %s; checkpoint %s; run the same command to resume", self.step,
                     stop.signal_name or "a signal to another rank", path)
         self.close()
@@ -318,8 +321,9 @@ def run(cfg: Config, run_dir: Path | None = None) -> dict:
     try:
         return run_.train()
     except BaseException as err:
-        with contextlib.suppress(AttributeError):  # for the failure note (cli): where the loop had got to
-            err.training_step = getattr(run_, "step", None)
+        if getattr(run_, "looping", False):
+            with contextlib.suppress(AttributeError):  # for the failure note (cli): where the loop had got to
+                err.training_step = run_.step
         raise
     finally:
         run_.close()
