@@ -83,6 +83,10 @@ def _same(a: str, b: str) -> bool:
     return re.sub(r"\d+", "#", a) == re.sub(r"\d+", "#", b)
 
 
+def _series_rows(run_dir: Path, series: str) -> list[dict]:
+    return [r for r in history.rows(run_dir) if r.get("series") == series]
+
+
 def _failures(run_dir: Path, series: str | None = None) -> list[dict]:
     return [r for r in history.rows(run_dir) if r.get("event") == "failure"
             and (series is None or r.get("series") == series)]
@@ -110,13 +114,12 @@ def pick_cause(notes: list[dict], code: int) -> tuple[int, str]:
 
 
 def decide(run_dir: Path, series: str, job: str, attempt: int, code: int | None, cause: str, max_failures: int,
-           requeue: bool = False, unasked: bool = False, notes: list[dict] = ()) -> dict:
+           requeue: bool = False, notes: list[dict] = ()) -> dict:
     """Record and return the decision about a failed attempt (the caller holds history.locked); requeue:
-    a retry is a Slurm requeue; unasked: the failure is a requeue by Slurm alone (rows say so for
-    account_for_requeue)."""
+    a retry is a Slurm requeue (rows say so, and say a requeue by Slurm alone, for account_for_requeue)."""
     step = history.step_reached(run_dir, notes)
     earlier = _failures(run_dir)
-    used = sum(r.get("decision") == "retry" for r in _failures(run_dir, series))
+    used = sum(r.get("decision") == "retry" for r in earlier if r.get("series") == series)
     previous = earlier[-1] if earlier else None
     retry = False
     if code in NEVER_RETRIED:
@@ -135,7 +138,7 @@ def decide(run_dir: Path, series: str, job: str, attempt: int, code: int | None,
                                     "step": step, "exit": code, "cause": cause,
                                     "decision": "retry" if retry else "stop", "why": why,
                                     **({"requeue": True} if retry and requeue else {}),
-                                    **({"unasked": True} if unasked else {})})
+                                    **({"unasked": True} if cause == UNASKED_REQUEUE else {})})
 
 
 def decision_line(row: dict, run_dir: Path) -> str:
@@ -170,7 +173,7 @@ def account_for_requeue(run_dir: Path, series: str, job: str, restart_count: int
         stop = history.take_stop(run_dir)  # each start takes it: it can only explain the requeue right after it
         if restart_count <= 0:
             return True
-        mine = [r for r in history.rows(run_dir) if r.get("series") == series]
+        mine = _series_rows(run_dir, series)
         recorded = [r for r in mine if r.get("slurm_run") == restart_count and r.get("unasked")]
         if recorded:
             return recorded[0].get("decision") != "stop"  # another task of this run recorded it
@@ -182,8 +185,7 @@ def account_for_requeue(run_dir: Path, series: str, job: str, restart_count: int
                                      "why": "requeued by Slurm after a stop with a checkpoint (a preemption)",
                                      "unasked": True})
             return True
-        row = decide(run_dir, series, job, attempt_number(run_dir, series), None, UNASKED_REQUEUE, max_failures,
-                     unasked=True)
+        row = decide(run_dir, series, job, attempt_number(run_dir, series), None, UNASKED_REQUEUE, max_failures)
     say(decision_line(row, run_dir), run_dir, rank)
     return row["decision"] == "retry"
 
@@ -191,9 +193,9 @@ def account_for_requeue(run_dir: Path, series: str, job: str, restart_count: int
 def _stopped_with_checkpoint(run_dir: Path, stop: dict | None) -> int | None:
     """The step of the newest complete checkpoint if the run before stopped there on a signal (stop: its
     note, RUN/logs/stopped.json) and logged nothing after it; else None."""
-    from bnonly_dist.run.checkpoint_files import committed, step_of
-    checkpoints = committed(RunPaths(Path(run_dir)).checkpoints)
-    if stop is None or not checkpoints or stop.get("step") != step_of(checkpoints[-1]):
+    from bnonly_dist.run.checkpoint_files import latest, step_of
+    newest = latest(run_dir)
+    if stop is None or newest is None or stop.get("step") != step_of(newest):
         return None
     return stop["step"] if history.step_reached(run_dir) <= stop["step"] else None
 
@@ -201,9 +203,10 @@ def _stopped_with_checkpoint(run_dir: Path, stop: dict | None) -> int | None:
 def announce_restart(run_dir: Path, series: str, job: str) -> str | None:
     """At the start of an attempt that follows a retry decision: record which checkpoint it
     resumes from and how many steps were lost; the line to log (None on a first attempt)."""
-    if not restart_pending(run_dir, series):
+    mine = _series_rows(run_dir, series)
+    if not _retry_pending(mine):
         return None
-    failed = [r for r in history.rows(run_dir) if r.get("series") == series][-1]
+    failed = mine[-1]
     from bnonly_dist.run.checkpoint_files import latest_good, step_of
     checkpoint = latest_good(run_dir)
     start = step_of(checkpoint) if checkpoint else 0
@@ -217,8 +220,11 @@ def announce_restart(run_dir: Path, series: str, job: str) -> str | None:
 
 def restart_pending(run_dir: Path, series: str) -> bool:
     """The series' last row is a decision to retry that no attempt has taken up yet."""
-    mine = [r for r in history.rows(run_dir) if r.get("series") == series]
-    return bool(mine) and mine[-1].get("event") == "failure" and mine[-1].get("decision") == "retry"
+    return _retry_pending(_series_rows(run_dir, series))
+
+
+def _retry_pending(rows: list[dict]) -> bool:
+    return bool(rows) and rows[-1].get("event") == "failure" and rows[-1].get("decision") == "retry"
 
 
 def after_failure(run_dir: Path, code: int, line: str, series: str, job: str, attempt: int, rank: int,
@@ -232,11 +238,17 @@ def after_failure(run_dir: Path, code: int, line: str, series: str, job: str, at
         made = [r for r in _failures(run_dir, series) if r.get("attempt") == attempt]
         if made:
             return made[-1]["decision"] == "retry", False  # another task decided for this attempt
-        notes = history.failures_since(run_dir, since)
-        code, cause = pick_cause(notes, code)
-        row = decide(run_dir, series, job, attempt, code, cause, max_failures, requeue, notes=notes)
+        row = _decide_from_notes(run_dir, series, job, attempt, code, since, max_failures, requeue)
     say(decision_line(row, run_dir), run_dir, rank)
     return row["decision"] == "retry", True
+
+
+def _decide_from_notes(run_dir: Path, series: str, job: str, attempt: int, code: int, since: float,
+                       max_failures: int, requeue: bool = False) -> dict:
+    """The decision about an attempt that ended with code, from the failure notes written since it began."""
+    notes = history.failures_since(run_dir, since)
+    code, cause = pick_cause(notes, code)
+    return decide(run_dir, series, job, attempt, code, cause, max_failures, requeue, notes=notes)
 
 
 def say(line: str, run_dir: Path, rank: int) -> None:
@@ -256,10 +268,7 @@ def requeue(job_id: str) -> None:
 def retry_command(run_dir: Path, code: int, series: str, since: float, max_failures: int) -> bool:
     """`bnonly retry`: the sbatch scripts' decision after srun returned code; True to run again."""
     with history.locked(run_dir):
-        attempt = attempt_number(run_dir, series)
-        notes = history.failures_since(run_dir, since)
-        code, cause = pick_cause(notes, code)
-        row = decide(run_dir, series, series, attempt, code, cause, max_failures, notes=notes)
+        row = _decide_from_notes(run_dir, series, series, attempt_number(run_dir, series), code, since, max_failures)
     print(decision_line(row, run_dir), flush=True)
     if row["decision"] != "retry":
         return False
@@ -278,7 +287,7 @@ def start_command(run_dir: Path, series: str, restart_count: int, max_failures: 
 
 def stop_command(run_dir: Path, series: str) -> None:
     """`bnonly retry --stopped`: the sbatch scripts record a planned stop before they requeue the job."""
-    from bnonly_dist.run.checkpoint_files import committed, step_of
-    checkpoints = committed(RunPaths(Path(run_dir)).checkpoints)
-    note_stop(run_dir, series, series, step_of(checkpoints[-1]) if checkpoints else 0,
+    from bnonly_dist.run.checkpoint_files import latest, step_of
+    newest = latest(run_dir)
+    note_stop(run_dir, series, series, step_of(newest) if newest else 0,
               "stopped with a checkpoint (time limit or preemption); the script requeues the job")

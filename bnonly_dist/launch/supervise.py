@@ -28,7 +28,7 @@ import yaml
 
 from bnonly_dist.launch import restart
 from bnonly_dist.run import history
-from bnonly_dist.run.checkpoint_files import committed, step_of
+from bnonly_dist.run.checkpoint_files import latest, step_of
 from bnonly_dist.run.paths import RunPaths
 
 FORWARDED = (signal.SIGUSR2, signal.SIGTERM)
@@ -106,8 +106,7 @@ def result(run_dir: Path) -> dict:
         summary = json.loads(paths.summary.read_text())
         if isinstance(summary, dict):
             return summary
-    checkpoints = committed(paths.checkpoints)
-    newest = checkpoints[-1] if checkpoints else None
+    newest = latest(run_dir)
     return {"run_dir": str(run_dir), "step": step_of(newest) if newest else 0, "finished": False, "stopped": True,
             "checkpoint": str(newest) if newest else None}
 

@@ -35,6 +35,7 @@ from bnonly_dist.run.checkpoint_files import (
     committed,
     damaged,
     fsync_dir,
+    latest,
     latest_good,
     move_aside,
     read_marker,
@@ -86,11 +87,6 @@ def _folder(run_dir: Path) -> Path:
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Committed checkpoints (step_* with a marker), oldest first; not verified."""
     return committed(_folder(run_dir))
-
-
-def latest(run_dir: Path) -> Path | None:
-    found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
 
 
 def read_commit(path: Path) -> dict:

@@ -160,6 +160,12 @@ def newest_identity(folder: Path) -> tuple[Path, dict] | None:
     return None
 
 
+def latest(run_dir: Path) -> Path | None:
+    """The newest committed checkpoint of a run (not verified), or None."""
+    found = committed(Path(run_dir) / "checkpoints")
+    return found[-1] if found else None
+
+
 def latest_good(run_dir: Path) -> Path | None:
     """The newest checkpoint of a run that verifies (read-only: damaged ones are skipped, not moved)."""
     for path in reversed(committed(Path(run_dir) / "checkpoints")):

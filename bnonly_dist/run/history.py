@@ -25,6 +25,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bnonly_dist.run.checkpoint_files import latest, step_of
 from bnonly_dist.run.paths import RunPaths
 
 
@@ -80,11 +81,8 @@ def step_reached(run_dir: Path, notes: list[dict] = ()) -> int:
     if noted:
         return max(noted)
     paths = RunPaths(Path(run_dir))
-    step = 0
-    if paths.checkpoints.is_dir():
-        for folder in paths.checkpoints.glob("step_*"):
-            if folder.name[5:].isdigit() and (folder / "commit.json").is_file():
-                step = max(step, int(folder.name[5:]))
+    newest = latest(run_dir)
+    step = step_of(newest) if newest else 0
     if paths.metrics.is_file():
         with open(paths.metrics, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))  # the tail holds the last rows
