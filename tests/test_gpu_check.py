@@ -181,7 +181,8 @@ def test_the_cuda_tests_are_a_list_and_one_not_in_the_checkout_is_left_out_with_
     repo = tmp_path / "repo"
     (repo / "tests").mkdir(parents=True)
     (repo / "tests" / "test_gpu.py").write_text("def test_x():\n    pass\n")
-    (repo / "tests" / "test_bn_groups.py").write_text("def test_on_the_gpu_groups_and_local_statistics_match_the_reference(): pass\n")
+    (repo / "tests" / "test_bn_groups.py").write_text(
+        "def test_on_the_gpu_groups_and_local_statistics_match_the_reference(): pass\n")
     tests = gpu_parts.parts(tmp_path, tmp_path, rehearse=False, gpus=1, repo=repo)[0]
     assert tests.name == "cuda-tests" and tests.env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] == "1" and "--durations=0" in tests.cmd
     assert [a for a in tests.cmd if a.startswith("tests/")] == list(gpu_parts.CUDA_TESTS[:2])

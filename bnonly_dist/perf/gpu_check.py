@@ -110,7 +110,8 @@ class Check:
         lines = output.strip().splitlines() or [""]
         seconds = time.monotonic() - start
         if code is None:
-            return self.record(name, "timed out", f"killed after {limit:.0f} s with its process group; see {LOGS}: logs/{log.name}",
+            return self.record(name, "timed out",
+                               f"killed after {limit:.0f} s with its process group; see {LOGS}: logs/{log.name}",
                                seconds, command=cmd, stdout=output[-6000:], last_lines=lines[-5:])
         status = "passed" if code == 0 else "failed"
         detail = lines[-1] if code == 0 else f"exit {code}: {lines[-1][:200]}; see {LOGS}: logs/{log.name}"

@@ -135,7 +135,8 @@ def parts(out: Path, scratch: Path, rehearse: bool, gpus: int, select_tests: str
                     ("gpu", "config"), json=path)
 
     listed = [
-        Part("cuda-tests", 120, tests, ("config", "pytest"), env={**PYTEST_ENV, **({TEST_DEVICE_ENV: device} if rehearse else {})},
+        Part("cuda-tests", 120, tests, ("config", "pytest"),
+             env={**PYTEST_ENV, **({TEST_DEVICE_ENV: device} if rehearse else {})},
              note=f"not in this checkout, left out (gpu_parts.CUDA_TESTS): {', '.join(missing)}" if missing else ""),
         bench("bench-imagenet-resnet50", 90, rn50, "all,naive,bn-plain,bn-lean", [*steps, "--max-batch-limit", "0"]),
         Part("dali-data", 30, [py, "-c", FAKE_IMAGENET, str(data), *data_args], ("gpu", "config", "dali")),
