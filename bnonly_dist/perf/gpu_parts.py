@@ -116,7 +116,7 @@ def parts(out: Path, scratch: Path, rehearse: bool, gpus: int, select_tests: str
         rn200 = ["configs/imagenet_resnet50.yaml", "model.arch=imagenet_resnet_200", "data.batch_size=128",
                  "train.bn_batch=128"]
         steps, max_limit = ["--steps", "10", "--warmup", "3"], "4096"
-        classes, distinct, sides, dali_batch, mixed = 8, 40, (333, 500), 128, "mixed"
+        classes, distinct, sides, dali_batch, mixed = 8, 24, (333, 500), 128, "mixed"
     precision = ["train.precision=bf16", "train.channels_last=true", f"train.device={device}"]
     data = scratch / "fake-imagenet"
     data_args = [str(classes), str(distinct), str(fake_imagenet_size(dali_batch, classes)), *map(str, sides)]
