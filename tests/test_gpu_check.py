@@ -160,7 +160,7 @@ def test_a_wheel_folder_for_another_python_is_refused_before_anything_runs(tmp_p
     (wheels_dir / f"probe_core-1.0-cp3{other[2:]}-cp3{other[2:]}-manylinux_2_17_x86_64.whl").write_bytes(b"")
     proc = refusal(["--rehearse", "--wheels", "wheels", "--out", "out"], tmp_path)
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
-    assert f"1 wheels do not install on this Python {here}" in proc.stderr and f"built for {other}" in proc.stderr
+    assert f"1 wheels do not install on this Python {here}" in proc.stderr and f"built for Python {other})" in proc.stderr
     assert f"make gpu-wheels WHEELS=DIR NODE_PYTHON={here}" in proc.stderr and not (tmp_path / "out").exists()
 
 

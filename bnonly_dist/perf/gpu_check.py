@@ -196,10 +196,10 @@ def wheels_problem(folder: Path | None) -> str | None:
     if not wrong:
         return None
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
-    built = wheels.pythons_of(wrong)
+    built = [version for version in wheels.pythons_of(wrong) if version != here]
     return (f"--wheels {folder}: {len(wrong)} wheels do not install on this Python {here} "
             f"({wrong[0]}{' ...' if len(wrong) > 1 else ''}; built for "
-            f"{' and '.join(built) if built else 'another platform'}); build the folder for this node: "
+            f"{'Python ' + ' and '.join(built) if built else 'another platform'}); build the folder for this node: "
             f"make gpu-wheels WHEELS=DIR NODE_PYTHON={here}")
 
 
