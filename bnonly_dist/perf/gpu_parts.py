@@ -28,7 +28,7 @@ NEEDED = ("pydantic", "submitit", "deepspeed", "nvidia.dali", "pytest")  # modul
 TEST_DEVICE_ENV = "BNONLY_TEST_DEVICE"  # tests/test_gpu.py runs on this device (default cuda)
 # The cuda tests the check runs (pytest node ids or files): edit this list to add or drop one.
 # tests/test_gpu.py holds the ZeRO-1 bf16 frozen-weights test (test_deepspeed_single_gpu_computes_in_bf16).
-# An id not in the checkout is left out with a line in the report (cuda_tests_missing).
+# An id not in the checkout is left out and named in the cuda-tests part's detail (pytest would run nothing).
 CUDA_TESTS = (
     "tests/test_gpu.py",
     "tests/test_bn_groups.py::test_on_the_gpu_groups_and_local_statistics_match_the_reference",
@@ -49,7 +49,7 @@ if "skipped" in rate:
     print("DALI rate refused: " + rate["skipped"], flush=True)
 os._exit(1 if "skipped" in rate else 0)  # not DALI's teardown of threads and pipelines: it took seconds
 """
-# Photo-like JPEGs take ~20 ms each to write: a few per class are written, the rest of an
+# Photo-like JPEGs take tens of milliseconds each to write: a few per class are written, the rest of an
 # epoch are hard links to them (the same bytes to decode, no time to write).
 FAKE_IMAGENET = """
 import os, sys
@@ -124,7 +124,7 @@ def parts(out: Path, scratch: Path, rehearse: bool, gpus: int, select_tests: str
     dali = ["configs/imagenet_resnet50.yaml", f"data.root={data}", f"data.batch_size={dali_batch}",
             f"train.bn_batch={dali_batch}",
             f"data.num_threads={threads}", f"train.device={device}"]
-    missing = [t for t in CUDA_TESTS if not present(t, repo)]  # pytest would run nothing, naming one of them
+    missing = [t for t in CUDA_TESTS if not present(t, repo)]
     tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0",
              *(t for t in CUDA_TESTS if t not in missing), f"--junitxml={out / 'cuda-tests.xml'}",
              *(["-k", select_tests] if select_tests else [])]
