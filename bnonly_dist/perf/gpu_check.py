@@ -1,27 +1,28 @@
 """`python -m bnonly_dist.gpu_check --wheels DIR --out DIR`: the GPU path validated and measured
 in one run of at most 8 minutes on one GPU node that cannot download anything.
 
-The wheel folder is first checked against this Python's tags (one line naming a mismatch and
-the `make gpu-wheels NODE_PYTHON=X.Y` that builds the right one), before the budget's clock
-starts. Installs what is missing (pydantic, submitit, DeepSpeed, DALI, pytest) from the
-folder (`make gpu-wheels` builds it; offline, into a scratch folder, put first on the
-PYTHONPATH of every part), then runs the parts of gpu_parts.py in the order of their value: the `cuda` tests,
-`bnonly bench` for ImageNet ResNet-50 and ResNet-200 (bf16, channels_last; mode=all against
-the BN-only variants), the DALI pipeline alone on generated ImageNet-size JPEGs, and the
-largest batch. Each part runs in a process group of its own under its own time limit; one
-that outlives it is killed with every process it started and reported "timed out" with what
-it printed so far, and the next part runs. Everything a person needs lands as at most
-MAX_OUT_FILES files directly in OUT, so that one copy brings it back from a node:
-report.md, report.json, cuda-tests.xml, logs.tar.gz (each part's log) and the bench JSONs.
-The installed wheels, the generated JPEGs and the logs before they are archived live in a
-scratch folder (TMPDIR), removed at the end. The
+The wheel folder is first checked against this Python's tags (one line naming a mismatch
+and the `make gpu-wheels NODE_PYTHON=X.Y` that builds the right one), before the budget's
+clock starts. Installs what is missing (pydantic, submitit, DeepSpeed, DALI, pytest) from
+the folder (`make gpu-wheels` builds it; offline, into a scratch folder, put first on the
+PYTHONPATH of every part), then runs the parts of gpu_parts.py in the order of their value:
+the `cuda` tests, `bnonly bench` for ImageNet ResNet-50 and ResNet-200 (bf16, channels_last;
+mode=all against the BN-only variants), the DALI pipeline alone on generated ImageNet-size
+JPEGs, and the largest batch. Each part runs in a process group of its own under its own
+time limit; one that outlives it is killed with every process it started and reported
+"timed out" with what it printed so far, and the next part runs.
+
+Everything a person needs lands as at most MAX_OUT_FILES files directly in OUT, so that one
+copy brings it back from a node: report.md, report.json, cuda-tests.xml, logs.tar.gz (each
+part's log) and the bench JSONs. The installed wheels, the generated JPEGs and the logs
+before they are archived live in a scratch folder (under TMPDIR), removed at the end. The
 exit code is 0 when the essential parts (cuda tests, ResNet-50 bench, DALI mixed decode)
-passed, else 1 (2: bad arguments). Imports only the standard library and torch, so it starts
-before anything is installed.
+passed, else 1 (2: bad arguments, refused before anything is written). Imports only the
+standard library and torch, so it starts before anything is installed.
 
 `--rehearse` runs every part on the CPU at tiny sizes (gpu_parts.py), installing every wheel
-of the folder: the CI's proof that the check itself works. Its limits
-are the GPU's times REHEARSAL_SCALE: two shared CPU cores start Python and torch far slower
+of the folder: the CI's proof that the check itself works. Its limits are the GPU's times
+REHEARSAL_SCALE: two shared CPU cores start Python and torch far slower
 than a GPU node's 16.
 """
 from __future__ import annotations
