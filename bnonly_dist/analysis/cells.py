@@ -71,11 +71,12 @@ class Cell:
         return [r.summary["final"]["top1"] for r in self.records]
 
 
-def mean_std(values: list[float | None]) -> tuple[float, float] | None:
+def mean_std(values: list[float | None]) -> tuple[float, float | None, int] | None:
+    """(mean, standard deviation, n) of the values given; the deviation is None for one value (no spread)."""
     values = [v for v in values if v is not None]
     if not values:
         return None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values)
 
 
 def _label(setting: dict, others: list[dict]) -> str:
