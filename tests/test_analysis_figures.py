@@ -77,6 +77,7 @@ def assert_readable(name: str, f: dict) -> None:
         assert inside(box, f["bbox"]), f"{name}: {text!r} runs off the image ({box} outside {f['bbox']})"
     for legend in f["legends"]:
         assert inside(legend, f["bbox"]), f"{name}: the legend runs off the image"
+        assert not any(legend.overlaps(plot) for plot in f["axes_boxes"]), f"{name}: the legend hides data"
 
 
 def groups_of(strips: list[float]) -> list[list[float]]:
@@ -131,6 +132,8 @@ def test_claim_figures_label_every_group_once_under_itself(drawn, tmp_path):
     (axes,) = drawn["claim2_bn_vs_random_one.png"]["axes"]  # ResNet-32: bn and random_per_channel, two strips
     assert [label for label, _ in axes["major"]] == ["ResNet-32"] and len(axes["strips"]) == 2
     assert sorted(text for _, text in axes["minor"]) == ["bn", "random_per_channel"]
+    (ordering,) = drawn["claim4_ordering_one.png"]["axes"]  # no run of claim 4's own modes: the net claim 4 reads
+    assert [label for label, _ in ordering["major"]] == ["ResNet-14"]
     for name, f in drawn.items():
         assert_readable(name, f)
 

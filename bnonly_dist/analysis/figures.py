@@ -12,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from bnonly_dist.analysis.cells import Cell  # noqa: E402
 from bnonly_dist.analysis.gamma import GammaReport  # noqa: E402
@@ -109,26 +111,33 @@ def gamma_figures(cells: list[Cell], reports: dict[str, GammaReport], folder: Pa
         stages = sorted({bn_stage(n) for n in reports[str(runs[0].run_dir)].layers}, key=lambda s: (s != "stem", s))
         fig, axes = plt.subplots(2, len(stages), figsize=(3.2 * len(stages), 5.5), dpi=110, squeeze=False,
                                  layout="constrained")
-        for mode in sorted({r.cfg.mode for r in runs}):
+        modes, small, frozen = sorted({r.cfg.mode for r in runs}), defaultdict(list), False
+        for mode in modes:
             mine = [reports[str(r.run_dir)] for r in runs if r.cfg.mode == mode]
             for col, stage in enumerate(stages):
                 for row, kind in enumerate(("layers", "betas")):
                     values = torch.cat([t for rep in mine for n, t in getattr(rep, kind).items()
                                         if bn_stage(n) == stage]).numpy()
+                    if kind == "layers":
+                        small[stage].append(f"{mode} {100 * (abs(values) < threshold).mean():.0f} %")
                     if values.std() == 0:  # frozen (e.g. beta = 0 when BN does not train): a line, not a spike
-                        axes[row, col].axvline(values[0], color=COLORS.get(mode), linestyle=":",
-                                               label=f"{mode} (all {values[0]:g})")
+                        axes[row, col].axvline(values[0], color=COLORS.get(mode), linestyle=":")
+                        frozen = True
                         continue
-                    small = "" if kind == "betas" else f", {100 * (abs(values) < threshold).mean():.0f}% small"
                     axes[row, col].hist(values, bins=40, density=True, histtype="step", linewidth=1.4,
-                                        color=COLORS.get(mode), label=f"{mode}{small}")
-        for col, stage in enumerate(stages):
-            axes[0, col].set_title(stage)
+                                        color=COLORS.get(mode))
+        for col, stage in enumerate(stages):  # the shares in the titles, the modes in one legend: no data covered
+            axes[0, col].set_title(f"{stage}\n" + textwrap.fill(f"|γ| < {threshold:g}: " + ", ".join(small[stage]), 40),
+                                   fontsize=9)
             for row, name in enumerate(("gamma", "beta")):
                 axes[row, col].set_xlabel(name)
-                axes[row, col].legend(fontsize=7)
+                axes[row, col].xaxis.set_major_locator(MaxNLocator(4))  # beta's small numbers: no labels overlap
                 axes[row, col].grid(alpha=0.3)
             axes[0, col].axvspan(-threshold, threshold, color="gray", alpha=0.2)
+        handles = [Line2D([], [], color=COLORS.get(mode), label=mode) for mode in modes]
+        if frozen:
+            handles.append(Line2D([], [], color="gray", linestyle=":", label="dotted: did not train (one value)"))
+        legend_below(fig, handles, [h.get_label() for h in handles])
         axes[0, 0].set_ylabel("density")
         axes[1, 0].set_ylabel("density")
         fig.suptitle(textwrap.fill(f"{dataset} {arch}{' (' + setting + ')' if setting else ''}: BN parameters after "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,8 +49,8 @@ RUN_MARKS = ("summary.json", "metrics.jsonl", "checkpoints")  # what a run leave
 
 def _find_runs(folder: Path, found: list[Path], visited: set[Path]) -> None:
     """Run directories (a folder holding config.yaml) at any depth under folder, e.g. runs/<sweep>/<run>;
-    a run directory's own folders are not searched, nor hidden ones; a folder that looks like a run
-    without its config.yaml is said and skipped."""
+    a run directory's own folders are not searched, nor hidden ones, nor a data set's; a folder that
+    looks like a run without its config.yaml is said and skipped."""
     real = folder.resolve()
     if real in visited:  # a link back up the tree
         return
@@ -62,8 +63,11 @@ def _find_runs(folder: Path, found: list[Path], visited: set[Path]) -> None:
                     "trained with there as config.yaml to include it", folder,
                     " and ".join(m for m in RUN_MARKS if (folder / m).exists()))
         return
+    if (folder / "data_batch_1").is_file() or ((folder / "train").is_dir() and (folder / "val").is_dir()):
+        return  # a data set (runs/data/ of `make demo`): thousands of image folders, no runs
     try:
-        children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        with os.scandir(folder) as entries:  # the entries' types without a stat each
+            children = sorted(Path(e.path) for e in entries if e.is_dir() and not e.name.startswith("."))
     except OSError as err:
         log.warning("skipping %s: cannot list it (%s)", folder, err.strerror)
         return
