@@ -155,9 +155,10 @@ def test_a_copied_run_is_counted_once(mini_sweep, tmp_path):
 def test_the_unfinished_run_is_skipped_saying_why(mini_sweep, caplog):
     _, root = mini_sweep
     with caplog.at_level(logging.WARNING):
-        assert runs.read(root / "runs" / "unfinished") is None
-    assert "not finished; its summary.json is from step 2, before the end its config.yaml asks for (optim.epochs=1)" \
-        in caplog.text
+        assert len(runs.collect([root / "runs"])) == 12  # runs/mini/<run> found below runs/
+    assert f"skipping {root / 'runs' / 'unfinished'}: not finished; its summary.json is from step 2, before the end " \
+        "its config.yaml asks for (optim.epochs=1)" in caplog.text
+    assert "1 of 13 run directories skipped, each for the reason said above" in caplog.text
 
 
 def test_a_trial_finished_at_its_max_steps_is_finished_for_train_analyze_and_sweeps(tiny_cfg, tmp_path, capsys,

@@ -168,6 +168,6 @@ def collect(paths: list[str | Path]) -> list[RunRecord]:
                 records.append(record)
             else:
                 skipped += 1
-    if skipped:
+    if skipped and records:  # with none read, the caller's one error line says so
         log.warning("%d of %d run directories skipped, each for the reason said above", skipped, len(seen))
     return records
