@@ -78,7 +78,7 @@ def _strips(fig, ax, groups: list[tuple[str, list[Strip]]], paper_label: str = "
     ax.set_xticks([p for p, _ in strips], [n for _, n in strips], minor=True, fontsize=7, rotation=90)
     fig.canvas.draw()  # the strips' names are laid out: the group names go below the tallest of them
     tallest = max((t.get_window_extent().height for t in ax.get_xticklabels(minor=True)), default=0.0)
-    ax.tick_params(axis="x", which="major", length=0, pad=tallest * 72 / fig.dpi + 6)
+    ax.tick_params(axis="x", which="major", length=0, pad=tallest * 72 / fig.dpi + 10)
 
 
 def depth_width(ev: Evidence, dataset: str, path: Path) -> Path:
