@@ -28,7 +28,9 @@ import threading
 import time
 from pathlib import Path
 
+from bnonly_dist import config
 from bnonly_dist.launch import restart, supervise
+from bnonly_dist.run.finished import reached_end
 from bnonly_dist.run.paths import RunPaths
 
 ABORT_WAIT_S = 30  # after a second Ctrl-C: how long the launcher waits for the tasks to end
@@ -78,7 +80,7 @@ class TrainJob:
         ended = supervise.train(self.config, run_dir)
         if ended.code == 0 or ended.stopped:
             result = supervise.result(run_dir)
-            if ended.signals and not result.get("finished"):
+            if ended.signals and not reached_end(result, config.from_dict(self.config)):
                 handler = signal.getsignal(ended.signals[0])
                 if callable(handler):
                     handler(ended.signals[0], None)  # submitit's: on SIGUSR2 checkpoint() and requeue (rank 0)

@@ -25,6 +25,7 @@ import yaml
 
 from bnonly_dist import config
 from bnonly_dist.config import ConfigError
+from bnonly_dist.run.finished import reached_end
 from bnonly_dist.run.paths import RunPaths, run_dir
 
 
@@ -35,9 +36,9 @@ class Point:
     run_dir: Path
 
     def finished(self) -> bool:
-        """summary.json says the run reached its last step."""
+        """summary.json says the run reached the last step this point's config asks for (run/finished.py)."""
         summary = RunPaths(self.run_dir).summary
-        return summary.is_file() and json.loads(summary.read_text()).get("finished", False)
+        return summary.is_file() and reached_end(json.loads(summary.read_text()), self.cfg)
 
 
 @dataclass(frozen=True)

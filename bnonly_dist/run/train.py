@@ -26,7 +26,7 @@ from bnonly_dist.config.catalog import num_classes
 from bnonly_dist.data.layout import check_num_classes
 from bnonly_dist.models.bn_groups import average_running_statistics
 from bnonly_dist.logs import setup_logging
-from bnonly_dist.run import history, paths, rundir
+from bnonly_dist.run import finished, history, paths, rundir
 from bnonly_dist.run.bn_stats import gamma_stats
 from bnonly_dist.run.checkpoint import Checkpointer, fingerprint
 from bnonly_dist.run.evaluate import evaluate
@@ -73,9 +73,7 @@ def finished_summary(run_paths: paths.RunPaths, cfg: Config) -> dict | None:
         summary = json.loads(run_paths.summary.read_text())
     except (OSError, ValueError):
         return None
-    cap = cfg.train.max_steps
-    done = summary.get("finished") or (cap is not None and summary.get("step", 0) >= cap)
-    return summary if done else None
+    return summary if isinstance(summary, dict) and finished.reached_end(summary, cfg) else None
 
 
 class Run:
@@ -281,7 +279,7 @@ class Run:
         average_running_statistics(self.engine.model)  # collective: the final model holds the world's mean
         summary = {"run_dir": str(self.run_dir), "arch": self.cfg.model.arch, "mode": self.cfg.mode,
                    "seed": self.cfg.seed, "dataset": self.cfg.data.name, "step": self.step,
-                   "epoch": self.step / self.steps_per_epoch, "finished": self.step >= self.total,
+                   "epoch": self.step / self.steps_per_epoch, "finished": self.step >= self.end,
                    "world": self.ctx.world, "engine": self.engine.name, "trainable_params": self.trainable,
                    "num_classes": self.num_classes,
                    "final": final, "fingerprint": fingerprint(self.engine.full_state_dict()),  # collective if sharded
