@@ -1,6 +1,7 @@
 """Launcher pieces that need no cluster: resources, time formats, dry runs, the local executor."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,11 @@ def test_slurm_time_formats(text, minutes):
     assert cluster.minutes(text) == minutes
 
 
-def test_bad_time_is_named():
-    with pytest.raises(ConfigError, match="--time '12h'"):
-        cluster.minutes("12h")
+@pytest.mark.parametrize("text", ["12h", "-5", "-1-00:00", "1--2", "5:", ":5", "1:2:3:4", "1-2:3:4:5", "+5", "1.5", ""])
+def test_bad_time_is_named(text):
+    """A sign, a unit or a malformed field is refused, never read as another time (-5 was once 5 minutes)."""
+    with pytest.raises(ConfigError, match=re.escape(f"--time {text!r} is not minutes")):
+        cluster.minutes(text)
 
 
 def test_dry_run_prints_the_sbatch_script(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -67,23 +68,24 @@ def add_resource_arguments(parser: argparse.ArgumentParser, job_dir_default: str
                         help="run all nodes x tasks on this machine (also where Slurm is available)")
 
 
+SLURM_TIME = re.compile(r"(?:(\d+)-)?(\d+(?::\d+){0,2})")  # [D-]H[:M[:S]] or M[:S]: digits only, no sign
+
+
 def minutes(text) -> int:
-    """Slurm's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) as whole minutes, rounded up."""
+    """Slurm's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) as whole minutes, rounded up.
+    Anything else (a sign, a unit, an empty field, too many fields) is refused, never reread as another time."""
     text = str(text).strip()
-    try:
-        days, _, rest = text.rpartition("-")
-        parts = [int(p) for p in rest.split(":")]
-        if len(parts) > 3 or min(parts) < 0:
-            raise ValueError
-        if days:  # D-H, D-H:M, D-H:M:S
-            hours, mins, secs = (parts + [0, 0])[:3]
-        elif len(parts) == 3:  # H:M:S
-            hours, mins, secs = parts
-        else:  # M or M:S
-            hours, mins, secs = 0, parts[0], parts[1] if len(parts) == 2 else 0
-        return int(days or 0) * 1440 + hours * 60 + mins + (1 if secs else 0)
-    except ValueError:
-        raise _config_error(f"--time {text!r} is not minutes, HH:MM:SS or D-HH:MM:SS; write e.g. --time 12:00:00") from None
+    match = SLURM_TIME.fullmatch(text)
+    if not match:
+        raise _config_error(f"--time {text!r} is not minutes, HH:MM:SS or D-HH:MM:SS; write e.g. --time 12:00:00")
+    days, parts = match.group(1), [int(p) for p in match.group(2).split(":")]
+    if days:  # D-H, D-H:M, D-H:M:S
+        hours, mins, secs = (parts + [0, 0])[:3]
+    elif len(parts) == 3:  # H:M:S
+        hours, mins, secs = parts
+    else:  # M or M:S
+        hours, mins, secs = 0, parts[0], parts[1] if len(parts) == 2 else 0
+    return int(days or 0) * 1440 + hours * 60 + mins + (1 if secs else 0)
 
 
 def resources(args: argparse.Namespace, extra: dict | None = None) -> dict:
