@@ -125,7 +125,9 @@ def wait_here(job, paths, executor, train_job) -> int:
                       file=sys.stderr)
                 return 130
             if not restart.restart_pending(paths.root, train_job.series):
-                print(cluster.failure_report(job, err), file=sys.stderr)
+                # The decision names the rank's error; the traceback only where nothing decided.
+                print(restart.refusal_line(paths.root, train_job.series) or cluster.failure_report(job, err),
+                      file=sys.stderr)
                 return 1
             with jobs.spawn_ignoring_ctrl_c():
                 job = executor.submit(train_job)  # without Slurm the launcher does what a requeue does

@@ -131,7 +131,8 @@ def main(argv=None) -> int:
                         except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
                             if target.slurm or not restart.restart_pending(point.run_dir, train_job.series):
                                 failed += 1
-                                print(f"({' '.join(point.overrides)}) {cluster.failure_report(jobs[i], err)}",
+                                said = None if target.slurm else restart.refusal_line(point.run_dir, train_job.series)
+                                print(f"({' '.join(point.overrides)}) {said or cluster.failure_report(jobs[i], err)}",
                                       file=sys.stderr)
                                 break
                             with spawn_ignoring_ctrl_c():  # without Slurm the launcher does what a requeue does

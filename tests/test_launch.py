@@ -180,14 +180,15 @@ def test_at_a_terminal_the_requested_count_is_confirmed(no_slurm, cifar_root, tm
     assert out.returncode == 2 and "must divide by the world size 4" in out.stderr, out.stdout + out.stderr
 
 
-def test_a_failed_local_job_prints_its_error_not_a_pointer(no_slurm, cifar_root, tmp_path):
+def test_a_failed_local_job_prints_the_decision_not_a_traceback(no_slurm, cifar_root, tmp_path):
+    """A failure not retried ends the console in the decision, which names the rank's own error."""
     out = launch("submit.py", CIFAR, *tiny(cifar_root, tmp_path, "model.num_classes=5", "train.max_steps=2"),
                  "--run-dir", tmp_path / "run", env=no_slurm)
     assert out.returncode == 1, out.stdout + out.stderr
-    err_log = next((tmp_path / "run" / "slurm").glob("*_0_log.err"))
-    assert f"failed; the end of task 0's error log {err_log}:" in out.stderr
-    last = err_log.read_text().strip().splitlines()[-1]  # the task's own error, found when the data opened
-    assert last in out.stderr and "model.num_classes=5 is smaller than the 10 classes" in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "bnonly: attempt 1 failed at step 0 (rank 0: DataError: model.num_classes=5 is smaller than the 10 classes in "
+        f"{cifar_root}; set model.num_classes=10 (or leave it unset: the data's count)); not retried: never retried: "
+        f"a config, command-line, run-directory or data-set error (exit 2); see {tmp_path / 'run' / 'history.jsonl'}"]
 
 
 def test_sweep_refusal_leaves_no_run_dirs(no_slurm, tmp_path):
