@@ -48,15 +48,15 @@ def main(argv=None) -> int:
         paths = RunPaths(run_dir(cfg, args.run_dir).resolve())
         job_dir = (args.job_dir or paths.slurm).resolve()
         # Every check that can run does, so that one try names every refusal (a question only if none).
+        slurm = cluster.slurm_expected(args.local)  # a dry run decides as the real command would
         refusals = preflight.Refusals()
-        lines = [refusals.check(preflight.check_data, cfg, cluster.slurm_expected(args.local, args.dry_run))]
-        ask = None if refusals.found else cluster.terminal_ask()
-        target, line = refusals.check(cluster.choose_target, res, cfg.train.device, args.local, args.dry_run, ask) or (
-            None, None)
+        lines = [refusals.check(preflight.check_data, cfg, slurm)]
+        if slurm:  # the request against the partitions: every mismatch, whatever else is refused
+            lines.append(refusals.check(preflight.check_cluster, res))
+        ask = None if refusals.found or args.dry_run else cluster.terminal_ask()
+        target, line = refusals.check(cluster.choose_target, res, cfg.train.device, args.local, ask) or (None, None)
         if target is not None:
             lines.insert(0, line)
-            if target.slurm and not args.dry_run:  # a job no partition can run would pend forever
-                lines.append(refusals.check(preflight.check_capacity, res))
             lines.append(refusals.check(preflight.check_run, cfg, paths.root, target, preview_run_dir=args.dry_run))
             if not refusals.found or ask is None:  # a CPU fallback of an ImageNet config: its cost, asked
                 lines.append(refusals.check(preflight.local_cost, cfg, target, args.local, ask))
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         print("\n".join(x for x in lines if x))
         name = f"bnonly-{paths.root.name}"[:100]
         if args.dry_run:
-            print(cluster.sbatch_script(job_dir, res, name))
+            print(cluster.sbatch_script(job_dir, res, name) if target.slurm else cluster.dry_run_here(target))
             print(f"# run directory: {paths.root}")
             return 0
         # Restarts are counted per series: the Slurm job id (kept across requeues), or one id for this launch here.

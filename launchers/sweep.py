@@ -76,15 +76,15 @@ def main(argv=None) -> int:
             return 0
         # Every check that can run does, so that one try names every refusal (a question only if none).
         refusals, seen = preflight.Refusals(), {}
-        slurm = cluster.slurm_expected(args.local, args.dry_run)
+        slurm = cluster.slurm_expected(args.local)  # a dry run decides as the real command would
         lines = [refusals.check(preflight.check_data, p.cfg, slurm, seen) for p in todo]  # once per data set
-        ask = None if refusals.found else cluster.terminal_ask()
+        if slurm:  # the request against the partitions: every mismatch, whatever else is refused
+            lines.append(refusals.check(preflight.check_cluster, res))
+        ask = None if refusals.found or args.dry_run else cluster.terminal_ask()
         device = "cpu" if all(p.cfg.train.device == "cpu" for p in todo) else "auto"
-        target, line = refusals.check(cluster.choose_target, res, device, args.local, args.dry_run, ask) or (None, None)
+        target, line = refusals.check(cluster.choose_target, res, device, args.local, ask) or (None, None)
         if target is not None:
             lines.insert(0, line)
-            if target.slurm and not args.dry_run:  # a job no partition can run would pend forever
-                lines.append(refusals.check(preflight.check_capacity, res))
             for point in todo:  # the BN grouping line once per distinct grouping
                 bn = refusals.check(preflight.check_run, point.cfg, point.run_dir, target, preview_run_dir=args.dry_run)
                 lines += [bn] if bn not in lines else []
@@ -94,7 +94,8 @@ def main(argv=None) -> int:
         refusals.raise_any()
         print("\n".join(x for x in lines if x))
         if args.dry_run:
-            print(cluster.sbatch_script(job_dir, res, name, array=len(todo)))
+            print(cluster.sbatch_script(job_dir, res, name, array=len(todo)) if target.slurm
+                  else cluster.dry_run_here(target))
             return 0
         with cluster.created(*(p.run_dir for p in todo)), spawn_ignoring_ctrl_c():  # the launch goes ahead; see submit.py
             rundir.prepare_all([(p.cfg, p.run_dir) for p in todo])

@@ -30,25 +30,56 @@ def test_bad_time_is_named(text):
         cluster.minutes(text)
 
 
+def slurm_here(tmp_path, sinfo: str) -> dict:
+    """An environment whose sinfo prints sinfo and whose sbatch must not be called (a dry run)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "sinfo").write_text(f"#!/bin/sh\nprintf '%s' '{sinfo}'\n")
+    (bin_dir / "sbatch").write_text("#!/bin/sh\nexit 1\n")
+    for tool in ("sinfo", "sbatch"):
+        (bin_dir / tool).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}",
+            "BNONLY_CLUSTER_FILE": str(tmp_path / "none.yaml")}
+
+
 def test_dry_run_prints_the_sbatch_script(tmp_path):
+    env = slurm_here(tmp_path, "gpu 4 gpu:a100:8 96 1-infinite\ndebug* 2 (null) 8 1-infinite\n")
     defaults = tmp_path / "cluster.yaml"
     defaults.write_text("partition: gpu\naccount: lab\ngpus_per_node: 8\nsetup: ['module load cuda']\n")
-    env = {**os.environ, "BNONLY_CLUSTER_FILE": str(defaults)}
+    env["BNONLY_CLUSTER_FILE"] = str(defaults)
     out = submit("--nodes", "4", "--time", "2-00:00:00", "--qos", "high", "--exclude", "gpu[03,07]", "--dry-run",
                  "configs/imagenet_resnet200.yaml", "data.root=/data/imagenet", env=env)
     assert out.returncode == 0, out.stderr
     script = out.stdout
     for line in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu", "--account=lab",
-                 "--qos=high", "--exclude='gpu[03,07]'", "--time=2880", "--signal=USR2@120", "module load cuda"):
+                 "--qos=high", "--exclude='gpu[03,07]'", "--time=2880", "--signal=USR2@120", "module load cuda",
+                 "--cpus-per-task=12"):  # the partition's 96 CPUs per node for its 8 GPUs
         assert line in script, line
+    assert "--cpus-per-task 12: partition gpu's nodes have 96 CPUs for 8 GPUs (--cpus-per-task N to choose)" in script
     assert "srun" in script and "# run directory:" in script
     # a flag beats the cluster file
-    assert "--partition=debug" in submit("--partition", "debug", "--dry-run", "configs/demo.yaml", env=env).stdout
+    out = submit("--partition", "debug", "--gpus-per-node", "0", "--dry-run", "configs/demo.yaml", env=env).stdout
+    assert "--partition=debug" in out and "--cpus-per-task=8" in out
+
+
+@pytest.mark.parametrize("sinfo, line, cpus", [
+    ("gpu* 2 gpu:h100:8 224 1-infinite\n", "partition gpu's nodes have 224 CPUs for 8 GPUs, capped at 16", 16),
+    ("gpu* 2 gpu:h100:8 224 1-infinite\ngpu* 2 gpu:a100:8 64 1-infinite\ngpu* 1 gpu:v100:4 80 1-infinite\n",
+     "partition gpu's nodes have 64 CPUs for 8 GPUs", 8),  # the fewest CPUs of the nodes with 8 GPUs
+    ("gpu* 2 gpu:8 4 1-infinite\n", "partition gpu's nodes have 4 CPUs for 8 GPUs", 1),
+])
+def test_cpus_per_task_comes_from_the_partition(sinfo, line, cpus):
+    from bnonly_dist.launch import preflight
+    res = {"nodes": 1, "gpus_per_node": 8, "cpus_per_task": None}
+    assert line in preflight.settle_cpus_per_task(res, preflight.parse_sinfo(sinfo)) and res["cpus_per_task"] == cpus
+    res = {"nodes": 1, "gpus_per_node": 8, "cpus_per_task": 3}  # a flag or the cluster file wins
+    assert preflight.settle_cpus_per_task(res, preflight.parse_sinfo(sinfo)) is None and res["cpus_per_task"] == 3
+    res = {"nodes": 1, "gpus_per_node": 8, "cpus_per_task": None}  # sinfo cannot say: the old default
+    assert preflight.settle_cpus_per_task(res, None) is None and res["cpus_per_task"] == cluster.DEFAULT_CPUS_PER_TASK
 
 
 def test_gpus_per_node_must_be_said_for_slurm(tmp_path):
-    env = {**os.environ, "BNONLY_CLUSTER_FILE": str(tmp_path / "none.yaml")}
-    out = submit("--dry-run", "configs/demo.yaml", env=env)
+    out = submit("--dry-run", "configs/demo.yaml", env=slurm_here(tmp_path, "debug* 2 (null) 8 1-infinite\n"))
     assert out.returncode == 2 and "--gpus-per-node is not set" in out.stderr
 
 
