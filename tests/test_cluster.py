@@ -122,3 +122,72 @@ def test_malformed_cluster_file_is_named(tmp_path):
     bad.write_text("- gpu\n")
     out = submit("--dry-run", "configs/demo.yaml", env={**os.environ, "BNONLY_CLUSTER_FILE": str(bad)})
     assert out.returncode == 2 and "must hold a mapping" in out.stderr
+
+
+class FakeJob:
+    """A job of the local executor as run_here sees it: done after `steps` polls, then its result or failure."""
+
+    def __init__(self, log, point, fail=False, steps=3):
+        self.job_id, self.point, self.fail, self.steps, self.log = f"{point}-{len(log)}", point, fail, steps, log
+
+    def done(self):
+        self.steps -= 1
+        return self.steps <= 0
+
+    def results(self):
+        self.log.append(("end", self.point))
+        if self.fail:
+            raise RuntimeError("failed")
+        return [{}]
+
+
+def _points(tmp_path, n):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"config: {Path.cwd() / 'configs/cifar10_resnet14.yaml'}\ngrid: {{seed: {list(range(n))}}}\n"
+                    f"overrides: {{runs_root: {tmp_path / 'runs'}}}\n")
+    return sweep.load(spec, ["data.root=/x"]).points
+
+
+def test_a_local_sweep_runs_its_points_in_order_at_most_parallel_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep.time, "sleep", lambda s: None)
+    points, log = _points(tmp_path, 5), []
+    train_jobs = [type("TJ", (), {"series": f"s{i}", "point": i})() for i in range(5)]
+
+    def submit(train_job):
+        log.append(("start", train_job.point))
+        return FakeJob(log, train_job.point, steps=2 + train_job.point % 2)
+
+    jobs, failed = sweep.run_here(points, train_jobs, submit, 2, [])
+    assert failed == 0 and all(jobs)
+    starts = [p for kind, p in log if kind == "start"]
+    assert starts == [0, 1, 2, 3, 4]  # the sweep's order
+    running = peak = 0
+    for kind, _ in log:
+        running += 1 if kind == "start" else -1
+        peak = max(peak, running)
+    assert peak == 2
+    assert all((p.run_dir / "slurm" / "job_id").read_text().startswith(f"{i}-") for i, p in enumerate(points))
+    # after Ctrl-C no further point starts; the running ones end as they do
+    log.clear()
+    pressed = []
+
+    def submit_then_press(train_job):
+        pressed.append(True)
+        return submit(train_job)
+    jobs, failed = sweep.run_here(points, train_jobs, submit_then_press, 2, pressed)
+    assert [p for kind, p in log if kind == "start"] == [0] and jobs[1:] == [None] * 4
+
+
+def test_a_local_sweep_takes_as_many_points_as_cores_and_memory_hold(tmp_path, monkeypatch):
+    from bnonly_dist.data import threads
+    from bnonly_dist.perf import memory
+    points = _points(tmp_path, 6)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 8)
+    monkeypatch.setattr(memory, "rank_memory_bytes", lambda device: 64 * 2**30)
+    n, line = sweep.default_parallel(points, 1, 0)
+    assert n == 8 and line.startswith("8 points at a time here: this machine's 8 cores and 64 GiB for 1 process(es) "
+                                      "per point of about ") and line.endswith("--parallel N to choose")
+    assert sweep.default_parallel(points, 2, 0)[0] == 4  # two processes per point
+    monkeypatch.setattr(memory, "rank_memory_bytes", lambda device: 2**30)  # memory binds before cores
+    assert sweep.default_parallel(points, 1, 0)[0] == 1
+    assert sweep.default_parallel(points, 1, 4) == (1, "one point at a time here (each uses this machine's 4 GPUs)")
