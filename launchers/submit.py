@@ -15,6 +15,7 @@ process group this machine holds; --local runs all nodes x tasks here.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -35,7 +36,12 @@ def parse(argv):
 
 
 def main(argv=None) -> int:
-    args = parse(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill during the checks: as Ctrl-C, nothing submitted
+    try:
+        args = parse(argv)
+    except KeyboardInterrupt:
+        print("submit: interrupted; nothing was submitted", file=sys.stderr)
+        return 130
     from bnonly_dist import config
     from bnonly_dist.data.layout import DataError
     from bnonly_dist.launch import jobs, preflight
@@ -117,8 +123,12 @@ def wait_here(job, paths, executor, train_job) -> int:
                 summary = job.results()[0]  # every task; rank 0 holds the summary
             break
         except jobs.Interrupted:
-            print(f"submit: interrupted; {resume_hint(paths.root, complete_checkpoints(paths.root))}", file=sys.stderr)
-            return 130
+            summary = _stopped(job)
+            if summary is None:
+                print(f"submit: interrupted; {resume_hint(paths.root, complete_checkpoints(paths.root))}",
+                      file=sys.stderr)
+                return 130
+            break  # the tasks had only the stop (a second signal to the launcher alone): they stopped cleanly
         except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
             if pressed:  # Ctrl-C before training began: the tasks stopped where they were (nothing to save yet)
                 print(f"submit: interrupted; {resume_hint(paths.root, complete_checkpoints(paths.root))}",
@@ -138,6 +148,17 @@ def wait_here(job, paths, executor, train_job) -> int:
     else:
         print(f"job {job.job_id} done: {paths.summary}")
     return 0
+
+
+def _stopped(job) -> dict | None:
+    """rank 0's summary if the job ended by a clean stop with a checkpoint, else None."""
+    if not job.done():
+        return None
+    try:
+        summary = job.results()[0]
+    except Exception:  # noqa: BLE001 - submitit re-raises the job's failure: not a clean stop
+        return None
+    return summary if summary.get("stopped") else None
 
 
 if __name__ == "__main__":

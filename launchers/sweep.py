@@ -15,6 +15,7 @@ order, as many at once as its cores and memory hold (--parallel N to choose).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -50,7 +51,12 @@ def _first_answer(ask):
 
 
 def main(argv=None) -> int:
-    args = parse(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill during the checks: as Ctrl-C, nothing submitted
+    try:
+        args = parse(argv)
+    except KeyboardInterrupt:
+        print("sweep: interrupted; nothing was submitted", file=sys.stderr)
+        return 130
     from bnonly_dist.config import ConfigError
     from bnonly_dist.data.layout import DataError
     from bnonly_dist.launch import preflight, sweep
