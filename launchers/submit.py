@@ -36,7 +36,6 @@ def parse(argv):
 
 
 def main(argv=None) -> int:
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill during the checks: as Ctrl-C, nothing submitted
     try:
         args = parse(argv)
     except KeyboardInterrupt:
@@ -162,4 +161,5 @@ def _stopped(job) -> dict | None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill during the checks: as Ctrl-C, nothing submitted
     sys.exit(main())

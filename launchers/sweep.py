@@ -51,7 +51,6 @@ def _first_answer(ask):
 
 
 def main(argv=None) -> int:
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill during the checks: as Ctrl-C, nothing submitted
     try:
         args = parse(argv)
     except KeyboardInterrupt:
@@ -184,4 +183,5 @@ def run_here(todo, train_jobs, executor, parallel: int, runs_side_by_side: str) 
     return 1 if failed else 0
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill during the checks: as Ctrl-C, nothing submitted
     sys.exit(main())
