@@ -79,6 +79,8 @@ def main(argv=None) -> int:
             rundir.prepare(cfg, paths.root)
             executor = cluster.executor(job_dir, res, name, target)
             job = executor.submit(train_job)
+            if not target.slurm:
+                jobs.hold_stops()  # until wait_here's handlers are set
     except KeyboardInterrupt:  # at the [y/N] question, or during the checks
         print("submit: interrupted; nothing was submitted", file=sys.stderr)
         return 130

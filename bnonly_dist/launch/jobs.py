@@ -136,6 +136,12 @@ class Interrupted(Exception):
 STOPS = (signal.SIGINT, signal.SIGTERM)  # to the launcher: what Ctrl-C at its terminal, or kill, sends
 
 
+def hold_stops() -> None:
+    """Right after a local job started (its processes already have their own mask): hold Ctrl-C and SIGTERM back
+    until ctrl_c's handlers are set, so that one in between is neither lost nor the default's traceback."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+
+
 def stop_tasks(job) -> None:
     """Ask a local job's tasks to stop with a checkpoint: SIGTERM to its controller, which passes it to the tasks,
     which pass it to their training (supervise.FORWARDED). Where the terminal's Ctrl-C reached the training too,
@@ -166,6 +172,7 @@ def ctrl_c(prog: str, jobs: list):
         raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, handle) for s in STOPS}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)  # one held back since the start (hold_stops) comes now
     try:
         yield pressed
     except KeyboardInterrupt:
