@@ -223,6 +223,15 @@ def restart_pending(run_dir: Path, series: str) -> bool:
     return _retry_pending(_series_rows(run_dir, series))
 
 
+def refusal_line(run_dir: Path, series: str) -> str | None:
+    """The decision not to retry the series' last attempt, as a line for the launcher's console; None if
+    the last row is no such decision (the attempt ended before anything decided)."""
+    rows = _series_rows(run_dir, series)
+    if rows and rows[-1].get("event") == "failure" and rows[-1].get("decision") == "stop":
+        return decision_line(rows[-1], run_dir)
+    return None
+
+
 def _retry_pending(rows: list[dict]) -> bool:
     return bool(rows) and rows[-1].get("event") == "failure" and rows[-1].get("decision") == "retry"
 
