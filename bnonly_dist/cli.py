@@ -21,7 +21,8 @@ from bnonly_dist.run.paths import run_dir as run_dir_of
 
 def _train(args) -> None:
     # The interpreter's last garbage collections at exit walk the ~300k objects torch leaves only to free
-    # memory the exit frees anyway: about 3 s of CPU per rank (30 s for 16 ranks on 2 cores). Skip them.
+    # memory the exit frees anyway: 1.6 s per rank on a 2-core EPYC (0.25 s without; docs/benchmarks.md),
+    # which 16 ranks on 2 cores pay one after another before a stopped job can requeue. Skip them.
     atexit.unregister(gc.freeze)  # once, however many runs one process holds
     atexit.register(gc.freeze)
     from bnonly_dist.run import early_signals
