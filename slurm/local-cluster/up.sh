@@ -33,9 +33,10 @@ if [ "$rendered" != "$(cat "$conf" 2>/dev/null)" ]; then
     printf '%s\n' "$rendered" > "$conf"
     # The daemons read node definitions only at start: restart those already running with the
     # new file. Running jobs go on (slurmstepd outlives slurmd; slurmctld reloads its state).
-    for pidfile in /run/slurmctld.pid /run/slurmd-node1.pid /run/slurmd-node2.pid; do
-        pid=$(cat "$pidfile" 2>/dev/null) || continue
-        kill "$pid" 2>/dev/null || continue
+    for daemon in slurmctld:/run/slurmctld.pid slurmd:/run/slurmd-node1.pid slurmd:/run/slurmd-node2.pid; do
+        pid=$(cat "${daemon#*:}" 2>/dev/null) || continue
+        [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "${daemon%%:*}" ] || continue  # not a stale pid file's
+        kill "$pid"
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
     done
 fi
