@@ -170,7 +170,11 @@ class Slurm:
         subprocess.run(["scancel", self.jobs[-1]], check=True)
 
     def alive(self) -> bool:
-        return squeue(self.jobs[-1]) != ""
+        """False once Slurm no longer runs or holds the job; True while squeue cannot say (a busy slurmctld)."""
+        out = subprocess.run(["squeue", "-h", "-j", self.jobs[-1], "-o", "%T"], capture_output=True, text=True)
+        if out.returncode == 0:
+            return out.stdout.strip() != ""
+        return "Invalid job id" not in out.stderr  # forgotten after MinJobAge: long over
 
     def wait(self, timeout: float = 600) -> None:
         wait_until(lambda: not self.alive(), timeout=timeout, what=f"job {self.jobs[-1]} to end")
