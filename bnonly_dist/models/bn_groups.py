@@ -99,12 +99,14 @@ def _sums(dy, x, mean, invstd, weight, eps: float) -> tuple[torch.Tensor, torch.
 
 def _input_grad_into(out, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count: int) -> None:
     """out <- BN's input gradient weight * invstd * (dy - (sum_dy + x_hat * sum_dy_xhat) / count), given the
-    group's sums over count elements: two elementwise passes (the terms in x, then + weight * invstd * dy) that
-    write into out (which may be a slice of a larger tensor), with no temporary of out's size in fp32 and fp64."""
+    group's sums over count elements, written into out (which may be a slice of a larger tensor): the terms in
+    x, then + weight * invstd * dy, with no temporary of out's size (on the CPU: for fp32 and fp64 inputs)."""
     scale = weight.to(invstd.dtype) * invstd
-    slope = -scale * invstd * sum_dy_xhat / count  # per channel: the terms in x are slope * x + offset
-    offset = -scale * sum_dy / count - slope * mean
-    torch.addcmul(_per_channel(offset), x, _per_channel(slope), out=out)
+    if x.is_cuda:  # (x - mean) * invstd * w + b in one pass: nn.SyncBatchNorm's elementwise kernel, into out
+        torch.batch_norm_elemt(x, -scale * sum_dy_xhat / count, -scale * sum_dy / count, mean, invstd, 0.0, out=out)
+    else:  # slope * x + offset: on the CPU two passes beat one addcmul with two broadcast operands (NCHW: 3x)
+        slope = -scale * invstd * sum_dy_xhat / count
+        torch.mul(x, _per_channel(slope), out=out).add_(_per_channel(-scale * sum_dy / count - slope * mean))
     out.addcmul_(dy, _per_channel(scale))
 
 

@@ -9,6 +9,10 @@ process group, so that a machine's drift hits them alike:
     sync      train.bn_batch = the global batch: one statistic over every rank (per BN layer
               and step: an all-gather in forward, an all-reduce in backward)
 
+Each variant's peak memory of one step (after the timed turns): the most bytes torch held at
+once during the step beyond what it held at its start (torch.cuda.max_memory_allocated on
+a GPU; on the CPU the allocations and frees torch.profiler records, in order).
+
 Also the two collectives of one BN layer alone (C = 256 channels), whose median latency
 times the number of BN layers estimates the synchronisation's cost on another network
 or interconnect. Rank 0 prints a table and, with --json, writes the numbers.
@@ -16,6 +20,7 @@ or interconnect. Rank 0 prints a table and, with --json, writes the numbers.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -53,6 +58,27 @@ def collective_latency(device: torch.device, channels: int = 256, repeats: int =
     return statistics.median(times)
 
 
+def step_peak_bytes(step, device: torch.device) -> int:
+    """The most bytes torch held at once while step() ran, beyond what it held when it began."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    changes = []  # (time, +bytes allocated / -bytes freed) of every thread the profiler saw
+    pending = list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        pending.extend(event.children)
+        if event.tag == torch._C._profiler._EventType.Allocation:
+            changes.append((event.start_time_ns, event.extra_fields.alloc_size))
+    return max(itertools.accumulate(size for _, size in sorted(changes)), default=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bnonly_dist.perf.bench_bn", description=__doc__.splitlines()[0])
     p.add_argument("config")
@@ -88,21 +114,28 @@ def main(argv: list[str] | None = None) -> int:
             _sync(device)
             if turn:
                 times[name].append((time.perf_counter() - start) / args.steps)
+    peaks = {}
+    for name, (plan, engine) in variants.items():
+        batch = images.contiguous(memory_format=plan.memory_format)
+        peaks[name] = step_peak_bytes(lambda: engine.train_step(batch, labels, plan.autocast), device)
+        _sync(device)
     latency = collective_latency(device) if ctx.world > 1 else 0.0
     layers = len(running_statistics(variants["per-rank"][1].model)) // 2
     reference = statistics.median(times["per-rank"])
     rows = [{"variant": name, "bn_batch": bn_batches[name], "step_s": statistics.median(t), "min_s": min(t),
-             "max_s": max(t), "ratio": statistics.median(t) / reference} for name, t in times.items()]
+             "max_s": max(t), "ratio": statistics.median(t) / reference, "peak_bytes": peaks[name],
+             "peak_ratio": peaks[name] / peaks["per-rank"]} for name, t in times.items()]
     report = {"config": args.config, "overrides": args.overrides, "arch": base.model.arch, "world": ctx.world,
               "device": str(device), "batch": base.data.batch_size, "per_rank": per_rank, "bn_layers": layers,
               "steps": args.steps, "turns": args.turns, "collective_s": latency, "results": rows}
     if ctx.is_main:
         print(f"{base.model.arch}, global batch {base.data.batch_size} on {ctx.world} ranks ({device}), "
               f"{layers} BN layers, {args.turns} turns of {args.steps} steps")
-        print("| variant | train.bn_batch | step s (median) | min - max | vs per-rank |\n|---|---|---|---|---|")
+        print("| variant | train.bn_batch | step s (median) | min - max | vs per-rank | peak MiB of a step (rank 0) | "
+              "vs per-rank |\n|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['variant']} | {r['bn_batch']} | {r['step_s']:.4f} | {r['min_s']:.4f} - {r['max_s']:.4f} | "
-                  f"{r['ratio']:.2f}x |")
+                  f"{r['ratio']:.2f}x | {r['peak_bytes'] / 2**20:.1f} | {r['peak_ratio']:.3f}x |")
         if ctx.world > 1:
             print(f"one BN layer's collectives (all-gather + all-reduce, 256 channels): {latency * 1e3:.3f} ms; "
                   f"x {layers} layers = {latency * layers * 1e3:.1f} ms per step")
