@@ -356,3 +356,17 @@ def test_on_the_gpu_ghost_groups_equal_native_batchnorm_per_group():
         torch.testing.assert_close(out.float(), torch.cat(expected), rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(x_grad.float(), torch.cat(expected_grad), rtol=2e-2, atol=3e-2)
         torch.testing.assert_close(ours.weight.grad, weight_grad, rtol=1e-2, atol=1e-2)
+
+
+def test_the_bench_takes_the_peak_of_a_step_not_its_end():
+    """perf/bench_bn's peak memory of a step on the CPU (torch.profiler's allocations and frees, in order)."""
+    from bnonly_dist.perf.bench_bn import step_peak_bytes
+    kept = []
+
+    def step():
+        a = torch.ones(2**20)  # 4 MiB held while 2 more are made and freed
+        kept.append(torch.ones(2**19))
+        del a
+
+    peak = step_peak_bytes(step, torch.device("cpu"))
+    assert 6 * 2**20 <= peak < 6 * 2**20 + 2**16
