@@ -69,11 +69,6 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _per_channel(stat: torch.Tensor) -> torch.Tensor:
-    """(C,) -> broadcastable against (N, C, H, W)."""
-    return stat[None, :, None, None]
-
-
 def _parts(images: int, groups: int) -> list[slice]:
     """The groups' slices along the batch (each contiguous in NCHW and NHWC alike)."""
     n = images // groups
@@ -97,17 +92,33 @@ def _sums(dy, x, mean, invstd, weight, eps: float) -> tuple[torch.Tensor, torch.
     return sum_dy, sum_dy_xhat
 
 
+def _grouped(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """(N, C, H, W) -> (groups, N / groups, C, H, W): a view in NCHW and NHWC alike."""
+    return t.view(groups, -1, *t.shape[1:])
+
+
+def _per_group_channel(stat: torch.Tensor) -> torch.Tensor:
+    """(groups, C) -> broadcastable against _grouped's (groups, n, C, H, W)."""
+    return stat[:, None, :, None, None]
+
+
 def _input_grad_into(out, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count: int) -> None:
-    """out <- BN's input gradient weight * invstd * (dy - (sum_dy + x_hat * sum_dy_xhat) / count), given the
-    group's sums over count elements, written into out (which may be a slice of a larger tensor): the terms in
-    x, then + weight * invstd * dy, with no temporary of out's size (on the CPU: for fp32 and fp64 inputs)."""
-    scale = weight.to(invstd.dtype) * invstd
+    """out <- BN's input gradient weight * invstd * (dy - (sum_dy + x_hat * sum_dy_xhat) / count) of each group
+    of consecutive images, given its statistics and sums ((groups, C) rows) over count elements: the terms in
+    x, then + weight * invstd * dy, written into out with no temporary of its size (on the CPU: for fp32 and
+    fp64 inputs), all groups in each elementwise pass."""
+    groups = mean.shape[0]
+    scale = weight.to(invstd.dtype) * invstd  # (groups, C)
     if x.is_cuda:  # (x - mean) * invstd * w + b in one pass: nn.SyncBatchNorm's elementwise kernel, into out
-        torch.batch_norm_elemt(x, -scale * sum_dy_xhat / count, -scale * sum_dy / count, mean, invstd, 0.0, out=out)
+        w, b = -scale * sum_dy_xhat / count, -scale * sum_dy / count
+        for k, part in enumerate(_parts(x.shape[0], groups)):
+            torch.batch_norm_elemt(x[part], w[k], b[k], mean[k], invstd[k], 0.0, out=out[part])
     else:  # slope * x + offset: on the CPU two passes beat one addcmul with two broadcast operands (NCHW: 3x)
         slope = -scale * invstd * sum_dy_xhat / count
-        torch.mul(x, _per_channel(slope), out=out).add_(_per_channel(-scale * sum_dy / count - slope * mean))
-    out.addcmul_(dy, _per_channel(scale))
+        offset = -scale * sum_dy / count - slope * mean
+        torch.mul(_grouped(x, groups), _per_group_channel(slope), out=_grouped(out, groups))
+        _grouped(out, groups).add_(_per_group_channel(offset))
+    _grouped(out, groups).addcmul_(_grouped(dy, groups), _per_group_channel(scale))
 
 
 def _ghost_forward(x, weight, bias, groups: int, eps: float):
@@ -122,17 +133,16 @@ def _ghost_forward(x, weight, bias, groups: int, eps: float):
 
 
 def _ghost_backward(dy, x, weight, mean, invstd, eps: float, count: int, needs):
-    grad_in = torch.empty_like(x) if needs[0] else None
-    sums_dy, sums_dy_xhat = [], []
-    for k, part in enumerate(_parts(x.shape[0], mean.shape[0])):
-        sum_dy, sum_dy_xhat = _sums(dy[part], x[part], mean[k], invstd[k], weight, eps)
-        if grad_in is not None:
-            _input_grad_into(grad_in[part], dy[part], x[part], mean[k], invstd[k], weight, sum_dy, sum_dy_xhat, count)
-        sums_dy.append(sum_dy)
-        sums_dy_xhat.append(sum_dy_xhat)
-    grad_weight = torch.stack(sums_dy_xhat).sum(0).to(weight.dtype) if needs[1] else None
-    grad_bias = torch.stack(sums_dy).sum(0).to(weight.dtype) if needs[2] else None
-    return grad_in, grad_weight, grad_bias
+    """(input gradient, written into one tensor; affine gradients summed over the groups)."""
+    parts = _parts(x.shape[0], mean.shape[0])
+    sum_dy, sum_dy_xhat = (torch.stack(sums) for sums in zip(*(
+        _sums(dy[part], x[part], mean[k], invstd[k], weight, eps) for k, part in enumerate(parts))))
+    grad_in = None
+    if needs[0]:
+        grad_in = torch.empty_like(x)
+        _input_grad_into(grad_in, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
+    return (grad_in, sum_dy_xhat.sum(0).to(weight.dtype) if needs[1] else None,
+            sum_dy.sum(0).to(weight.dtype) if needs[2] else None)
 
 
 def _local_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,7 +249,8 @@ def _sync_backward_cpu(dy, x, weight, mean, invstd, eps: float, count: int, grou
         sums = torch.cat([sum_dy, sum_dy_xhat])
         torch_dist.all_reduce(sums, group=group)
         grad_in = torch.empty_like(x)
-        _input_grad_into(grad_in, dy, x, mean, invstd, weight, sums[:mean.numel()], sums[mean.numel():], count)
+        _input_grad_into(grad_in, dy, x, mean[None], invstd[None], weight, sums[None, :mean.numel()],
+                         sums[None, mean.numel():], count)
     return (grad_in, sum_dy_xhat.to(weight.dtype) if needs[1] else None,
             sum_dy.to(weight.dtype) if needs[2] else None)
 
