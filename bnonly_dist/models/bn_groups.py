@@ -14,9 +14,9 @@ on every rank of a group), and nothing turns a tensor into a Python number. How,
 
 - ghost groups (any device): each group runs the native BN kernel into its slice of one
   output (native_batch_norm.out; a slice along the batch is contiguous in NCHW and NHWC
-  alike). Backward: each group's two sums in one pass of the native kernels, then its
-  input gradient written into its slice of one tensor in two elementwise passes (the terms
-  in x, then + weight * invstd * dy): no copy and no temporary of the layer's size.
+  alike). Backward: each group's two sums in one pass of the native kernels, then the
+  input gradient written into one tensor by elementwise passes over every group at once
+  (the terms in x, then + weight * invstd * dy): no copy and no temporary of the layer's size.
 - synchronised on CUDA: nn.SyncBatchNorm's kernels (batch_norm_stats, an all-gather of
   mean and invstd, batch_norm_gather_stats_with_counts with the known counts,
   batch_norm_elemt; batch_norm_backward_reduce, an all-reduce of the two sums,
