@@ -9,6 +9,7 @@ model is built.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,13 @@ class Plan:
         return (f"plan: device {self.device}, {self.precision}, channels_last {self.channels_last}, "
                 f"lean autograd {self.lean} ({self.lean_why}), checkpointed stages {stages}, frozen weights {frozen}, "
                 f"decode {self.decode or 'n/a'}, engine {self.engine}, compile {self.compile}, "
-                f"deterministic {self.deterministic}; {self.bn.describe(self.per_rank_batch)}")
+                f"deterministic {self.deterministic}; {self.bn.describe(self.per_rank_batch, _ranks_per_node())}")
+
+
+def _ranks_per_node() -> int:
+    """Ranks per node as the launcher states it (torchrun's LOCAL_WORLD_SIZE, Slurm's tasks per node), else 0."""
+    stated = ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
+    return memory.ranks_on_this_host() if any(os.environ.get(key) for key in stated) else 0
 
 
 def default_channels_last(device: torch.device, engine: str = "ddp") -> bool:
