@@ -177,17 +177,17 @@ def test_an_out_that_cannot_take_the_files_is_refused_in_one_line(tmp_path, monk
 def test_the_cuda_tests_are_a_list_and_one_not_in_the_checkout_is_left_out_with_a_line(tmp_path):
     assert "tests/test_gpu.py" in gpu_parts.CUDA_TESTS  # the ZeRO-1 bf16 frozen-weights test is one of its tests
     assert gpu_parts.present("tests/test_gpu.py::test_deepspeed_single_gpu_computes_in_bf16", REPO)
-    assert "tests/test_bn_groups.py::test_sync_bn_one_rank_nccl_matches_native" in gpu_parts.CUDA_TESTS
+    synchronised = "tests/test_bn_groups.py::test_on_the_gpu_a_synchronised_group_of_one_rank_equals_native_batchnorm"
+    assert synchronised in gpu_parts.CUDA_TESTS and all(gpu_parts.present(t, REPO) for t in gpu_parts.CUDA_TESTS)
     repo = tmp_path / "repo"
     (repo / "tests").mkdir(parents=True)
     (repo / "tests" / "test_gpu.py").write_text("def test_x():\n    pass\n")
     (repo / "tests" / "test_bn_groups.py").write_text(
-        "def test_on_the_gpu_groups_and_local_statistics_match_the_reference(): pass\n")
+        "def test_on_the_gpu_ghost_groups_equal_native_batchnorm_per_group(): pass\n")
     tests = gpu_parts.parts(tmp_path, tmp_path, rehearse=False, gpus=1, repo=repo)[0]
     assert tests.name == "cuda-tests" and tests.env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] == "1" and "--durations=0" in tests.cmd
     assert [a for a in tests.cmd if a.startswith("tests/")] == list(gpu_parts.CUDA_TESTS[:2])
-    assert tests.note == ("not in this checkout, left out (gpu_parts.CUDA_TESTS): "
-                          "tests/test_bn_groups.py::test_sync_bn_one_rank_nccl_matches_native")
+    assert tests.note == f"not in this checkout, left out (gpu_parts.CUDA_TESTS): {synchronised}"
 
 
 @pytest.mark.parametrize("rehearse", [False, True])

@@ -31,8 +31,8 @@ TEST_DEVICE_ENV = "BNONLY_TEST_DEVICE"  # tests/test_gpu.py runs on this device 
 # An id not in the checkout is left out and named in the cuda-tests part's detail (pytest would run nothing).
 CUDA_TESTS = (
     "tests/test_gpu.py",
-    "tests/test_bn_groups.py::test_on_the_gpu_groups_and_local_statistics_match_the_reference",
-    "tests/test_bn_groups.py::test_sync_bn_one_rank_nccl_matches_native",
+    "tests/test_bn_groups.py::test_on_the_gpu_ghost_groups_equal_native_batchnorm_per_group",
+    "tests/test_bn_groups.py::test_on_the_gpu_a_synchronised_group_of_one_rank_equals_native_batchnorm",
 )
 # Plugins a node's Python happens to have (pytest-timeout, xdist, ...) stay out of the run.
 PYTEST_ENV = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
