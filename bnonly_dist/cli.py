@@ -118,16 +118,16 @@ def _model_info(args) -> None:
 def _data(args) -> None:
     from bnonly_dist.data import fake, layout
     if args.data_command == "fake-cifar10":
-        out = fake.write_cifar10(args.dir, args.train_size, args.test_size, args.seed)
+        out, written = fake.write_cifar10(args.dir, args.train_size, args.test_size, args.seed, force=args.force)
     elif args.data_command == "fake-imagenet":
         if not 8 <= args.min_side < args.max_side:
             raise ConfigError(f"--min-side {args.min_side} --max-side {args.max_side}: need 8 <= min < max")
-        out = fake.write_imagenet(args.dir, args.classes, args.train_per_class, args.val_per_class, args.seed,
-                                  (args.min_side, args.max_side), photo_like=args.photo_like)
+        out, written = fake.write_imagenet(args.dir, args.classes, args.train_per_class, args.val_per_class, args.seed,
+                                           (args.min_side, args.max_side), photo_like=args.photo_like, force=args.force)
     else:
         print(json.dumps(layout.check(args.dir, decode=args.decode)))
         return
-    print(f"wrote {out}")
+    print(f"wrote {out}" if written else f"{out} already holds this data set (the same files); nothing written")
     if args.data_command == "fake-imagenet":
         print(f"{args.classes * args.train_per_class} training images: an ImageNet config's batch needs lowering for "
               "a trial (README: Trying an ImageNet config)")
@@ -248,6 +248,9 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--max-side", type=int, default=160, help="real ImageNet: about 333 to 500 (for decode speed)")
     i.add_argument("--photo-like", action="store_true", help="little pixel noise: files of a photograph's size "
                    "and decode cost (for decode benchmarks)")
+    for q in (c, i):
+        q.add_argument("--force", action="store_true", help="write over a data set already in DIR (refused "
+                       "without it, unless DIR holds this very one)")
     k = dsub.add_parser("check", help="validate a CIFAR-10 or ImageNet layout")
     k.add_argument("dir")
     k.add_argument("--decode", action="store_true", help="decode every image to find corrupt ones")
