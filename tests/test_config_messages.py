@@ -118,3 +118,19 @@ def test_make_test_passes_its_arguments_to_pytest():
     out = subprocess.run(["make", "-n", "test", "ARGS=tests/test_config.py -k override"], capture_output=True,
                          text=True, cwd=REPO_CONFIGS.parent)
     assert out.returncode == 0 and "pytest -q tests/test_config.py -k override" in out.stdout
+
+
+@pytest.mark.parametrize("bn_batch, same_statistics", [("128", True), ("null", False)])
+def test_a_resume_on_another_world_says_one_thing_about_bn_statistics(bn_batch, same_statistics):
+    import logging
+
+    import torch
+
+    from bnonly_dist.config.plan import resolve
+    from bnonly_dist.run.train import reshard_lines
+    cfg = config.load("configs/demo.yaml", [f"train.bn_batch={bn_batch}"])
+    lines = reshard_lines(resolve(cfg, torch.device("cpu"), 2), 128, 1, 2)
+    text = " ".join(line for _, line in lines)
+    assert ("the same BN statistics" in text) == same_statistics
+    assert ("BN statistics now come from 64 images per rank instead of 128" in text) == (not same_statistics)
+    assert [level for level, _ in lines] == [logging.INFO] + ([] if same_statistics else [logging.WARNING])
