@@ -29,7 +29,7 @@ def _train(args) -> None:
 def _eval(args) -> None:
     from bnonly_dist import dist
     from bnonly_dist.run import eval_run
-    eval_run.run(args.run_dir, args.overrides)
+    eval_run.run(args.run_dir, args.overrides, args.other_data)
     dist.teardown()
 
 

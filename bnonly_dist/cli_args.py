@@ -31,6 +31,8 @@ def parser(handlers: dict) -> argparse.ArgumentParser:
     e.add_argument("run_dir", type=Path, help="a run directory (holds config.yaml and checkpoints/)")
     e.add_argument("overrides", nargs="*", help="data.*, train.device and train.precision overrides, "
                    "e.g. data.root=/other/copy/of/cifar10")
+    e.add_argument("--other-data", action="store_true", help="evaluate on a data set other than the one the run "
+                   "trained on (refused without it; eval.jsonl records which data each evaluation used)")
     e.set_defaults(func=handlers["eval"])
 
     g = add("config", help="print a config resolved, each key with its value, source and meaning")

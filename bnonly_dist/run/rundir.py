@@ -130,15 +130,22 @@ def _saved_data(paths: RunPaths) -> tuple[dict, str] | None:
     return None
 
 
-def _check_data(cfg: Config, root: Path, record: dict | None) -> None:
-    """ConfigError if the run in root trained on another data set than record describes."""
+def data_difference(root: Path, record: dict | None) -> tuple[str, str] | None:
+    """(what differs, where the run's record came from) if the run in root trained on another data set than
+    record describes; None if the same, or if either side has no record (synthetic data)."""
     saved = _saved_data(RunPaths(root)) if record is not None else None
     if saved is None:
-        return
+        return None
     differs = difference(saved[0], record)
-    if differs:
-        raise ConfigError(f"{root} holds a run trained on other data than data.root={cfg.data.root}: {differs} (from "
-                          f"{saved[1]}); point data.root at the data set it trained on, or pass a new --run-dir")
+    return (differs, saved[1]) if differs else None
+
+
+def _check_data(cfg: Config, root: Path, record: dict | None) -> None:
+    """ConfigError if the run in root trained on another data set than record describes."""
+    found = data_difference(root, record)
+    if found:
+        raise ConfigError(f"{root} holds a run trained on other data than data.root={cfg.data.root}: {found[0]} (from "
+                          f"{found[1]}); point data.root at the data set it trained on, or pass a new --run-dir")
 
 
 def check(cfg: Config, run_dir: Path) -> None:
