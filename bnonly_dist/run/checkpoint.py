@@ -44,6 +44,7 @@ from bnonly_dist.run.checkpoint_files import (
     verify,
     write_marker,
 )
+from bnonly_dist.run.rundir import differences
 
 __all__ = ["COMMIT", "CheckpointDamaged", "CheckpointError", "CheckpointIncompatible", "Checkpointer",
            "FrozenWeightsMismatch", "Resumed", "complete_checkpoints", "fingerprint", "frozen_digest", "latest",
@@ -224,11 +225,10 @@ def _check_identity(path: Path, meta: dict, identity: dict | None) -> None:
     stored = meta.get("identity")
     if identity is None or not isinstance(stored, dict):
         return  # markers from before identities were recorded
-    changed = sorted(k for k in stored.keys() & identity.keys() if stored[k] != identity[k])
-    if changed:
-        key = changed[0]
-        raise CheckpointIncompatible(f"{path} was written by a run with {key}={stored[key]!r}, not "
-                                     f"{identity[key]!r}; pass the original settings or a new --run-dir")
+    differs = differences(stored, identity, stored.keys() & identity.keys())
+    if differs:
+        raise CheckpointIncompatible(f"{path} was written by a run with {differs}; pass the original settings or a "
+                                     "new --run-dir")
 
 
 def load(path: Path, engine, rank: int, world: int, frozen_sha: str) -> tuple[dict, dict]:

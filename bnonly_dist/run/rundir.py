@@ -98,6 +98,12 @@ def shown(value) -> str:
     return json.dumps(value)
 
 
+def differences(old: dict, new: dict, keys) -> str:
+    """Every key of keys whose value differs, most important first: "k=old, not new; ..." ('' if none)."""
+    changed = sorted((k for k in keys if old.get(k) != new.get(k)), key=_importance)
+    return "; ".join(f"{k}={shown(old.get(k))}, not {shown(new.get(k))}" for k in changed)
+
+
 def _check_identity(cfg: Config, root: Path) -> None:
     saved = _saved_identity(RunPaths(root)) if root.is_dir() else None
     if saved is None:
@@ -105,9 +111,8 @@ def _check_identity(cfg: Config, root: Path) -> None:
     old, source = saved
     new = cfg.identity()
     keys = old.keys() | new.keys() if source.endswith("config.yaml") else old.keys() & new.keys()
-    changed = sorted((k for k in keys if old.get(k) != new.get(k)), key=_importance)
-    if changed:
-        differs = "; ".join(f"{k}={shown(old.get(k))}, not {shown(new.get(k))}" for k in changed)
+    differs = differences(old, new, keys)
+    if differs:
         fix = "name=NEW_NAME (or --run-dir DIR)" if cfg.name else "--run-dir DIR (or name=NEW_NAME)"
         raise ConfigError(f"{root} holds a run with {differs} (from {source}); to train this config elsewhere pass "
                           f"{fix}, or pass the original settings to resume that run")
