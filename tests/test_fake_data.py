@@ -39,7 +39,7 @@ def test_the_imagenet_generator_never_writes_into_a_real_imagenet(tmp_path, caps
     for force in ([], ["--force"]):
         assert cli.main(["data", "fake-imagenet", str(tmp_path / "imagenet"), "--classes", "2", *force]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "n01440764/ is not one of its classes" in err
+        assert err.count("\n") == 1 and "n01440764/ is not a class these options generate" in err
     assert [p.name for p in (tmp_path / "imagenet").rglob("*")] == ["train", "n01440764", "n01440764_1.JPEG"]
     fake = ["data", "fake-imagenet", str(tmp_path / "fake"), "--classes", "2", "--train-per-class", "2",
             "--val-per-class", "1", "--min-side", "8", "--max-side", "12"]
@@ -47,6 +47,8 @@ def test_the_imagenet_generator_never_writes_into_a_real_imagenet(tmp_path, caps
     assert cli.main(fake) == 0 and "already holds this data set" in capsys.readouterr().out
     assert cli.main([*fake[:-1], "13"]) == 2 and "--force" in capsys.readouterr().err
     assert cli.main([*fake[:-1], "13", "--force"]) == 0
+    fewer = [*fake, "--train-per-class", "1"]  # one training image per class: --force would leave the second
+    assert cli.main([*fewer, "--force"]) == 2 and "with files these options would not write" in capsys.readouterr().err
 
 
 def test_a_missing_data_set_hint_points_the_generator_at_a_scratch_folder(tmp_path):

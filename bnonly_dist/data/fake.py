@@ -122,27 +122,28 @@ def write_imagenet(root: str | Path, num_classes: int = 10, train_per_class: int
                    photo_like: bool = False, force: bool = False) -> tuple[Path, bool]:
     """train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (class-folder layout), image sides drawn from [sides);
     photo_like: little pixel noise, so that files decode like photographs (decode benchmarks).
-    (root, written): as write_cifar10; force never writes into a split that holds other class folders
-    (a real ImageNet's), so the result is never a mix of two data sets."""
+    (root, written): as write_cifar10; force never writes among class folders or files these options
+    would not write (a real ImageNet's), so the result is never a mix of two data sets."""
     root = Path(root)
     wnids = [f"n{10000000 + 1111 * c:08d}" for c in range(num_classes)]
-    held = {split: sorted(e.name for e in os.scandir(root / split)) for split in ("train", "val")
-            if (root / split).is_dir()}
-    held = {split: names for split, names in held.items() if names}
-    files = _imagenet_files(wnids, train_per_class, val_per_class, seed, sides, PHOTO_NOISE if photo_like else 70)
-    if held:
-        split, names = next(iter(held.items()))
-        foreign = sorted(set().union(*held.values()) - set(wnids))
-        if foreign or not force:
-            holds = f"{root / split} already holds a data set ({names[0]}/, ...)"
-            if foreign:
-                raise DataError(f"{holds}, not the data set these options generate ({foreign[0]}/ is not one of its "
-                                "classes); pass an empty folder")
-            counts = {"train": train_per_class, "val": val_per_class}
-            if set(held) != {"train", "val"} or any(len(held[s]) != num_classes or any(
-                    len(os.listdir(root / s / w)) != counts[s] for w in wnids) for s in held):
-                raise DataError(f"{holds}, not the data set these options generate (other class or image counts); "
-                                "pass an empty folder, or --force to write over it")
+    counts = {"train": train_per_class, "val": val_per_class}
+    wanted = {_image_name(split, wnid, i) for split, count in counts.items() for wnid in wnids for i in range(count)}
+    files = _imagenet_files(wnids, counts, seed, sides, PHOTO_NOISE if photo_like else 70)
+    splits = [split for split in counts if (root / split).is_dir() and any(os.scandir(root / split))]
+    if splits:
+        holds = f"{root / splits[0]} already holds a data set"
+        foreign = sorted({e.name for split in splits for e in os.scandir(root / split)} - set(wnids))
+        if foreign:  # a look at the class folders only: a real ImageNet is never listed file by file
+            raise DataError(f"{holds} ({foreign[0]}/ is not a class these options generate); pass an empty folder")
+        present = {p.relative_to(root).as_posix() for split in splits for p in (root / split).rglob("*")
+                   if not p.is_dir()}
+        if force and present - wanted:
+            raise DataError(f"{holds} with files these options would not write ({sorted(present - wanted)[0]}, ...); "
+                            "pass an empty folder")
+        if not force:
+            if present != wanted:
+                raise DataError(f"{holds}, not the one these options generate (other classes or image counts); pass "
+                                "an empty folder, or --force to replace it")
             _same_or_refuse(root, files, holds)
             return root, False
     _make_dir(root, root)
@@ -153,15 +154,19 @@ def write_imagenet(root: str | Path, num_classes: int = 10, train_per_class: int
     return root, True
 
 
-def _imagenet_files(wnids: list[str], train_per_class: int, val_per_class: int, seed: int,
-                    sides: tuple[int, int], noise: float) -> Iterator[tuple[str, bytes]]:
+def _image_name(split: str, wnid: str, index: int) -> str:
+    return f"{split}/{wnid}/{wnid}_{split}_{index:05d}.JPEG"
+
+
+def _imagenet_files(wnids: list[str], counts: dict[str, int], seed: int, sides: tuple[int, int],
+                    noise: float) -> Iterator[tuple[str, bytes]]:
     """(split/wnid/file.JPEG, JPEG bytes) of every image, in one fixed order (one random stream)."""
     rng = np.random.default_rng(seed)
-    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+    for split, per_class in counts.items():
         for label, wnid in enumerate(wnids):
             for i in range(per_class):
                 height, width = rng.integers(*sides, size=2)
                 image = _class_images(rng, np.array([label]), int(height), int(width), len(wnids), noise)[0]
                 buffer = io.BytesIO()
                 Image.fromarray(image).save(buffer, format="JPEG", quality=90)
-                yield f"{split}/{wnid}/{wnid}_{split}_{i:05d}.JPEG", buffer.getvalue()
+                yield _image_name(split, wnid, i), buffer.getvalue()
