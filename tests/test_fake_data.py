@@ -39,7 +39,7 @@ def test_the_imagenet_generator_never_writes_into_a_real_imagenet(tmp_path, caps
     for force in ([], ["--force"]):
         assert cli.main(["data", "fake-imagenet", str(tmp_path / "imagenet"), "--classes", "2", *force]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "n01440764/ is not a class these options generate" in err
+        assert err.count("\n") == 1 and "n01440764/ is not a class folder of this generator" in err
     assert [p.name for p in (tmp_path / "imagenet").rglob("*")] == ["train", "n01440764", "n01440764_1.JPEG"]
     fake = ["data", "fake-imagenet", str(tmp_path / "fake"), "--classes", "2", "--train-per-class", "2",
             "--val-per-class", "1", "--min-side", "8", "--max-side", "12"]
@@ -47,8 +47,13 @@ def test_the_imagenet_generator_never_writes_into_a_real_imagenet(tmp_path, caps
     assert cli.main(fake) == 0 and "already holds this data set" in capsys.readouterr().out
     assert cli.main([*fake[:-1], "13"]) == 2 and "--force" in capsys.readouterr().err
     assert cli.main([*fake[:-1], "13", "--force"]) == 0
-    fewer = [*fake, "--train-per-class", "1"]  # one training image per class: --force would leave the second
-    assert cli.main([*fewer, "--force"]) == 2 and "with files these options would not write" in capsys.readouterr().err
+    smaller = [*fake, "--train-per-class", "1", "--classes", "1"]  # --force replaces the earlier set wholly
+    assert cli.main([*smaller, "--force"]) == 0
+    assert sorted(p.relative_to(tmp_path / "fake").as_posix() for p in (tmp_path / "fake").rglob("*.JPEG")) == [
+        "train/n10000000/n10000000_train_00000.JPEG", "val/n10000000/n10000000_val_00000.JPEG"]
+    (tmp_path / "fake" / "val" / "n10000000" / "notes.txt").write_text("mine")
+    assert cli.main([*fake, "--force"]) == 2 and "files this generator does not make" in capsys.readouterr().err
+    assert (tmp_path / "fake" / "val" / "n10000000" / "notes.txt").read_text() == "mine"
 
 
 def test_a_missing_data_set_hint_points_the_generator_at_a_scratch_folder(tmp_path):

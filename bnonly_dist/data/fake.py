@@ -9,6 +9,7 @@ import contextlib
 import io
 import os
 import pickle
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -122,8 +123,8 @@ def write_imagenet(root: str | Path, num_classes: int = 10, train_per_class: int
                    photo_like: bool = False, force: bool = False) -> tuple[Path, bool]:
     """train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (class-folder layout), image sides drawn from [sides);
     photo_like: little pixel noise, so that files decode like photographs (decode benchmarks).
-    (root, written): as write_cifar10; force never writes among class folders or files these options
-    would not write (a real ImageNet's), so the result is never a mix of two data sets."""
+    (root, written): as write_cifar10; force replaces an earlier set of this generator (its own files
+    only) and never touches class folders or files it did not make (a real ImageNet's)."""
     root = Path(root)
     wnids = [f"n{10000000 + 1111 * c:08d}" for c in range(num_classes)]
     counts = {"train": train_per_class, "val": val_per_class}
@@ -132,26 +133,38 @@ def write_imagenet(root: str | Path, num_classes: int = 10, train_per_class: int
     splits = [split for split in counts if (root / split).is_dir() and any(os.scandir(root / split))]
     if splits:
         holds = f"{root / splits[0]} already holds a data set"
-        foreign = sorted({e.name for split in splits for e in os.scandir(root / split)} - set(wnids))
+        foreign = sorted(e.name for split in splits for e in os.scandir(root / split) if not _OWN_CLASS.fullmatch(e.name))
         if foreign:  # a look at the class folders only: a real ImageNet is never listed file by file
-            raise DataError(f"{holds} ({foreign[0]}/ is not a class these options generate); pass an empty folder")
+            raise DataError(f"{holds} ({foreign[0]}/ is not a class folder of this generator); pass an empty folder")
         present = {p.relative_to(root).as_posix() for split in splits for p in (root / split).rglob("*")
                    if not p.is_dir()}
-        if force and present - wanted:
-            raise DataError(f"{holds} with files these options would not write ({sorted(present - wanted)[0]}, ...); "
-                            "pass an empty folder")
+        stale = sorted(present - wanted)
         if not force:
-            if present != wanted:
+            if stale or present != wanted:
                 raise DataError(f"{holds}, not the one these options generate (other classes or image counts); pass "
                                 "an empty folder, or --force to replace it")
             _same_or_refuse(root, files, holds)
             return root, False
+        other = [name for name in stale if not _OWN_IMAGE.fullmatch(name)]
+        if other:
+            raise DataError(f"{holds} with files this generator does not make ({other[0]}, ...); pass an empty folder")
+        with _writing(root):  # only this generator's own images of an earlier set, in its own class folders
+            for name in stale:
+                (root / name).unlink()
+            for folder in {(root / name).parent for name in stale}:
+                if not any(folder.iterdir()):
+                    folder.rmdir()
     _make_dir(root, root)
     with _writing(root):
         for name, data in files:
             _make_dir((root / name).parent, root)
             (root / name).write_bytes(data)
     return root, True
+
+
+# What this generator names its class folders and images (wnids n10000000 + 1111 * class).
+_OWN_CLASS = re.compile(r"n1\d{7}")
+_OWN_IMAGE = re.compile(r"(train|val)/(n1\d{7})/\2_\1_\d{5}\.JPEG")
 
 
 def _image_name(split: str, wnid: str, index: int) -> str:
