@@ -88,7 +88,8 @@ def test_a_fresh_shell_reaches_the_tools_after_activating():
     """The README's line in a shell without the venv on PATH (the clone's .venv: what `make` creates)."""
     if not (REPO / ".venv" / "bin" / "activate").is_file():
         pytest.skip("no .venv in this clone (make demo or make test creates it)")
-    script = f"{ACTIVATE} && bnonly --help >/dev/null && bnonly data --help >/dev/null && python -c 'import bnonly_dist'"
+    script = (f"{ACTIVATE} && bnonly --help >/dev/null && bnonly data --help >/dev/null && python -c 'import bnonly_dist' "
+              "&& tensorboard --version_tb >/dev/null && command -v torchrun >/dev/null")
     out = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True,
                          env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
     assert out.returncode == 0, out.stderr[-2000:]
