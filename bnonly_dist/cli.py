@@ -149,13 +149,11 @@ def _data(args) -> None:
               "a trial (README: Trying an ImageNet config)")
 
 
-HANDLERS = {"train": _train, "eval": _eval, "config": _config, "analyze": _analyze, "run-dir": _run_dir,
-            "sweep-points": _sweep_points, "retry": _retry, "bench": _bench, "bench-checkpoint": _bench_checkpoint,
-            "model-info": _model_info, "data": _data}
-
-
 def parser() -> argparse.ArgumentParser:
-    return cli_args.parser(HANDLERS)
+    """The parser, each command's handler looked up now (so a test may replace one)."""
+    return cli_args.parser({"train": _train, "eval": _eval, "config": _config, "analyze": _analyze,
+                            "run-dir": _run_dir, "sweep-points": _sweep_points, "retry": _retry, "bench": _bench,
+                            "bench-checkpoint": _bench_checkpoint, "model-info": _model_info, "data": _data})
 
 
 def _run_errors() -> tuple[type[Exception], ...]:
