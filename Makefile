@@ -17,12 +17,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dali,deepspeed,slurm,dev]"
 	touch $@
 
+# Again: the data set is already there (the generator says so) and the finished run says so.
 demo: setup
 	$(BIN)/bnonly data fake-cifar10 runs/data/fake-cifar10
 	$(BIN)/bnonly train configs/demo.yaml
+	@echo "next: source $(VENV)/bin/activate   (puts bnonly, tensorboard and the project's python on PATH)"
 
+# ARGS: pytest's own arguments, e.g. make test ARGS="tests/test_config.py -k override"
+ARGS ?=
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: setup
 	$(BIN)/bnonly bench configs/cifar10_resnet110.yaml train.device=cpu --steps 5 --warmup 2

@@ -20,7 +20,9 @@ import sys
 import uuid
 from pathlib import Path
 
-from bnonly_dist.launch import cluster
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, from its own clone
+
+from bnonly_dist.launch import cluster  # noqa: E402  (after the path above)
 
 
 def parse(argv):
