@@ -22,12 +22,19 @@ PLACEHOLDER = re.compile(r"\.\.\.|\$|\b(CONFIG|RUN|DIR|WHEELS|OUT)\b")
 
 def _shell_lines(doc: Path) -> list[str]:
     """The command lines of a document's bash blocks, continuations joined, comments removed."""
-    lines = []
+    lines, pending = [], ""
     for block in re.findall(r"```(?:bash|sh)\n(.*?)```", doc.read_text(), re.S):
         for line in block.replace("\\\n", " ").splitlines():
-            line = line.split(" # ")[0].strip()
-            if line and not line.startswith("#"):
-                lines.append(line)
+            line = pending + line if pending else line.split(" # ")[0].strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                shlex.split(line)
+            except ValueError:  # a quote that spans lines (python -c "..."): one command with the next line
+                pending = line + "\n"
+                continue
+            pending = ""
+            lines.append(line)
     return lines
 
 
