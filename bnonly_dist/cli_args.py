@@ -116,7 +116,7 @@ def parser(handlers: dict) -> argparse.ArgumentParser:
     d = add("data", help="write small data sets in the real formats, or check one")
     dsub = d.add_subparsers(dest="data_command", required=True)
     add_data = _with_description(dsub)
-    c = add_data("fake-cifar10", help="write DIR/cifar-10-batches-py")
+    c = add_data("fake-cifar10", help="write DIR/cifar-10-batches-py (into DIR where DIR is that folder)")
     c.add_argument("dir", help="a scratch folder (never your real data's): data.root for the run")
     c.add_argument("--train-size", type=int, default=2560, help="training images (default 2560)")
     c.add_argument("--test-size", type=int, default=1000, help="test images (default 1000)")
@@ -132,8 +132,8 @@ def parser(handlers: dict) -> argparse.ArgumentParser:
     i.add_argument("--photo-like", action="store_true", help="little pixel noise: files of a photograph's size "
                    "and decode cost (for decode benchmarks)")
     for q in (c, i):
-        q.add_argument("--force", action="store_true", help="write over a data set already in DIR (refused "
-                       "without it, unless DIR holds this very one)")
+        q.add_argument("--force", action="store_true", help="write over a data set of this kind already in "
+                       "DIR (refused without it, unless DIR holds this very one)")
     k = add_data("check", help="validate a CIFAR-10 or ImageNet layout")
     k.add_argument("dir", help="data.root of a run: the folder with cifar-10-batches-py/, or with train/ and val/")
     k.add_argument("--decode", action="store_true", help="decode every image to find corrupt ones")

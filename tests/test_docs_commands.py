@@ -55,6 +55,15 @@ def test_the_readme_gets_the_environment_before_its_first_installed_command():
     assert demo.returncode == 0 and ACTIVATE in demo.stdout.splitlines()[-1]  # make demo says it at its end
 
 
+def test_the_readme_shows_the_lines_make_demo_ends_with():
+    ending = re.search(r"`make demo` writes.*?ends with (.*?)\n\n```\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert ending and ending.group(1).startswith("two lines"), "README: say what make demo ends with"
+    shown = ending.group(2).splitlines()
+    demo = subprocess.run(["make", "-n", "demo"], cwd=REPO, capture_output=True, text=True)
+    last = shlex.split(demo.stdout.splitlines()[-1])  # echo "next: ...": the line make demo prints last
+    assert last[0] == "echo" and len(shown) == 2 and shown[0].startswith("done: top1 ") and shown[1] == last[1]
+
+
 def test_every_bnonly_command_in_the_docs_parses_and_its_config_loads(monkeypatch):
     monkeypatch.chdir(REPO)
     checked = 0

@@ -2,6 +2,8 @@
 and a CIFAR-10 folder with a file missing or in the wrong shape names that file."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -85,3 +87,41 @@ def test_a_data_root_one_level_too_deep_is_used_and_named(cifar_root):
         assert f"data: CIFAR-10 from {inner}," in line or f"data: CIFAR-10 from {inner} (" in line
         assert ("the files lie in data.root itself" in line) == note
     assert layout.check(inner)["train_images"] == 320
+
+
+def test_the_cifar_generator_pointed_at_a_cifar_folder_itself_reads_it_as_data_root_does(tmp_path, capsys):
+    root = tmp_path / "c10"
+    assert cli.main(["data", "fake-cifar10", str(root), *SMALL]) == 0
+    inner = root / "cifar-10-batches-py"
+    before = _files(root)
+    capsys.readouterr()
+    assert cli.main(["data", "fake-cifar10", str(inner), *SMALL]) == 0
+    assert capsys.readouterr().out.startswith(f"{inner} already holds this data set")
+    (inner / "test_batch").write_bytes(b"altered")
+    assert cli.main(["data", "fake-cifar10", str(inner), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{inner} already holds CIFAR-10 files" in err and "--force" in err
+    assert cli.main(["data", "fake-cifar10", str(inner), *SMALL, "--force"]) == 0
+    assert _files(root) == before  # written over in place, nothing nested
+    fresh = tmp_path / "new" / "cifar-10-batches-py"  # a data.root named as the folder: the files go in it
+    assert cli.main(["data", "fake-cifar10", str(fresh), *SMALL]) == 0
+    assert sorted(p.name for p in fresh.iterdir()) == sorted(layout.CIFAR_TRAIN + ["batches.meta", "test_batch"])
+    assert layout.cifar10_dir(fresh) == fresh
+
+
+def test_a_generator_refuses_a_folder_holding_the_other_data_set(tmp_path, capsys, cifar_root, imagenet_root):
+    cifar, imagenet = tmp_path / "cifar", tmp_path / "imagenet"  # copies: a failure must not touch the fixtures
+    shutil.copytree(cifar_root, cifar)
+    shutil.copytree(imagenet_root, imagenet)
+    for command, root, names in (("fake-cifar10", imagenet, "train/, val/"),
+                                 ("fake-imagenet", cifar, "cifar-10-batches-py")):
+        before = _files(root)
+        for force in ([], ["--force"]):
+            assert cli.main(["data", command, str(root), *force]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"{root} already holds" in err and names in err
+            assert "pass another folder" in err
+        assert _files(root) == before
+    inner = cifar / "cifar-10-batches-py"  # CIFAR-10 files in the folder itself
+    assert cli.main(["data", "fake-imagenet", str(inner)]) == 2 and "already holds CIFAR-10" in capsys.readouterr().err
+    assert not (inner / "train").exists()

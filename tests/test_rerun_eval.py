@@ -5,6 +5,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from bnonly_dist.run import checkpoint, train
 
 
@@ -60,5 +63,26 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_its_checkpoints(tiny_cfg,
                "optim.lr=1.0e+30", "--run-dir", str(tmp_path / "diverged"))
     assert proc.returncode == 3 and "diverged" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    assert "no checkpoint was saved" in proc.stderr and "is kept" not in proc.stderr
     assert not checkpoint.complete_checkpoints(tmp_path / "diverged")  # no NaN checkpoint written
     assert [p.name for p in checkpoint.complete_checkpoints(run_dir)] == good
+
+
+def test_a_loss_gone_bad_between_checks_names_the_check_step_and_the_checkpoint_kept(tiny_cfg, tmp_path,
+                                                                                      monkeypatch):
+    """The loss is checked at log steps (no GPU sync per step): a NaN at step 3 is caught at step 4."""
+    step = train.Run.train_step
+
+    def poisoned(run, images, labels):
+        step(run, images, labels)
+        if run.step == 3:
+            run.meter.add(torch.tensor(float("nan")), torch.tensor(0.0))
+
+    monkeypatch.setattr(train.Run, "train_step", poisoned)
+    run_dir = tmp_path / "run"
+    with pytest.raises(train.Diverged) as err:
+        train.run(tiny_cfg("train.max_steps=8", "train.log_every=4", "train.checkpoint_every=2"), run_dir)
+    saved = checkpoint.complete_checkpoints(run_dir)
+    assert [p.name for p in saved] == ["step_00000002"]  # the save at step 4 was refused
+    assert "became nan at or before step 4" in str(err.value)
+    assert f"the last good checkpoint {saved[0]} is kept" in str(err.value)

@@ -58,11 +58,13 @@ def _writing(root: Path):
 
 def write_cifar10(root: str | Path, train_size: int = 2560, test_size: int = 1000, seed: int = 0,
                   force: bool = False) -> tuple[Path, bool]:
-    """cifar-10-batches-py/ with data_batch_1..5, test_batch and batches.meta (python pickles).
-    (folder, written): a folder already holding this very data set is left as it is (written False);
-    one holding other CIFAR-10 files is refused unless force, which writes over them."""
+    """cifar-10-batches-py/ with data_batch_1..5, test_batch and batches.meta (python pickles), in root, or
+    root itself where root is that folder (_cifar_folder). (folder, written): a folder already holding this
+    very data set is left as it is (written False); one holding other CIFAR-10 files is refused unless force,
+    which writes over them; a root holding an ImageNet is refused, force or not."""
     root = Path(root)
-    out = root / "cifar-10-batches-py"
+    _refuse_imagenet(root)
+    out = _cifar_folder(root)
     present = [name for name in CIFAR_FILES if (out / name).exists() or (out / name).is_symlink()]
     files = _cifar10_files(train_size, test_size, seed)
     if present and not force:
@@ -76,6 +78,35 @@ def write_cifar10(root: str | Path, train_size: int = 2560, test_size: int = 100
 
 
 CIFAR_FILES = [*CIFAR_TRAIN, "test_batch", "batches.meta"]
+CIFAR_FOLDER = "cifar-10-batches-py"
+
+
+def _holds_cifar(folder: Path) -> bool:
+    """Whether folder holds CIFAR-10 files itself (what layout.cifar10_dir looks for)."""
+    return any((folder / name).exists() or (folder / name).is_symlink() for name in CIFAR_FILES)
+
+
+def _cifar_folder(root: Path) -> Path:
+    """Where the CIFAR-10 files of data.root=root lie or go, read as layout.cifar10_dir reads data.root:
+    root/cifar-10-batches-py, or root itself where root is that folder or already holds the files
+    (never a cifar-10-batches-py nested inside one)."""
+    nested = root / CIFAR_FOLDER
+    if not _holds_cifar(nested) and (root.name == CIFAR_FOLDER or _holds_cifar(root)):
+        return root
+    return nested
+
+
+def _holds_imagenet(root: Path) -> list[str]:
+    """The split folders (train, val) of root that are non-empty: an ImageNet's class-folder layout."""
+    return [split for split in ("train", "val") if (root / split).is_dir() and any(os.scandir(root / split))]
+
+
+def _refuse_imagenet(root: Path) -> None:
+    """DataError where root holds an ImageNet: CIFAR-10 files beside it would make the folder two data sets."""
+    splits = _holds_imagenet(root)
+    if splits:
+        raise DataError(f"{root} already holds an ImageNet ({'/, '.join(splits)}/ with class folders); pass another "
+                        "folder for CIFAR-10 (--force never writes beside another kind of data set)")
 
 
 def _cifar10_files(train_size: int, test_size: int, seed: int) -> Iterator[tuple[str, bytes]]:
@@ -130,7 +161,11 @@ def write_imagenet(root: str | Path, num_classes: int = 10, train_per_class: int
     counts = {"train": train_per_class, "val": val_per_class}
     wanted = {_image_name(split, wnid, i) for split, count in counts.items() for wnid in wnids for i in range(count)}
     files = _imagenet_files(wnids, counts, seed, sides, PHOTO_NOISE if photo_like else 70)
-    splits = [split for split in counts if (root / split).is_dir() and any(os.scandir(root / split))]
+    if _holds_cifar(root / CIFAR_FOLDER) or _holds_cifar(root):
+        where = root / CIFAR_FOLDER if _holds_cifar(root / CIFAR_FOLDER) else root
+        raise DataError(f"{root} already holds CIFAR-10 (files in {where}); pass another folder for ImageNet "
+                        "(--force never writes beside another kind of data set)")
+    splits = _holds_imagenet(root)
     if splits:
         holds = f"{root / splits[0]} already holds a data set"
         foreign = sorted(e.name for split in splits for e in os.scandir(root / split) if not _OWN_CLASS.fullmatch(e.name))

@@ -28,7 +28,7 @@ from bnonly_dist.models.bn_groups import average_running_statistics
 from bnonly_dist.logs import setup_logging
 from bnonly_dist.run import finished, history, paths, rundir
 from bnonly_dist.run.bn_stats import gamma_stats
-from bnonly_dist.run.checkpoint import Checkpointer, fingerprint
+from bnonly_dist.run.checkpoint import Checkpointer, complete_checkpoints, fingerprint
 from bnonly_dist.run.evaluate import evaluate
 from bnonly_dist.run.meter import StepMeter
 from bnonly_dist.run.metrics import Metrics
@@ -253,9 +253,13 @@ class Run:
             return  # nothing trained since the last log line, which checked its loss
         loss = self.meter.report(reset=False)["loss"] if loss is None else loss
         if dist.any_rank(not math.isfinite(loss)):
-            raise Diverged(f"the training loss became {loss} at step {self.step} (diverged); the last good "
-                           f"checkpoint in {self.paths.checkpoints} is kept: lower optim.lr or add "
-                           "optim.warmup_epochs and start a new --run-dir")
+            # The loss is the mean since the last check (log steps and saves), read then so that a step
+            # never waits on the GPU: the first bad step may lie before this one.
+            saved = complete_checkpoints(self.run_dir)
+            kept = (f"the last good checkpoint {saved[-1]} is kept" if saved else
+                    "no checkpoint was saved")
+            raise Diverged(f"the training loss became {loss} at or before step {self.step} (diverged); {kept}: "
+                           "lower optim.lr or add optim.warmup_epochs and start a new --run-dir")
 
     def log_train(self) -> None:
         values = self.meter.report(global_batch=True)  # syncs the GPU; collective: the global batch's numbers
