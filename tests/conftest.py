@@ -42,3 +42,16 @@ def launcher_environment_untouched():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def root_logger_untouched():
+    """A command run in-process (cli.main: logs.setup, analyze's basicConfig) may give the root logger a
+    handler on this test's captured stderr, closed once the test ends: the next test must not log into it."""
+    import logging
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(level)
