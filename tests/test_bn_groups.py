@@ -24,7 +24,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from bnonly_dist.config import ConfigError, plan
 from bnonly_dist.models import layers
-from bnonly_dist.models.bn_groups import BNGroups, average_running_statistics
+from bnonly_dist.config.plan import BNGroups
+from bnonly_dist.models.bn_groups import average_running_statistics
 
 C, H, W = 3, 4, 5
 LOSS_RTOL, STATE_ATOL = 2e-5, 5e-4

@@ -135,7 +135,7 @@ def local_cost(cfg: Config, target: Target, local: bool, ask=None) -> str | None
     import torch
 
     from bnonly_dist.config import plan as plans
-    from bnonly_dist.perf import memory
+    from bnonly_dist.models import memory
     cpu = torch.device("cpu")
     plan = plans.resolve(cfg, cpu, target.world)
     batch = max(1, cfg.data.batch_size // target.world)

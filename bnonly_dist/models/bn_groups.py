@@ -18,30 +18,10 @@ over the ranks, which is then exactly what one process holding every group would
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as torch_dist
 
 from bnonly_dist.models.bitmask import apply_mask, pack_bits
-
-
-@dataclass(frozen=True)
-class BNGroups:
-    """How one rank forms BN statistics: `per_rank` groups inside it, or one group spread over `ranks` ranks."""
-    images: int | None  # images per statistic; None: the rank's own batch (depends on the world)
-    per_rank: int = 1
-    ranks: int = 1
-
-    def describe(self, per_rank_batch: int) -> str:
-        if self.images is None:
-            return (f"BN statistics over each rank's {per_rank_batch} images (train.bn_batch=null: they change "
-                    "with the number of ranks)")
-        if self.ranks > 1:
-            return f"BN statistics over {self.images} images: synchronised over {self.ranks} ranks"
-        if self.per_rank > 1:
-            return f"BN statistics over {self.images} images: {self.per_rank} groups per rank"
-        return f"BN statistics over {self.images} images: one group per rank"
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:

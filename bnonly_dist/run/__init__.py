@@ -5,5 +5,6 @@ files: config.yaml, metrics.jsonl, tb/, checkpoints/, logs/, summary.json.
 train is the loop; checkpoint (+ checkpoint_files) saves and resumes it; rundir and paths
 own the directory and its lock; stop turns signals into an agreed stop; metrics and meter
 log the global batch's numbers; evaluate and eval_run measure accuracy; bn_stats reads
-gamma and beta; optim holds the optimizer and learning-rate schedule.
+gamma and beta; history is the ledger of failures, restarts and stops (RUN/history.jsonl)
+and the one table of exceptions, exit codes and cause kinds.
 """

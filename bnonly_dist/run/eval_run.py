@@ -16,6 +16,7 @@ from bnonly_dist import data, dist, engines, network
 from bnonly_dist.config import ConfigError, apply_overrides, from_dict, parse_override, read_run_config
 from bnonly_dist.config import plan as plans
 from bnonly_dist.config.catalog import num_classes
+from bnonly_dist.models import memory
 from bnonly_dist.run import rundir
 from bnonly_dist.run.checkpoint import Checkpointer, CheckpointError
 from bnonly_dist.run.evaluate import evaluate
@@ -53,7 +54,7 @@ def run(run_dir: Path, overrides: list[str] = ()) -> dict:
 
 
 def _evaluate(run_paths: RunPaths, cfg, identity: dict, ctx) -> dict:
-    plan = plans.resolve(cfg, ctx.device, ctx.world)
+    plan = plans.resolve(cfg, ctx.device, ctx.world, memory)
     source = data.build(cfg, plan, ctx.rank, ctx.world)
     classes = num_classes(cfg, source)
     net = network.build(cfg, plan, classes)
