@@ -17,12 +17,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dali,deepspeed,slurm,dev]"
 	touch $@
 
+# Again: the data set is already there (the generator says so) and the finished run says so.
 demo: setup
 	$(BIN)/bnonly data fake-cifar10 runs/data/fake-cifar10
 	$(BIN)/bnonly train configs/demo.yaml
+	@echo "next: source $(VENV)/bin/activate   (puts bnonly, tensorboard and the project's python on PATH)"
 
+# ARGS: pytest's own arguments, e.g. make test ARGS="tests/test_config.py -k override"
+ARGS ?=
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: setup
 	$(BIN)/bnonly bench configs/cifar10_resnet110.yaml train.device=cpu --steps 5 --warmup 2
@@ -42,20 +46,23 @@ clean:
 	rm -rf runs/demo_cifar10_resnet20_bn runs/data/fake-cifar10
 
 # On a GPU node, with the Python that has torch (no venv, no network): the cuda tests, the
-# benchmarks and DALI in at most 8 minutes; WHEELS: folder of wheels for what is missing
-# (docs/gpu.md), OUT: where report.md and report.json go.
+# benchmarks and DALI in at most 8 minutes; WHEELS: folder of wheels for what is missing, built
+# for this node's Python (docs/gpu.md); OUT: the folder that gets the results, at most 8 files
+# and no subfolder (report.md, report.json, cuda-tests.xml, logs.tar.gz, the bench JSONs).
 WHEELS ?=
 OUT ?= runs/gpu-check
 gpu-check:
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m bnonly_dist.gpu_check $(if $(WHEELS),--wheels "$(WHEELS)") --out "$(OUT)"
 
 # On a machine with the registry (and this project installed): the wheel folder for gpu-check,
-# from requirements/gpu-wheels.txt, checked by an offline install here. NODE_PYTHON: the node's
-# major.minor (default this Python's); SPLIT_MIB: also cut it into parts of that size.
+# from requirements/gpu-wheels.txt, checked by an offline install here; its last line names the
+# Python it is for. NODE_PYTHON: the node's major.minor (default this Python's; gpu-check names
+# it when the folder does not match); SPLIT_MIB: also cut it into parts of that size.
 NODE_PYTHON ?=
 SPLIT_MIB ?= 0
 gpu-wheels: setup
 	@test -n "$(WHEELS)" || { echo "make gpu-wheels: set WHEELS=dir (a new folder)"; exit 2; }
+	@echo "make gpu-wheels: for Python $(or $(NODE_PYTHON),$$($(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])'))"
 	$(BIN)/python -m bnonly_dist.perf.wheels "$(WHEELS)" $(if $(NODE_PYTHON),--python-version $(NODE_PYTHON)) --split-mib $(SPLIT_MIB)
 
 cluster-up:      # a real Slurm on this machine (node1, node2); needs root

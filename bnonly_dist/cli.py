@@ -14,13 +14,15 @@ _GUARDED = early_signals.end_on_ctrl_c()
 _ARGS = None  # the command line once parsed: what a Ctrl-C's one line and note need
 
 import argparse  # noqa: E402  (the imports below run under the guard)
+import atexit  # noqa: E402
 import contextlib  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from bnonly_dist import cli_args  # noqa: E402
 from bnonly_dist.config import ConfigError, load, load_with_sources, parse_args  # noqa: E402
-from bnonly_dist.config.catalog import ARCH_FORMS, MODES  # noqa: E402
 from bnonly_dist.launch import restart  # noqa: E402
 from bnonly_dist.run import history  # noqa: E402
 from bnonly_dist.run.history import Kind  # noqa: E402
@@ -31,6 +33,11 @@ if _GUARDED:  # imported: Ctrl-C raises KeyboardInterrupt again (main() decides 
 
 
 def _train(args) -> None:
+    # The interpreter's last garbage collections at exit walk the ~300k objects torch leaves only to free
+    # memory the exit frees anyway: 1.6 s per rank on a 2-core EPYC (0.25 s without; docs/benchmarks.md),
+    # which 16 ranks on 2 cores pay one after another before a stopped job can requeue. Skip them.
+    atexit.unregister(gc.freeze)  # once, however many runs one process holds
+    atexit.register(gc.freeze)
     with early_signals.kept():  # a stop signal during start-up stops the run at its first step, with a checkpoint
         from bnonly_dist import dist
         from bnonly_dist.run import train
@@ -41,7 +48,7 @@ def _train(args) -> None:
 def _eval(args) -> None:
     from bnonly_dist import dist
     from bnonly_dist.run import eval_run
-    eval_run.run(args.run_dir, args.overrides)
+    eval_run.run(args.run_dir, args.overrides, args.other_data)
     dist.teardown()
 
 
@@ -51,7 +58,22 @@ def _config(args) -> None:
         print(config_reference.key_list())
         return
     cfg, sources = load_with_sources(args.config, args.overrides)
+    grouping = _bn_grouping(cfg, args.world)
     print(config_reference.resolved(cfg, sources))
+    if grouping:
+        print(grouping)
+
+
+def _bn_grouping(cfg, world: int | None) -> str:
+    """With --world N: the BN grouping of cfg on N ranks, or the ConfigError naming the values that work."""
+    if world is None:
+        return ""
+    if world < 1:
+        raise ConfigError(f"--world {world}: the number of ranks must be 1 or more")
+    from bnonly_dist.config.plan import bn_groups, per_rank
+    per_rank_batch = per_rank(cfg.data.batch_size, world)
+    return (f"on {world} rank{'s' if world > 1 else ''}: {per_rank_batch} images per rank; "
+            f"{bn_groups(cfg.train.bn_batch, cfg.data.batch_size, world).describe(per_rank_batch)}")
 
 
 def _analyze(args) -> None:
@@ -73,6 +95,7 @@ def _analyze(args) -> None:
 
 def _run_dir(args) -> None:
     cfg = load(args.config, args.overrides)
+    _bn_grouping(cfg, args.world)  # a refusal here, before a script creates anything for the run
     print(run_dir_of(cfg).resolve())
 
 
@@ -83,6 +106,11 @@ def _sweep_points(args) -> None:
     spec = sweep.load(args.sweep, args.overrides)
     for point in spec.points:  # shell words: config, overrides, run directory
         print(shlex.join([str(spec.config), *spec.common, *point.overrides, str(point.run_dir)]))
+
+
+def _retry(args) -> int:
+    return restart.command(args.run_dir, args.exit_code, args.requeued, args.stopped, args.series, args.since,
+                           args.max_failures)
 
 
 def _bench(args) -> None:
@@ -117,143 +145,26 @@ def _model_info(args) -> None:
 def _data(args) -> None:
     from bnonly_dist.data import fake, layout
     if args.data_command == "fake-cifar10":
-        out = fake.write_cifar10(args.dir, args.train_size, args.test_size, args.seed)
+        out, written = fake.write_cifar10(args.dir, args.train_size, args.test_size, args.seed, force=args.force)
     elif args.data_command == "fake-imagenet":
         if not 8 <= args.min_side < args.max_side:
             raise ConfigError(f"--min-side {args.min_side} --max-side {args.max_side}: need 8 <= min < max")
-        out = fake.write_imagenet(args.dir, args.classes, args.train_per_class, args.val_per_class, args.seed,
-                                  (args.min_side, args.max_side), photo_like=args.photo_like)
+        out, written = fake.write_imagenet(args.dir, args.classes, args.train_per_class, args.val_per_class, args.seed,
+                                           (args.min_side, args.max_side), photo_like=args.photo_like, force=args.force)
     else:
         print(json.dumps(layout.check(args.dir, decode=args.decode)))
         return
-    print(f"wrote {out}")
+    print(f"wrote {out}" if written else f"{out} already holds this data set (the same files); nothing written")
     if args.data_command == "fake-imagenet":
         print(f"{args.classes * args.train_per_class} training images: an ImageNet config's batch needs lowering for "
               "a trial (README: Trying an ImageNet config)")
 
 
-TRAIN_EPILOG = f"""modes (mode=...): {", ".join(MODES)}
-architectures (model.arch=...): {ARCH_FORMS}
-every config key with its meaning: bnonly config --keys; a config resolved: bnonly config CONFIG [key=value ...]
-"""
-
-
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bnonly", description="BatchNorm-only training of random-feature ResNets")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="train one run (resumes if its run directory has a checkpoint)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EPILOG)
-    t.add_argument("config", help="YAML config, e.g. configs/cifar10_resnet56.yaml")
-    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.2 mode=bn")
-    t.add_argument("--run-dir", type=Path, help="run directory (default: runs/<derived from the config>)")
-    t.set_defaults(func=_train)
-
-    e = sub.add_parser("eval", help="evaluate a run's newest checkpoint: top-1, top-5, per-class accuracy "
-                       "(written to RUN/eval.jsonl)")
-    e.add_argument("run_dir", type=Path, help="a run directory (holds config.yaml and checkpoints/)")
-    e.add_argument("overrides", nargs="*", help="data.*, train.device and train.precision overrides, "
-                   "e.g. data.root=/other/copy/of/cifar10")
-    e.set_defaults(func=_eval)
-
-    g = sub.add_parser("config", help="print a config resolved, each key with its value, source and meaning")
-    g.add_argument("config", nargs="?", help="YAML config (omit with --keys)")
-    g.add_argument("overrides", nargs="*", help="key=value overrides")
-    g.add_argument("--keys", action="store_true", help="list every config key with its meaning")
-    g.set_defaults(func=_config)
-
-    a = sub.add_parser("analyze", help="tables and figures from finished runs (run dirs, folders of runs, sweeps)")
-    a.add_argument("paths", nargs="+", help="run directories, folders of runs (runs/) or sweep files")
-    a.add_argument("--out", type=Path, default=Path("analysis"), help="output folder (default: analysis/)")
-    a.add_argument("--threshold", type=float, default=0.01, help="|gamma| below this counts as switched off")
-    a.add_argument("--no-ablation", action="store_true", help="skip re-evaluating with small-gamma channels zeroed")
-    a.add_argument("--device", default="cpu", help="device for the ablation's evaluations (cpu, cuda)")
-    a.add_argument("--claims", action="store_true", help="also claims.md/.json: the paper's four claims as verdicts "
-                   "from these runs, and a sweep file of the runs that would decide the undecided ones")
-    a.set_defaults(func=_analyze)
-
-    r = sub.add_parser("run-dir", help="print the run directory a config trains in (for scripts)")
-    r.add_argument("config")
-    r.add_argument("overrides", nargs="*")
-    r.set_defaults(func=_run_dir)
-
-    w = sub.add_parser("sweep-points", help="one line per grid point of a sweep file: config, overrides, run dir")
-    w.add_argument("sweep")
-    w.add_argument("overrides", nargs="*")
-    w.set_defaults(func=_sweep_points)
-
-    rt = sub.add_parser("retry", help="a script's restart decisions (exit 0: go on, 1: stop), recorded in "
-                        "RUN/history.jsonl (see docs/failures.md)")
-    rt.add_argument("run_dir", type=Path)
-    when = rt.add_mutually_exclusive_group(required=True)
-    when.add_argument("--exit-code", type=int, help="after `bnonly train` failed: its exit status (srun's); "
-                      "restart it?")
-    when.add_argument("--requeued", type=int, metavar="N", help="at the start of a Slurm job: "
-                      "$SLURM_RESTART_COUNT; a requeue the run before did not ask for (a node failed) counts as a "
-                      "failure: go on?")
-    when.add_argument("--stopped", action="store_true", help="before the script requeues a job stopped with a "
-                      "checkpoint (time limit, preemption): record the stop")
-    rt.add_argument("--series", required=True, help="what the restarts are counted per, e.g. $SLURM_JOB_ID")
-    rt.add_argument("--since", type=float, default=0.0, help="when the failed attempt started (seconds since "
-                    "the epoch): failure notes older than this are not its own")
-    rt.add_argument("--max-failures", type=int, default=restart.DEFAULT_MAX_FAILURES,
-                    help=f"restarts per series (default {restart.DEFAULT_MAX_FAILURES}; 0: never)")
-    rt.set_defaults(func=lambda args: restart.command(args.run_dir, args.exit_code, args.requeued, args.stopped,
-                                                      args.series, args.since, args.max_failures))
-
-    b = sub.add_parser("bench", help="time training steps on synthetic data, variants in turns: mode=all, "
-                       "mode=bn plain and lean")
-    b.add_argument("config")
-    b.add_argument("overrides", nargs="*")
-    b.add_argument("--steps", type=int, default=10, help="timed steps per variant (default 10)")
-    b.add_argument("--warmup", type=int, default=3, help="untimed steps per variant before the timed ones (default 3)")
-    b.add_argument("--variants", default="all,bn-plain,bn-lean",
-                   help="comma-separated, from all, bn-plain, bn-lean, naive (NCHW, plain autograd)")
-    b.add_argument("--data", action="store_true", help="also time the configured data pipeline alone (needs data.root)")
-    b.add_argument("--max-batch-limit", type=int, default=4096,
-                   help="GPU: search the largest batch that fits up to this (0: skip the search)")
-    b.add_argument("--max-batch-only", action="store_true", help="only search each variant's largest batch "
-                   "(up to --max-batch-limit; also on the CPU), no timing")
-    b.add_argument("--json", help="also write the report as JSON here")
-    b.set_defaults(func=_bench)
-
-    bc = sub.add_parser("bench-checkpoint", help="checkpoint size and save/load time, frozen weights out vs in")
-    bc.add_argument("config")
-    bc.add_argument("overrides", nargs="*")
-    bc.add_argument("--dir", type=Path, default=Path("runs/bench-checkpoint"), help="where to write its "
-                    "checkpoints, removed after each timing (put it on the file system your runs use)")
-    bc.add_argument("--repeats", type=int, default=3)
-    bc.add_argument("--json", help="also write the report as JSON here")
-    bc.set_defaults(func=_bench_checkpoint)
-
-    m = sub.add_parser("model-info", help="parameter counts of an architecture as JSON")
-    m.add_argument("arch", help="e.g. cifar_resnet_110, cifar_resnet_14_64, imagenet_resnet_200")
-    m.add_argument("--num-classes", type=int)
-    m.set_defaults(func=_model_info)
-
-    d = sub.add_parser("data", help="write small data sets in the real formats, or check one")
-    dsub = d.add_subparsers(dest="data_command", required=True)
-    c = dsub.add_parser("fake-cifar10", help="write DIR/cifar-10-batches-py")
-    c.add_argument("dir")
-    c.add_argument("--train-size", type=int, default=2560)
-    c.add_argument("--test-size", type=int, default=1000)
-    c.add_argument("--seed", type=int, default=0)
-    i = dsub.add_parser("fake-imagenet", help="write DIR/{train,val}/<class>/*.JPEG")
-    i.add_argument("dir")
-    i.add_argument("--classes", type=int, default=10)
-    i.add_argument("--train-per-class", type=int, default=32)
-    i.add_argument("--val-per-class", type=int, default=10)
-    i.add_argument("--seed", type=int, default=0)
-    i.add_argument("--min-side", type=int, default=64, help="image sides are drawn from [min, max)")
-    i.add_argument("--max-side", type=int, default=160, help="real ImageNet: about 333 to 500 (for decode speed)")
-    i.add_argument("--photo-like", action="store_true", help="little pixel noise: files of a photograph's size "
-                   "and decode cost (for decode benchmarks)")
-    k = dsub.add_parser("check", help="validate a CIFAR-10 or ImageNet layout")
-    k.add_argument("dir")
-    k.add_argument("--decode", action="store_true", help="decode every image to find corrupt ones")
-    for q in (d, c, i, k):
-        q.set_defaults(func=_data)
-    return p
+    """The parser, each command's handler looked up now (so a test may replace one)."""
+    return cli_args.parser({"train": _train, "eval": _eval, "config": _config, "analyze": _analyze,
+                            "run-dir": _run_dir, "sweep-points": _sweep_points, "retry": _retry, "bench": _bench,
+                            "bench-checkpoint": _bench_checkpoint, "model-info": _model_info, "data": _data})
 
 
 def _run_errors() -> tuple[type[Exception], ...]:

@@ -10,13 +10,14 @@ import ipaddress
 import os
 import socket
 import struct
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
 
 from bnonly_dist.config import ConfigError
-from bnonly_dist.rendezvous import environment
+from bnonly_dist.rendezvous import environment, expand_nodelist
 
 
 @dataclass(frozen=True)
@@ -58,41 +59,121 @@ def prepare_environment(deterministic: bool, env=os.environ) -> None:
         env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "3"
 
 
-def route_interface(address: str, route_table: str) -> str | None:
-    """The interface Linux sends packets to address through: the longest-prefix match in a
-    route table as /proc/net/route writes it (hex, little-endian), lowest metric first;
-    "lo" for a loopback address (its route is in the local table, not listed there)."""
-    ip = ipaddress.IPv4Address(address)
-    if ip.is_loopback:
-        return "lo"
-    best = None
+ROUTE_FILE = "/proc/net/route"  # Linux's main route table; absent elsewhere (then gloo chooses)
+
+
+def _up_routes(route_table: str):
+    """(interface, destination, mask, metric) of each route that is up, from a route table as
+    /proc/net/route writes it (hex, little-endian)."""
     for line in route_table.splitlines()[1:]:
         fields = line.split()
         if len(fields) < 8 or not int(fields[3], 16) & 1:  # RTF_UP
             continue
         dest, mask = (ipaddress.IPv4Address(struct.pack("<I", int(f, 16))) for f in (fields[1], fields[7]))
-        if int(ip) & int(mask) == int(dest):
-            key = (bin(int(mask)).count("1"), -int(fields[6]))
+        yield fields[0], int(dest), int(mask), int(fields[6])
+
+
+def route_interface(address: str, route_table: str) -> str | None:
+    """The interface Linux sends packets to address through: the longest-prefix match in the
+    route table, lowest metric first; "lo" for a loopback address (its route is in the local
+    table, not listed there). 0.0.0.0 gives the default route's interface."""
+    ip = ipaddress.IPv4Address(address)
+    if ip.is_loopback:
+        return "lo"
+    best = None
+    for interface, dest, mask, metric in _up_routes(route_table):
+        if int(ip) & mask == dest:
+            key = (bin(mask).count("1"), -metric)
             if best is None or key > best[0]:
-                best = (key, fields[0])
+                best = (key, interface)
     return best[1] if best else None
 
 
-def prepare_gloo_interface(env=os.environ, route_file: str = "/proc/net/route") -> str | None:
-    """GLOO_SOCKET_IFNAME, when unset, from the interface that reaches MASTER_ADDR: gloo would
-    otherwise bind to what the host name resolves to, which on some nodes is a loopback or
-    unroutable address, and its first collective would block until dist.timeout_s. Returns
-    the interface chosen (None: the user's setting is kept, or no route is known)."""
-    if env.get("GLOO_SOCKET_IFNAME") or not env.get("MASTER_ADDR"):
+def spans_nodes(env=os.environ) -> bool:
+    """Whether the job's ranks run on more than one node: torchrun's world larger than one
+    node's (LOCAL_WORLD_SIZE), else Slurm's node count of the step (or of the job)."""
+    if "WORLD_SIZE" in env and "LOCAL_WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"]) > int(env["LOCAL_WORLD_SIZE"])
+    nodes = env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or "1"
+    return int(nodes) > 1
+
+
+def _user_interfaces(env) -> tuple[str, str] | None:
+    """(interfaces, variable) the user chose: GLOO_SOCKET_IFNAME, or NCCL_SOCKET_IFNAME when it
+    names whole interfaces of this node ("=eth0" or "eth0,ib0"; NCCL's prefixes and "^"
+    exclusions are not names gloo can take, so then the route decides for gloo)."""
+    if env.get("GLOO_SOCKET_IFNAME"):
+        return env["GLOO_SOCKET_IFNAME"], "GLOO_SOCKET_IFNAME"
+    names = env.get("NCCL_SOCKET_IFNAME", "").lstrip("=")
+    try:
+        here = {name for _, name in socket.if_nameindex()}
+    except OSError:
+        return None
+    if names and not names.startswith("^") and set(names.split(",")) <= here:
+        return names, "NCCL_SOCKET_IFNAME"
+    return None
+
+
+def choose_gloo_interface(env, route_table: str, resolve=socket.gethostbyname) -> tuple[str | None, str]:
+    """(interface for GLOO_SOCKET_IFNAME, why) from the route to MASTER_ADDR; None: gloo's own choice.
+
+    Across nodes a loopback interface is never right, and it is what the route gives where the
+    master's host name resolves to this node's loopback (Debian and Ubuntu map a node's own
+    name to 127.0.1.1): gloo would bind to lo and the other nodes would wait on it until
+    dist.timeout_s. Then the route to another node of the job decides (Slurm's node list),
+    else the default route. Only when every node of the job resolves to a loopback address
+    do the nodes share this host (a local test cluster), and lo is right."""
+    master = env["MASTER_ADDR"]
+    address = resolve(master)
+    interface = route_interface(address, route_table)
+    if interface != "lo" or not spans_nodes(env):
+        return interface, f"the route to MASTER_ADDR {master} ({address})"
+    nodes = expand_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "")
+    addresses = {}
+    for node in nodes:
+        try:
+            addresses[node] = resolve(node)
+        except OSError:
+            continue
+    why = f"MASTER_ADDR {master} resolves to this node's loopback {address}"
+    if nodes and len(addresses) == len(nodes) and all(ipaddress.ip_address(a).is_loopback for a in addresses.values()):
+        return "lo", f"{why}, as every node of the job does: they share this host"
+    for node, peer in addresses.items():
+        through = route_interface(peer, route_table)
+        if through and through != "lo":
+            return through, f"the route to node {node} ({peer}); {why}"
+    through = route_interface("0.0.0.0", route_table)
+    if through and through != "lo":
+        return through, f"the default route; {why}"
+    raise ConfigError(f"the job spans nodes but {why} and no route leaves this node; set GLOO_SOCKET_IFNAME "
+                      "to the interface the nodes reach each other through")
+
+
+def prepare_gloo_interface(env=os.environ, route_file: str | None = None, resolve=None,
+                           say=lambda line: None) -> str | None:
+    """GLOO_SOCKET_IFNAME, when the user set neither it nor NCCL_SOCKET_IFNAME, from the route
+    (choose_gloo_interface): gloo would otherwise bind to what the host name resolves to,
+    which on some nodes is a loopback or unroutable address, and its first collective would
+    block until dist.timeout_s. say(line) gets one line naming the interface and why.
+    Returns the interface chosen (None: the user's setting is kept, or no route is known)."""
+    if not env.get("MASTER_ADDR"):
+        return None
+    mine = _user_interfaces(env)
+    if mine:
+        env["GLOO_SOCKET_IFNAME"] = mine[0]
+        say(f"gloo binds to {mine[0]} ({mine[1]} set by the user)")
         return None
     try:
-        address = socket.gethostbyname(env["MASTER_ADDR"])
-        with open(route_file) as f:
-            interface = route_interface(address, f.read())
+        with open(route_file or ROUTE_FILE) as f:
+            interface, why = choose_gloo_interface(env, f.read(), resolve or socket.gethostbyname)
+    except ConfigError:
+        raise
     except (OSError, ValueError):  # unresolvable name, no route table (not Linux): gloo's own choice
+        say("gloo binds to its own choice of interface (no route to MASTER_ADDR known here)")
         return None
     if interface:
         env["GLOO_SOCKET_IFNAME"] = interface
+    say(f"gloo binds to {interface or 'its own choice of interface'} ({why})")
     return interface
 
 
@@ -119,6 +200,11 @@ def device_local_rank(device: torch.device, local_rank: int) -> str:
     return str(device.index) if device.type == "cuda" else str(local_rank)
 
 
+def announce(line: str) -> None:
+    """A start-up line on stderr, before logging is set up (and before a hang it may explain)."""
+    print(f"dist: {socket.gethostname()}: {line}", file=sys.stderr, flush=True)
+
+
 def init(device_preference: str = "auto", timeout_s: int = 600, deterministic: bool = False) -> Context:
     """Join the process group the launcher describes (a single process if none).
 
@@ -137,7 +223,8 @@ def init(device_preference: str = "auto", timeout_s: int = 600, deterministic: b
         # A process of a group: init_process_group's env:// (and DeepSpeed) read these.
         # A single process leaves the environment alone, so the jobs it launches see none.
         os.environ.update(env, LOCAL_RANK=device_local_rank(device, local_rank))
-        prepare_gloo_interface()
+        # Before the rendezvous, where a wrong interface would hang: one line per node across nodes.
+        prepare_gloo_interface(say=announce if local_rank == 0 and spans_nodes() else lambda line: None)
         timeout = datetime.timedelta(seconds=timeout_s)
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch_dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,

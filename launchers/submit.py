@@ -15,11 +15,14 @@ process group this machine holds; --local runs all nodes x tasks here.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import uuid
 from pathlib import Path
 
-from bnonly_dist.launch import cluster
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, from its own clone
+
+from bnonly_dist.launch import cluster  # noqa: E402  (after the path above)
 
 
 def parse(argv):
@@ -35,7 +38,11 @@ def parse(argv):
 
 
 def main(argv=None) -> int:
-    args = parse(argv)
+    try:
+        args = parse(argv)
+    except KeyboardInterrupt:
+        print("submit: interrupted; nothing was submitted", file=sys.stderr)
+        return 130
     from bnonly_dist import config
     from bnonly_dist.data.layout import DataError
     from bnonly_dist.launch import jobs, preflight
@@ -48,15 +55,15 @@ def main(argv=None) -> int:
         paths = RunPaths(run_dir(cfg, args.run_dir).resolve())
         job_dir = (args.job_dir or paths.slurm).resolve()
         # Every check that can run does, so that one try names every refusal (a question only if none).
+        slurm = cluster.slurm_expected(args.local)  # a dry run decides as the real command would
         refusals = preflight.Refusals()
-        lines = [refusals.check(preflight.check_data, cfg, cluster.slurm_expected(args.local, args.dry_run))]
-        ask = None if refusals.found else cluster.terminal_ask()
-        target, line = refusals.check(cluster.choose_target, res, cfg.train.device, args.local, args.dry_run, ask) or (
-            None, None)
+        lines = [refusals.check(preflight.check_data, cfg, slurm)]
+        if slurm:  # the request against the partitions: every mismatch, whatever else is refused
+            lines.append(refusals.check(preflight.check_cluster, res))
+        ask = None if refusals.found or args.dry_run else cluster.terminal_ask()
+        target, line = refusals.check(cluster.choose_target, res, cfg.train.device, args.local, ask) or (None, None)
         if target is not None:
             lines.insert(0, line)
-            if target.slurm and not args.dry_run:  # a job no partition can run would pend forever
-                lines.append(refusals.check(preflight.check_capacity, res))
             lines.append(refusals.check(preflight.check_run, cfg, paths.root, target, preview_run_dir=args.dry_run))
             if not refusals.found or ask is None:  # a CPU fallback of an ImageNet config: its cost, asked
                 lines.append(refusals.check(preflight.local_cost, cfg, target, args.local, ask))
@@ -64,7 +71,7 @@ def main(argv=None) -> int:
         print("\n".join(x for x in lines if x))
         name = f"bnonly-{paths.root.name}"[:100]
         if args.dry_run:
-            print(cluster.sbatch_script(job_dir, res, name))
+            print(cluster.sbatch_script(job_dir, res, name) if target.slurm else cluster.dry_run_here(target))
             print(f"# run directory: {paths.root}")
             return 0
         # Restarts are counted per series: the Slurm job id (kept across requeues), or one id for this launch here.
@@ -74,6 +81,8 @@ def main(argv=None) -> int:
             rundir.prepare(cfg, paths.root)
             executor = cluster.executor(job_dir, res, name, target)
             job = executor.submit(train_job)
+            if not target.slurm:
+                jobs.hold_stops()  # until wait_here's handlers are set
     except KeyboardInterrupt:  # at the [y/N] question, or during the checks
         print("submit: interrupted; nothing was submitted", file=sys.stderr)
         return 130
@@ -117,15 +126,21 @@ def wait_here(job, paths, executor, train_job) -> int:
                 summary = job.results()[0]  # every task; rank 0 holds the summary
             break
         except jobs.Interrupted:
-            print(f"submit: interrupted; {resume_hint(paths.root, complete_checkpoints(paths.root))}", file=sys.stderr)
-            return 130
+            summary = _stopped(job)
+            if summary is None:
+                print(f"submit: interrupted; {resume_hint(paths.root, complete_checkpoints(paths.root))}",
+                      file=sys.stderr)
+                return 130
+            break  # the tasks had only the stop (a second signal to the launcher alone): they stopped cleanly
         except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
             if pressed:  # Ctrl-C before training began: the tasks stopped where they were (nothing to save yet)
                 print(f"submit: interrupted; {resume_hint(paths.root, complete_checkpoints(paths.root))}",
                       file=sys.stderr)
                 return 130
             if not restart.restart_pending(paths.root, train_job.series):
-                print(cluster.failure_report(job, err), file=sys.stderr)
+                # The decision names the rank's error; the traceback only where nothing decided.
+                print(restart.refusal_line(paths.root, train_job.series) or cluster.failure_report(job, err),
+                      file=sys.stderr)
                 return 1
             with jobs.spawn_ignoring_ctrl_c():
                 job = executor.submit(train_job)  # without Slurm the launcher does what a requeue does
@@ -138,5 +153,17 @@ def wait_here(job, paths, executor, train_job) -> int:
     return 0
 
 
+def _stopped(job) -> dict | None:
+    """rank 0's summary if the job ended by a clean stop with a checkpoint, else None."""
+    if not job.done():
+        return None
+    try:
+        summary = job.results()[0]
+    except Exception:  # noqa: BLE001 - submitit re-raises the job's failure: not a clean stop
+        return None
+    return summary if summary.get("stopped") else None
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill during the checks: as Ctrl-C, nothing submitted
     sys.exit(main())

@@ -1,5 +1,7 @@
 """`bnonly analyze` on real small runs: its numbers must be the runs' own."""
 import csv
+import json
+import logging
 import statistics
 import subprocess
 import sys
@@ -12,14 +14,15 @@ from bnonly_dist import analysis, models
 from bnonly_dist.analysis import gamma, runs
 from bnonly_dist.data.layout import load_cifar10
 from bnonly_dist.launch import sweep
-from bnonly_dist.run import train
+from bnonly_dist.run import finished, rundir, train
 
 THRESHOLD = 0.01
 
 
 @pytest.fixture(scope="module")
 def mini_sweep(cifar_root, tmp_path_factory):
-    """A 3 x 2 x 2 grid (two depths at width 16, two widths at depth 14) run to the end, plus one unfinished run."""
+    """A 3 x 2 x 2 grid (two depths at width 16, two widths at depth 14) run to the end in runs/mini/ (a sweep's
+    folder inside the folder of runs), plus one unfinished run in runs/."""
     root = tmp_path_factory.mktemp("mini")
     spec = root / "sweep.yaml"
     spec.write_text(
@@ -27,13 +30,15 @@ def mini_sweep(cifar_root, tmp_path_factory):
         "grid: {model.arch: [cifar_resnet_8, cifar_resnet_14, cifar_resnet_14_32], mode: [all, bn], seed: [0, 1]}\n"
         f"overrides: {{data.root: {cifar_root}, data.batch_size: 64, train.bn_batch: 64, data.eval_batch_size: 50, "
         "optim.epochs: 1, "
-        f"train.device: cpu, train.deterministic: true, train.progress: lines, runs_root: {root / 'runs'}}}\n")
+        f"train.device: cpu, train.deterministic: true, train.progress: lines, runs_root: {root / 'runs' / 'mini'}}}\n")
     points = sweep.load(spec).points
     for point in points:
         train.run(point.cfg, point.run_dir)
-    unfinished = points[0].cfg.model_copy(update={"seed": 7, "train": points[0].cfg.train.model_copy(
+    trial = points[0].cfg.model_copy(update={"seed": 7, "train": points[0].cfg.train.model_copy(
         update={"max_steps": 2})})
-    train.run(unfinished, root / "runs" / "unfinished")
+    train.run(trial, root / "runs" / "unfinished")  # finished at its train.max_steps ...
+    # ... then started again for all its epochs and stopped before a summary: config.yaml asks for more
+    rundir.create(points[0].cfg.model_copy(update={"seed": 7}), root / "runs" / "unfinished", None).release()
     return spec, root
 
 
@@ -145,3 +150,32 @@ def test_a_copied_run_is_counted_once(mini_sweep, tmp_path):
     (row,) = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
     assert result["duplicates"] == 1 and row["runs"] == "2" and row["seeds"] == "0 1"
     assert f"{tmp_path / 'copy'} is {cell[0]} again" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_the_unfinished_run_is_skipped_saying_why(mini_sweep, caplog):
+    _, root = mini_sweep
+    with caplog.at_level(logging.WARNING):
+        assert len(runs.collect([root / "runs"])) == 12  # runs/mini/<run> found below runs/
+    assert f"skipping {root / 'runs' / 'unfinished'}: not finished; its summary.json is from step 2, before the end " \
+        "its config.yaml asks for (optim.epochs=1)" in caplog.text
+    assert "1 of 13 run directories skipped, each for the reason said above" in caplog.text
+
+
+def test_a_trial_finished_at_its_max_steps_is_finished_for_train_analyze_and_sweeps(tiny_cfg, tmp_path, capsys,
+                                                                                   caplog):
+    """One meaning of finished (run/finished.py): a run that reached its train.max_steps; found at any depth."""
+    trial = tiny_cfg("train.max_steps=3")
+    run_dir = tmp_path / "runs" / "trials" / "a"  # a sweep's folder inside the folder of runs
+    summary = train.run(trial, run_dir)
+    assert summary["step"] == 3 and json.loads((run_dir / "summary.json").read_text())["finished"] is True
+    capsys.readouterr()
+    assert train.run(trial, run_dir)["step"] == 3 and "finished at step 3" in capsys.readouterr().out
+    (tmp_path / "runs" / "lost").mkdir()
+    (tmp_path / "runs" / "lost" / "metrics.jsonl").write_text("")  # a run's folder that lost its config.yaml
+    logging.getLogger().addHandler(caplog.handler)  # training's setup_logging replaced the root's handlers
+    with caplog.at_level(logging.WARNING):
+        assert [r.run_dir for r in runs.collect([tmp_path / "runs"])] == [run_dir]
+    assert f"skipping {tmp_path / 'runs' / 'lost'}: it holds metrics.jsonl but no config.yaml" in caplog.text
+    assert sweep.Point((), trial, run_dir).finished()
+    whole = tiny_cfg()  # the same run asked for all its epochs: not finished, so a start would go on from step 3
+    assert not sweep.Point((), whole, run_dir).finished() and not finished.reached_end(summary, whole)

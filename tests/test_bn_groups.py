@@ -8,7 +8,10 @@ BN parameters and running statistics after 10 SGD steps) covers float32 sums tak
 another order (nn.BatchNorm2d's kernel against grouped sums, per-rank partial sums,
 gloo's reduction order), which SGD amplifies step by step (measured: 2e-6 and 6e-5);
 with train.bn_batch=null the losses differ by more than 100x that from the first step.
+On a GPU (cuda tests): ghost groups and a synchronised group over one NCCL rank (nn.SyncBatchNorm's
+kernels) against nn.BatchNorm2d in bf16 and channels_last, refusing any wait for the device.
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -23,7 +26,7 @@ from launch import free_port, run, train_losses
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from bnonly_dist.config import ConfigError, plan
-from bnonly_dist.models import layers
+from bnonly_dist.models import layers, memory
 from bnonly_dist.config.plan import BNGroups
 from bnonly_dist.models.bn_groups import average_running_statistics
 
@@ -161,6 +164,25 @@ def test_the_grouping_follows_the_world(bn_batch, world, expected):
     assert plan.bn_groups(bn_batch, 32, world) == expected
 
 
+def test_the_plan_line_says_when_a_group_spans_nodes(monkeypatch, tiny_cfg):
+    """Ranks per node as torchrun or Slurm state them; nothing said where the launcher states none."""
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        monkeypatch.delenv(key, raising=False)
+    cfg = tiny_cfg()  # batch 32, bn_batch 32: on 4 ranks one group of 4
+
+    def line():
+        return plan.resolve(cfg, torch.device("cpu"), 4, memory=memory).describe()
+    assert "synchronised over 4 ranks" in line() and "across nodes" not in line()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert "across nodes" not in line()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert "synchronised over 4 ranks across nodes (2 ranks per node)" in line()
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "3(x2)")  # 4 does not divide 3: some groups straddle two nodes
+    assert "across nodes (3 ranks per node)" in line()
+    assert "across nodes" not in BNGroups(8, per_rank=4).describe(32, 1)
+
+
 @pytest.mark.parametrize("bn_batch, world, works", [(12, 1, "[1, 2, 4, 8, 16, 32]"), (64, 2, "[1, 2, 4, 8, 16, 32]"),
                                                     (24, 4, "[1, 2, 4, 8, 16, 32]")])
 def test_impossible_groupings_name_what_works(bn_batch, world, works):
@@ -241,24 +263,111 @@ def test_a_run_resumed_on_another_world_ends_like_the_uninterrupted_one(worlds, 
     assert_same_run(worlds / "w2", run_dir)
 
 
+# --- on a GPU: ghost groups and synchronised groups (nn.SyncBatchNorm's kernels, NCCL) ------------
+@contextlib.contextmanager
+def no_device_waits():
+    """Inside: any wait of the host for the GPU raises (torch.cuda.set_sync_debug_mode)."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def _bf16_pair(seed: int = 0):
+    """Inputs on the GPU in channels_last: x (bf16 values), its output gradient, and BN affine parameters."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(16, 8, 6, 5, generator=g) * 3 + 1).to(torch.bfloat16)
+    grad = torch.randn(16, 8, 6, 5, generator=g).to(torch.bfloat16)
+    weight, bias = torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
+    return [t.cuda().contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.cuda()
+            for t in (x, grad, weight, bias)]
+
+
+def _train_step(bn, x, grad):
+    """bn's forward and backward under bf16 autocast: (output, input gradient)."""
+    x = x.clone().requires_grad_()
+    with torch.autocast("cuda", torch.bfloat16):
+        out = bn(x)
+    out.backward(grad)
+    return out, x.grad
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_the_gpu_groups_and_local_statistics_match_the_reference():
-    """The kernels only a GPU runs: ghost groups in bf16 channels_last, and the one-pass local
-    statistics a synchronised group starts from (torch.batch_norm_stats)."""
-    from bnonly_dist.models.bn_groups import _local_stats
-    x, weight, bias, _ = inputs(16)
-    cuda = x.float().cuda().contiguous(memory_format=torch.channels_last)
-    mean, var = _local_stats(cuda.to(torch.bfloat16), 1e-5)
-    torch.testing.assert_close(mean.double().cpu(), x.to(torch.bfloat16).double().mean((0, 2, 3)), rtol=0, atol=1e-5)
-    torch.testing.assert_close(var.double().cpu(), x.to(torch.bfloat16).double().var((0, 2, 3), correction=0),
-                               rtol=1e-4, atol=1e-4)
-    bn = layers.BatchNorm2d(C).cuda()
-    layers.set_bn_groups(bn, 4, None)
-    with torch.autocast("cuda", torch.bfloat16):
-        out = bn(cuda.to(torch.bfloat16))
-    expected, running_mean, _ = reference_bn(x, torch.ones(C, dtype=torch.float64), torch.zeros(C, dtype=torch.float64),
-                                             4, relu=False)
-    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(out.double().cpu(), expected, rtol=0, atol=0.05)
-    torch.testing.assert_close(bn.running_mean.double().cpu(), running_mean, rtol=0, atol=1e-2)
+def test_on_the_gpu_a_synchronised_group_of_one_rank_equals_native_batchnorm():
+    """The synchronised path over a one-rank NCCL group (SyncBatchNorm's kernels and collectives) against
+    nn.BatchNorm2d, bf16 autocast, channels_last: output, input and affine gradients, running statistics; the
+    second step under set_sync_debug_mode("error"), which fails on any wait for the GPU."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    # A store in memory: one rank needs no port, and nothing outside this process can take it.
+    torch.distributed.init_process_group("nccl", store=torch.distributed.HashStore(), rank=0, world_size=1,
+                                         device_id=device)
+    try:
+        group = torch.distributed.new_group([0])  # as dist.bn_group makes a BN group of its own
+        x, grad, weight, bias = _bf16_pair()
+        ours, native = layers.BatchNorm2d(8).cuda(), torch.nn.BatchNorm2d(8).cuda()
+        for bn in (ours, native):
+            with torch.no_grad():
+                bn.weight.copy_(weight)
+                bn.bias.copy_(bias)
+        layers.set_bn_groups(ours, 1, group)
+        for step in range(2):
+            expected, expected_grad = _train_step(native, x, grad)
+            with no_device_waits() if step else contextlib.nullcontext():
+                out, x_grad = _train_step(ours, x, grad)
+            assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(x_grad.float(), expected_grad.float(), rtol=2e-2, atol=2e-2)
+        for name in ("weight", "bias"):
+            torch.testing.assert_close(getattr(ours, name).grad, getattr(native, name).grad, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(ours.running_mean, native.running_mean, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.running_var, native.running_var, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_ghost_groups_equal_native_batchnorm_per_group():
+    """4 ghost groups in bf16 channels_last against nn.BatchNorm2d on each group, forward and backward, the
+    second step under set_sync_debug_mode("error")."""
+    x, grad, weight, bias = _bf16_pair(1)
+    ours = layers.BatchNorm2d(8).cuda()
+    with torch.no_grad():
+        ours.weight.copy_(weight)
+        ours.bias.copy_(bias)
+    layers.set_bn_groups(ours, 4, None)
+    expected, expected_grad, weight_grad = [], [], torch.zeros(8, device=x.device)
+    for part in range(4):  # the reference: one native BN per group of 4 images, in fp32
+        xs = x[4 * part:4 * part + 4].float().requires_grad_()
+        w = weight.clone().requires_grad_()
+        out = F.batch_norm(xs, None, None, w, bias, True, 0.1, 1e-5)
+        out.backward(grad[4 * part:4 * part + 4].float())
+        expected.append(out.detach())
+        expected_grad.append(xs.grad)
+        weight_grad += w.grad
+    for step in range(2):
+        ours.weight.grad = None
+        with no_device_waits() if step else contextlib.nullcontext():
+            out, x_grad = _train_step(ours, x, grad)
+        assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+        assert x_grad.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out.float(), torch.cat(expected), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(x_grad.float(), torch.cat(expected_grad), rtol=2e-2, atol=3e-2)
+        torch.testing.assert_close(ours.weight.grad, weight_grad, rtol=1e-2, atol=1e-2)
+
+
+def test_the_bench_takes_the_peak_of_a_step_not_its_end():
+    """perf/bench_bn's peak memory of a step on the CPU (torch.profiler's allocations and frees, in order)."""
+    from bnonly_dist.perf.bench_bn import step_peak_bytes
+    kept = []
+
+    def step():
+        a = torch.ones(2**20)  # 4 MiB held while 2 more are made and freed
+        kept.append(torch.ones(2**19))
+        del a
+
+    peak = step_peak_bytes(step, torch.device("cpu"))
+    assert 6 * 2**20 <= peak < 6 * 2**20 + 2**16

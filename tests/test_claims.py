@@ -32,47 +32,59 @@ def seeds(arch, mode, values, **kw):
     return [record(arch, mode, s, v, **kw) for s, v in enumerate(values)]
 
 
-def depth_comparison(ev):
-    return next(c for c in claims.depth_and_width(ev, "cifar10") if c.what.startswith("depth"))
+def budget_comparison(ev):
+    """Claim 1's deciding comparison: the deeper net against the wider one at an equal BN budget."""
+    return next(c for c in claims.depth_and_width(ev, "cifar10") if c.what.startswith("deeper beats wider"))
+
+
+DEEP, WIDE = "cifar_resnet_110", "cifar_resnet_14_128"  # 8,288 and 8,960 BN parameters
 
 
 def test_a_clear_win_is_supported_and_needs_nothing():
-    ev = evidence(seeds("cifar_resnet_110", "bn", [70.1, 71.0, 69.5]) + seeds("cifar_resnet_14", "bn", [48.2, 47.5, 49.0]))
-    c = depth_comparison(ev)
-    assert (c.a, c.b) == (("cifar_resnet_110", "bn"), ("cifar_resnet_14", "bn"))
+    ev = evidence(seeds(DEEP, "bn", [70.1, 71.0, 69.5]) + seeds(WIDE, "bn", [64.2, 63.5, 65.0]))
+    c = budget_comparison(ev)
+    assert (c.a, c.b) == ((DEEP, "bn"), (WIDE, "bn")) and not c.context
     assert c.verdict == "supported" and c.interval[0] > 0 and not c.needs
-    assert c.paper == (69.5, 48)  # docs/paper.md's numbers beside the user's
+    assert c.paper == (69.5, 64.5)  # docs/paper.md's numbers beside the user's
 
 
 def test_a_clear_loss_is_not_supported():
-    c = depth_comparison(evidence(seeds("cifar_resnet_110", "bn", [40.1, 41.0, 39.5])
-                                  + seeds("cifar_resnet_14", "bn", [48.2, 47.5, 49.0])))
+    c = budget_comparison(evidence(seeds(DEEP, "bn", [40.1, 41.0, 39.5]) + seeds(WIDE, "bn", [48.2, 47.5, 49.0])))
     assert c.verdict == "not supported" and c.interval[1] < 0 and not c.needs
 
 
 def test_overlapping_seeds_are_undecided_and_ask_for_more_seeds():
-    c = depth_comparison(evidence(seeds("cifar_resnet_110", "bn", [50.0, 60.0, 45.0])
-                                  + seeds("cifar_resnet_14", "bn", [48.2, 55.0, 44.0])))
+    c = budget_comparison(evidence(seeds(DEEP, "bn", [50.0, 60.0, 45.0]) + seeds(WIDE, "bn", [48.2, 55.0, 44.0])))
     assert c.verdict == "undecided" and c.interval[0] < 0 < c.interval[1] and "covers 0" in c.reason
-    assert c.needs == {("cifar_resnet_110", "bn"): 5, ("cifar_resnet_14", "bn"): 5}
+    assert c.needs == {(DEEP, "bn"): 5, (WIDE, "bn"): 5}
 
 
 def test_one_seed_per_cell_is_indicative_only():
-    ev = evidence([record("cifar_resnet_110", "bn", 0, 70.0), record("cifar_resnet_14", "bn", 0, 48.0)])
-    c = depth_comparison(ev)
+    ev = evidence([record(DEEP, "bn", 0, 70.0), record(WIDE, "bn", 0, 48.0)])
+    c = budget_comparison(ev)
     assert c.verdict == "undecided" and "one seed per cell: indicative only" in c.reason and c.diff == 22.0
     claim = next(x for x in claims.evaluate(ev, "cifar10", 10.0) if x["claim"] == 1)
     missing = {(m["arch"], m["mode"]): m["seeds"] for m in claims_report.missing_runs(claim, ev.cells)}
-    assert missing[("cifar_resnet_110", "bn")] == [1, 2] and missing[("cifar_resnet_14", "bn")] == [1, 2]
+    assert missing == {(DEEP, "bn"): [1, 2], (WIDE, "bn"): [1, 2]}
 
 
 def test_a_missing_partner_is_undecided_and_listed():
     ev = evidence(seeds("cifar_resnet_14", "bn", [48.0, 49.0, 47.0]))
-    c = depth_comparison(ev)  # one depth only: the claims grid's pair
-    assert c.verdict == "undecided" and c.reason == "no runs of cifar_resnet_110 mode=bn"
-    assert c.needs == {("cifar_resnet_110", "bn"): 3}
-    wide = [c for c in claims.depth_and_width(ev, "cifar10") if c.what.startswith("deeper beats wider")]
-    assert [(c.a[0], c.b[0]) for c in wide] == [("cifar_resnet_110", "cifar_resnet_14_128")]  # 8,288 vs 8,960
+    c = budget_comparison(ev)  # no wide net run: the claims grid's pair
+    assert (c.a[0], c.b[0]) == (DEEP, WIDE)
+    assert c.verdict == "undecided" and c.reason == f"no runs of {DEEP} mode=bn and {WIDE} mode=bn"
+    assert c.needs == {(DEEP, "bn"): 3, (WIDE, "bn"): 3}
+
+
+def test_claim_1_is_decided_by_the_equal_budget_not_by_depth_or_width_alone():
+    """Deeper beats wider at an equal BN budget: supported, though ResNet-110 trails ResNet-14 (a depth step
+    that is context) and WRN-14-8 ties ResNet-14 (a width step): neither enters the verdict or asks for runs."""
+    ev = evidence(seeds(DEEP, "bn", [70.1, 71.0, 69.5]) + seeds(WIDE, "bn", [64.2, 63.5, 65.0])
+                  + seeds("cifar_resnet_14", "bn", [74.0, 75.0, 73.5]))
+    comparisons = claims.depth_and_width(ev, "cifar10")
+    depth = next(c for c in comparisons if c.what.startswith("depth"))
+    assert depth.context and depth.verdict == "not supported" and not depth.needs
+    assert claims.verdict(comparisons) == "supported"
 
 
 def test_unequal_trainable_counts_are_refused_as_evidence_for_claim_2():
@@ -88,6 +100,51 @@ def test_unequal_trainable_counts_are_refused_as_evidence_for_claim_2():
                      + seeds("cifar_resnet_14", "random_per_channel", [20.0, 21.0, 19.0]))
     assert next(c for c in claims.bn_against_random(equal, "cifar10") if c.b[1] == "random_per_channel").verdict \
         == "supported"
+
+
+def test_claim_2_is_decided_by_bn_above_random_per_channel_alone():
+    """The paper: BN beats as many random parameters elsewhere. random_per_channel below output is context: it
+    neither makes the claim "not supported" nor asks for runs; without output runs nothing is missing."""
+    ev = evidence(seeds("cifar_resnet_14", "bn", [48.0, 49.0, 47.0])
+                  + seeds("cifar_resnet_14", "random_per_channel", [34.0, 36.5, 35.0])
+                  + seeds("cifar_resnet_14", "output", [40.0, 41.0, 39.5]))
+    comparisons = claims.bn_against_random(ev, "cifar10")
+    by_pair = {(c.a[1], c.b[1]): c for c in comparisons}
+    assert not by_pair[("bn", "random_per_channel")].context
+    assert by_pair[("random_per_channel", "output")].context and by_pair[("bn", "output")].context
+    assert by_pair[("random_per_channel", "output")].verdict == "not supported"
+    assert claims.verdict(comparisons) == "supported"
+    alone = evidence(seeds("cifar_resnet_14", "bn", [48.0, 49.0, 47.0])
+                     + seeds("cifar_resnet_14", "random_per_channel", [34.0, 36.5, 35.0]))
+    claim = next(x for x in claims.evaluate(alone, "cifar10", 10.0) if x["claim"] == 2)
+    assert claim["verdict"] == "supported" and claim["wanted"] == {}
+
+
+def gamma_seeds(arch, mode, fractions):
+    out = seeds(arch, mode, [50.0] * len(fractions))
+    for r, fraction in zip(out, fractions):
+        r.last_eval = {"gamma_small_frac": fraction / 100}  # as training logged it, at |gamma| < 0.01
+    return out
+
+
+def test_claim_3_tests_the_papers_quarter_to_a_third_too():
+    """1.8 % against 1.3 %: the direction may stay undecided, the magnitude is far below a quarter: not supported."""
+    few = evidence(gamma_seeds("cifar_resnet_14", "bn", [1.8, 2.6, 1.0]) + gamma_seeds("cifar_resnet_14", "all", [1.3, 0.4, 2.2]))
+    comparisons = claims.switched_off(few, "cifar10")
+    direction, size = comparisons[0], comparisons[1]
+    assert direction.verdict == "undecided" and not direction.context
+    assert size.target == claims.PAPER_RANGE and size.verdict == "not supported" and not size.context
+    assert "outside the paper's 25–33.3" in size.reason and size.interval[1] < 25
+    claim = next(x for x in claims.evaluate(few, "cifar10", 10.0) if x["claim"] == 3)
+    assert claim["verdict"] == "not supported"
+    paper_like = evidence(gamma_seeds("cifar_resnet_14", "bn", [27.0, 28.5, 29.0])
+                          + gamma_seeds("cifar_resnet_14", "all", [9.0, 8.5, 10.0]))
+    assert [c.verdict for c in claims.switched_off(paper_like, "cifar10")] == ["supported", "supported"]
+    across = evidence(gamma_seeds("cifar_resnet_14", "bn", [20.0, 30.0, 26.0]))  # the interval crosses 25
+    assert claims.magnitude(across, "cifar_resnet_14").verdict == "undecided"
+    other = claims.Evidence(paper_like.cells, {}, 0.05)  # another cut-off: the paper's range says nothing of it
+    assert claims.magnitude(other, "cifar_resnet_14").verdict == "undecided" and "--threshold 0.01" in claims.magnitude(
+        other, "cifar_resnet_14").reason
 
 
 def test_ordering_and_chance():
@@ -124,7 +181,8 @@ def test_runs_that_differ_in_more_than_the_seed_are_never_pooled(caplog):
     kept = next(c for c in grouped if len(c.records) == 2)
     assert len(kept.duplicates) == 1 and "counted once" in caplog.text
     rows = tables.rows(grouped, {}, 0.01)
-    assert sorted((r["runs"], r["top1"]) for r in rows) == [(1, (10.0, 0.0)), (2, (80.5, pytest.approx(0.7071, abs=1e-4)))]
+    assert sorted((r["runs"], r["top1"]) for r in rows) == [
+        (1, (10.0, None, 1)), (2, (80.5, pytest.approx(0.7071, abs=1e-4), 2))]
     # and the claims compare only within a setting: a depth pair split across settings is no evidence
     deep = record("cifar_resnet_110", "bn", 0, 70.0, "optim.epochs=2")
     split = cells.group(short + [deep])
@@ -137,7 +195,8 @@ def test_table_rows_name_the_keys_that_set_runs_apart(tmp_path):
     md, _ = tables.write(tables.rows(grouped, {}, 0.01), tmp_path, 0.01)
     text = md.read_text()
     assert "| cifar_resnet_20 (optim.epochs=160) | bn | 1,120 | 2 | 80.50 ± 0.71 |" in text
-    assert "| cifar_resnet_20 (optim.epochs=2) | bn | 1,120 | 1 | 10.00 ± 0.00 |" in text
+    # one seed: its value and n=1, no spread of 0.00 that was never measured
+    assert "| cifar_resnet_20 (optim.epochs=2) | bn | 1,120 | 1 | 10.00 (n=1) |" in text and "± 0.00" not in text
 
 
 def test_quotes_are_docs_paper_md_verbatim():

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import termios
 
+import pytest
+
 from test_faults import CONFIG, REPO, base_overrides
 
 from bnonly_dist import cli
@@ -53,7 +55,7 @@ def test_log_lines_never_share_the_progress_bar_line(cifar_root, tmp_path):
     shared = [out[max(0, s - 60):s + 40] for s in starts if s and out[s - 1] not in "\r\n"]
     assert not shared, shared  # each log line starts a line of its own: the bar is cleared first
     assert "it/s" in out or "s/it" in out  # the bar was shown
-    assert f"TensorBoard: tensorboard --logdir_spec run:{tmp_path / 'run' / 'tb'}" in out  # named, not "."
+    assert f"TensorBoard: tensorboard --logdir_spec run:{tmp_path / 'run'}" in out  # named, not "run/."
 
 
 def test_a_closed_pipe_ends_quietly(tmp_path):
@@ -95,6 +97,21 @@ def test_a_missing_data_root_is_a_config_error_everywhere(tmp_path, capsys):
     assert not runs.exists()
 
 
-def test_tensorboard_names_runs_by_their_run_directory():
-    from bnonly_dist.run.paths import tensorboard_command
-    assert tensorboard_command("runs/a", "/x/b") == "tensorboard --logdir_spec a:runs/a/tb,b:/x/b/tb"
+def test_tensorboard_names_runs_by_their_run_directory(tmp_path):
+    """The printed command, as TensorBoard itself reads it, names each run "<run dir>/tb" (not "<run dir>/.")."""
+    import shlex
+
+    from bnonly_dist.run.paths import RunPaths, tensorboard_command
+    command = tensorboard_command(tmp_path / "a", tmp_path / "b")
+    assert command == f"tensorboard --logdir_spec a:{tmp_path / 'a'},b:{tmp_path / 'b'}"
+    multiplexer = pytest.importorskip("tensorboard.backend.event_processing.plugin_event_multiplexer")
+    for run in ("a", "b"):  # an event file where the run's writer puts it
+        (RunPaths(tmp_path / run).tb).mkdir(parents=True)
+        (RunPaths(tmp_path / run).tb / "events.out.tfevents.1.host").write_bytes(b"")
+    (RunPaths(tmp_path / "a").checkpoints / "step_00000001").mkdir(parents=True)
+    spec = shlex.split(command)[-1]
+    mux = multiplexer.EventMultiplexer()
+    for entry in spec.split(","):
+        name, path = entry.split(":", 1)
+        mux.AddRunsFromDirectory(path, name)
+    assert sorted(mux.Runs()) == ["a/tb", "b/tb"]

@@ -36,7 +36,7 @@ def test_data_copied_elsewhere_resumes_bit_for_bit_with_the_same_command(tiny_cf
     assert record["name"] == "cifar10" and record["train_images"] == 320 and record["digest"].startswith("sha256:")
 
 
-def test_other_data_is_refused_in_one_line_and_nothing_is_deleted(tiny_cfg, tmp_path, capsys):
+def test_other_data_is_refused_in_one_line_and_nothing_is_deleted(tiny_cfg, cifar_root, tmp_path, capsys):
     run_dir = tmp_path / "run"
     overrides = ["model.arch=cifar_resnet_8", "train.max_steps=4"]
     train.run(tiny_cfg(*overrides), run_dir)
@@ -50,6 +50,16 @@ def test_other_data_is_refused_in_one_line_and_nothing_is_deleted(tiny_cfg, tmp_
     assert len(err) == 1 and f"{run_dir} holds a run trained on other data than data.root={other}" in err[0], err
     assert "another image and label arrays" in err[0] and f"{run_dir / 'data.json'}" in err[0]
     assert _files(run_dir) == before  # nothing removed, rewritten or added
+    # bnonly eval checks the data as a start does, and records what each evaluation used.
+    assert cli.main(["eval", str(run_dir), f"data.root={other}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained on other data" in err[0] and "--other-data" in err[0], err
+    assert _files(run_dir) == before
+    assert cli.main(["eval", str(run_dir), f"data.root={other}", "--other-data"]) == 0
+    assert cli.main(["eval", str(run_dir)]) == 0  # the data it trained on (config.yaml's data.root)
+    rows = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [(r["data_root"], r["training_data"]) for r in rows] == [(str(other), False), (str(cifar_root), True)]
+    assert rows[0]["data"]["digest"] != rows[1]["data"]["digest"] == json.loads((run_dir / "data.json").read_text())["digest"]
     # Without data.json the newest checkpoint's marker says the same.
     (run_dir / "data.json").unlink()
     with pytest.raises(ConfigError, match="commit.json"):

@@ -167,8 +167,8 @@ def test_deterministic_resume_is_bit_identical_on_the_gpu(cifar_root, tmp_path):
 def test_dali_decodes_onto_the_gpu(decode, tmp_path):
     pytest.importorskip("nvidia.dali")
     from bnonly_dist.data.dali import DaliImageNetSource
-    root = fake.write_imagenet(tmp_path / "imagenet", num_classes=4, train_per_class=16, val_per_class=5,
-                               sides=(48, 64) if ON_CPU else (200, 400))
+    root, _ = fake.write_imagenet(tmp_path / "imagenet", num_classes=4, train_per_class=16, val_per_class=5,
+                                  sides=(48, 64) if ON_CPU else (200, 400))
     source = DaliImageNetSource(str(root), 16, 8, 0, 1, seed=0, device=GPU, decode=decode, num_threads=2,
                                 image_size=size(224), resize_size=size(256), min_area=0.08, channels_last=True)
     batches = list(source.train_epoch(0))

@@ -16,6 +16,7 @@ from bnonly_dist.config import plan as plan_mod
 from bnonly_dist.data import sharding
 from bnonly_dist.data.cifar import CifarSource, augment
 from bnonly_dist.data.dali import DaliImageNetSource
+from bnonly_dist.engines import ddp
 from bnonly_dist.models import memory
 from bnonly_dist.models.init import name_seed
 from bnonly_dist.run.evaluate import evaluate
@@ -104,7 +105,8 @@ def test_ddp_is_given_the_device_index_not_the_local_rank(monkeypatch):
     ctx = dist.Context(rank=5, world=8, local_rank=3, device=torch.device("cuda", 0))  # srun --gpus-per-task 1
     engines.wrap(cfg, plan_mod.resolve(cfg, CPU, memory=memory), model, masks, ctx)
     assert seen["device_ids"] == [0]
-    assert seen["broadcast_buffers"] is False  # each rank's BN running statistics are its own groups'
+    # each rank's BN running statistics are its own groups': never broadcast in forward
+    assert seen == {"device_ids": [0], **ddp.NO_FORWARD_BUFFER_SYNC} and False in ddp.NO_FORWARD_BUFFER_SYNC.values()
 
 
 class Started(Exception):

@@ -71,19 +71,43 @@ def test_ctrl_c_through_the_local_launcher_saves_and_the_rerun_resumes(cifar_roo
     for rank in (0, 1):  # every rank stopped after the same step
         assert f"stopped at step {stopped[0]} by SIGINT" in (run_dir / "logs" / f"rank{rank}.log").read_text()
 
-    # The same command again resumes from that checkpoint; a second Ctrl-C then aborts, in one line.
-    proc = _submit(tmp_path, *command)
+    # The same command again resumes from that checkpoint; a second Ctrl-C then aborts, in one line. The ranks agree
+    # on a stop only every 10000 steps here, so the first Ctrl-C cannot end the run before the second comes.
+    proc = _submit(tmp_path, *command, "train.stop_check_every=10000")
     log = run_dir / "logs" / "rank0.log"
     _wait_for(proc, lambda: f"at step {stopped[0]}" in log.read_text() and _metric_rows(run_dir) >= stopped[0] + 2,
               "the resume")
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped[0]:08d}'} at step {stopped[0]}" in log.read_text()
+    taken = [_received(run_dir, rank, "SIGINT") for rank in (0, 1)]  # phase one's are in the logs too
     os.killpg(proc.pid, signal.SIGINT)
-    time.sleep(1.5)  # a second keypress, not the same one forwarded
+    _wait_for(proc, lambda: all(_received(run_dir, rank, "SIGINT") > taken[rank] for rank in (0, 1)),
+              "the first Ctrl-C taken")
+    time.sleep(1.5)  # a second keypress, not the same one forwarded (run/stop.py: DUPLICATE_S)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 130 and err.strip().splitlines() == [
         "submit: Ctrl-C: every task stops after the same step with a checkpoint (Ctrl-C again to abort)",
         "submit: interrupted; run the same command to resume from the last checkpoint"], err[-3000:]
+
+    # Ctrl-C sent to the launcher alone (kill -INT PID) reaches the tasks: they stop with a checkpoint, a clean stop.
+    proc = _submit(tmp_path, *command)
+    rows = _metric_rows(run_dir)
+    _wait_for(proc, lambda: _metric_rows(run_dir) >= rows + 2, "the second resume")
+    os.kill(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0 and err.strip().splitlines() == [
+        "submit: Ctrl-C: every task stops after the same step with a checkpoint (Ctrl-C again to abort)"], err[-3000:]
+    step = committed_steps(run_dir)[-1]
+    assert step > stopped[0] and f"stopped at step {step} with checkpoint" in out and "Traceback" not in err, out
+    assert not (run_dir / "summary.json").exists()
+    for rank in (0, 1):
+        assert f"stopped at step {step} by SIGTERM" in (run_dir / "logs" / f"rank{rank}.log").read_text()
+
+
+def _received(run_dir: Path, rank: int, name: str) -> int:
+    """How often rank's log says it took signal name as a stop."""
+    log = run_dir / "logs" / f"rank{rank}.log"
+    return log.read_text().count(f"received {name}: stopping") if log.is_file() else 0
 
 
 def test_ctrl_c_at_the_question_is_one_line(cifar_root, tmp_path):

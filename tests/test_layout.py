@@ -105,7 +105,7 @@ FLOORS = [
     ("bnonly_dist.launch",),
     ("bnonly_dist.perf", "bnonly_dist.gpu_check"),
     ("bnonly_dist.analysis",),
-    ("bnonly_dist.cli",),
+    ("bnonly_dist.cli", "bnonly_dist.cli_args"),
 ]
 
 

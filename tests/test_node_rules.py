@@ -31,11 +31,13 @@ def test_frozen_weights_follow_bf16_autocast_unless_set_and_the_digest_stays_fp3
 
 @pytest.mark.parametrize("setting, env, cores, want", [
     (3, {"SLURM_CPUS_PER_TASK": "10"}, 16, 3),  # a number is kept
-    ("auto", {"SLURM_CPUS_PER_TASK": "6", "LOCAL_WORLD_SIZE": "8"}, 128, 6),  # Slurm says what the task has
-    ("auto", {"LOCAL_WORLD_SIZE": "8"}, 128, 16),  # torchrun: the node's cores shared by its ranks
-    ("auto", {"SLURM_NTASKS_PER_NODE": "4(x2)"}, 16, 4),
-    ("auto", {}, 16, 16),
+    # one CPU of the task stays with the training loop
+    ("auto", {"SLURM_CPUS_PER_TASK": "6", "LOCAL_WORLD_SIZE": "8"}, 128, 5),  # Slurm says what the task has
+    ("auto", {"LOCAL_WORLD_SIZE": "8"}, 128, 15),  # torchrun: the node's cores shared by its ranks
+    ("auto", {"SLURM_NTASKS_PER_NODE": "4(x2)"}, 16, 3),
+    ("auto", {}, 16, 15),
     ("auto", {"LOCAL_WORLD_SIZE": "8"}, 4, 1),
+    ("auto", {"SLURM_CPUS_PER_TASK": "1"}, 16, 1),  # never none
 ])
 def test_dali_threads_come_from_the_cpus_the_task_has(setting, env, cores, want):
     assert threads.dali_threads(setting, env, cores) == want
@@ -123,3 +125,14 @@ def test_the_pipeline_rate_does_not_count_the_prefetched_batches(monkeypatch):
     assert rate["batches"] == 5 and rate["not_counted"] == 2 and rate["batch"] == cfg().data.batch_size
     with pytest.raises(ConfigError, match="prefetch"):
         bench.pipeline_rate(cfg(), CPU, steps=2, warmup=2)
+
+
+def test_the_launcher_says_dalis_threads_and_the_cpus_they_come_from(imagenet_root):
+    cfg = config.load("configs/imagenet_resnet18.yaml", [f"data.root={imagenet_root}", "data.batch_size=32",
+                                                          "train.bn_batch=32", "train.device=cpu"])
+    line = preflight.dali_line(cfg, Target(True, 2, 8, 8, cpus_per_task=16))
+    assert line == ("DALI: 15 CPU threads per rank (the task's CPUs minus one, which the training loop keeps); "
+                    "16 CPUs per task")
+    cfg = config.load("configs/imagenet_resnet18.yaml", [f"data.root={imagenet_root}", "data.num_threads=3"])
+    assert preflight.dali_line(cfg, Target(True, 1, 8, 8, cpus_per_task=12)).startswith(
+        "DALI: 3 CPU threads per rank (data.num_threads); 12 CPUs per task")

@@ -78,7 +78,7 @@ def test_submit_trains_across_two_nodes(overrides, tmp_path):
                    "--run-dir", str(run_dir))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     job_id = (run_dir / "slurm" / "job_id").read_text().strip()
-    assert f"job {job_id} on Slurm" in out.stdout and f"tensorboard --logdir_spec {run_dir.name}:{run_dir / 'tb'}" in out.stdout
+    assert f"job {job_id} on Slurm" in out.stdout and f"tensorboard --logdir_spec {run_dir.name}:{run_dir}" in out.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world"] == 2 and summary["finished"] and summary["final"]["count"] == 103
     task_logs = [(run_dir / "slurm" / f"{job_id}_{t}_log.out").read_text() for t in (0, 1)]

@@ -74,10 +74,14 @@ def test_resume_is_bit_exact(tiny_cfg, tmp_path):
     whole = train.run(tiny_cfg(), tmp_path / "whole")
     part = tmp_path / "part"
     first = train.run(tiny_cfg("train.max_steps=13"), part)  # stops mid-epoch 1
-    assert first["step"] == 13 and not first["finished"]
+    assert first["step"] == 13 and first["finished"]  # at its train.max_steps; the next start asks for more
     resumed = train.run(tiny_cfg(), part)
     assert resumed["fingerprint"] == whole["fingerprint"]
     assert resumed["final"]["top1"] == whole["final"]["top1"]
+    # summary.json's time: this part's, and over both parts (the first up to the checkpoint resumed from)
+    assert (whole["parts"], whole["total_wall_time_s"]) == (1, whole["wall_time_s"])
+    assert resumed["parts"] == 2
+    assert resumed["wall_time_s"] < resumed["total_wall_time_s"] <= resumed["wall_time_s"] + first["wall_time_s"]
 
 
 def test_memory_options_may_change_on_resume(tiny_cfg, tmp_path):

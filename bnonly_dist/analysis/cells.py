@@ -1,7 +1,8 @@
 """The one grouping rule of the analysis: which runs are seeds of one experiment.
 
 Runs whose identity (config.Config.identity(): every key that determines what a run
-computes) differs in nothing but the seed form a cell; the table, the figures and the
+computes, and the train.max_steps a finished run ended at) differs in nothing but the seed
+form a cell; the table, the figures and the
 claims all read cells from here. Two runs of one cell with the same seed are one run twice
 (a copied run directory, a rerun): counted once, and said. Cells of the same data set, net
 and mode that differ in anything else (epochs, learning rate, ...) stay apart, each
@@ -28,9 +29,15 @@ def _frozen(identity: dict) -> str:
     return json.dumps(identity, sort_keys=True, default=str)
 
 
+def identity_of(record: RunRecord) -> dict:
+    """What the run computed: its config's identity and the train.max_steps it ended at (not part of the
+    identity, since a run may be resumed past it, but a run finished there is a shorter experiment)."""
+    return {**record.cfg.identity(), "train.max_steps": record.cfg.train.max_steps}
+
+
 def setting_of(record: RunRecord) -> dict:
     """The identity without seed, net and mode: runs compared with each other must share it."""
-    return {k: v for k, v in record.cfg.identity().items() if k != SEED and k not in NET_AND_MODE}
+    return {k: v for k, v in identity_of(record).items() if k != SEED and k not in NET_AND_MODE}
 
 
 @dataclass
@@ -64,11 +71,12 @@ class Cell:
         return [r.summary["final"]["top1"] for r in self.records]
 
 
-def mean_std(values: list[float | None]) -> tuple[float, float] | None:
+def mean_std(values: list[float | None]) -> tuple[float, float | None, int] | None:
+    """(mean, standard deviation, n) of the values given; the deviation is None for one value (no spread)."""
     values = [v for v in values if v is not None]
     if not values:
         return None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values)
 
 
 def _label(setting: dict, others: list[dict]) -> str:
@@ -83,7 +91,7 @@ def group(records: list[RunRecord]) -> list[Cell]:
     by_identity: dict[str, dict[int, RunRecord]] = defaultdict(dict)
     duplicates: dict[str, list[tuple[Path, Path]]] = defaultdict(list)
     for record in sorted(records, key=lambda r: str(r.run_dir)):
-        identity = {k: v for k, v in record.cfg.identity().items() if k != SEED}
+        identity = {k: v for k, v in identity_of(record).items() if k != SEED}
         key, seed = _frozen(identity), record.cfg.seed
         kept = by_identity[key].get(seed)
         if kept is not None:

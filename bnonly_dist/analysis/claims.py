@@ -5,8 +5,12 @@ so a claim never compares runs that differ in anything but the net and the mode.
 comparison "A above B" gets Welch's 95 % interval of mean(A) - mean(B) over seeds (stats.py):
 supported when the interval lies above 0, not supported when it lies below, undecided when
 it covers 0, when a cell has one seed (the sign is then shown, indicative only) or when a
-cell is missing. A claim is supported when all its comparisons are, not supported when any
-is not, undecided otherwise. Each undecided comparison names the runs that would decide it.
+cell is missing. A number the paper states as a range ("a quarter to a third") is tested too:
+the t 95 % interval of the mean inside the range, wholly outside it, or across its edge. Each
+claim is decided by the comparisons that test its own words (docs/paper.md, "Which comparison
+decides each claim"); the others are shown as context and never enter the verdict. A claim is
+supported when all its deciding comparisons are, not supported when any is not, undecided
+otherwise. Each undecided deciding comparison names the runs that would decide it.
 """
 from __future__ import annotations
 
@@ -24,8 +28,10 @@ RULE = ("Each comparison 'A above B' uses Welch's 95 % interval of the differenc
         "(unequal variances, Welch-Satterthwaite degrees of freedom): supported when the whole interval is above 0, "
         "not supported when it is below 0, undecided when it covers 0 or a cell is missing. One seed per cell: "
         "indicative only (the sign is shown, the verdict stays undecided). 'A ≈ chance' is supported when the t 95 % "
-        "interval of A's mean covers chance. A claim is supported when all its comparisons are, not supported when "
-        "any is not, and undecided otherwise.")
+        "interval of A's mean covers chance. 'A within the paper's range' is supported when the t 95 % interval of A's "
+        "mean lies inside the range, not supported when it lies wholly outside it, undecided when it crosses an edge. "
+        "Comparisons marked context are shown, not counted. A claim is supported when all its deciding comparisons "
+        "are, not supported when any is not, and undecided otherwise.")
 MIN_SEEDS = 3  # a cell with fewer gets seeds up to this; an undecided comparison with as many gets MORE_SEEDS more
 MORE_SEEDS = 2
 PAIR_RATIO = 1.25  # "equal number of BN parameters": the nearer count within this ratio of the wide net's
@@ -53,15 +59,20 @@ QUOTES = {
     4: ["Chance level (`none`) is about 10 %."],
 }
 PAPER_SMALL_GAMMA = {"bn": 27.0, "all": 9.0}  # %, at |gamma| < 0.01, "not certain" (docs/paper.md)
+PAPER_RANGE = (25.0, 100 / 3)  # % of channels switched off by BN-only training: "a quarter to a third"
+PAPER_THRESHOLD = 0.01  # the cut-off of both numbers above
 HOW = {
-    1: f"Mode bn. Depth: each net of base width 16 against the next shallower one; width: each ResNet-14/WRN-14-k "
-       f"against the next narrower one. Equal budget: each wide net (WRN-14-k) against the net of base width 16 "
+    1: f"Mode bn. Decided by the equal budget: each wide net (WRN-14-k) against the deeper net of base width 16 "
        f"whose BN parameter count is nearest, if within a ratio of {PAIR_RATIO:g} (ResNet-110's 8,288 against "
-       f"WRN-14-8's 8,960).",
-    2: "Per net: bn above random_per_channel, refused as evidence unless the runs' own trainable counts are equal; "
-       "bn and random_per_channel each above output.",
-    3: "Per net, bn above all in the share of channels with |γ| below the threshold, over all channels and per stage; "
-       "the top-1 change with those channels zeroed is shown beside it.",
+       f"WRN-14-8's 8,960). Context: depth (each net of base width 16 against the next shallower one) and width "
+       f"(each ResNet-14/WRN-14-k against the next narrower one).",
+    2: "Decided per net by bn above random_per_channel (the same number of trainable parameters elsewhere), refused "
+       "as evidence unless the runs' own trainable counts are equal. Context: bn and random_per_channel each above "
+       "output.",
+    3: f"Decided per net by bn above all in the share of channels with |γ| below the threshold over all channels "
+       f"(the direction), and by that share under bn within the paper's quarter to a third "
+       f"({PAPER_RANGE[0]:g}–{PAPER_RANGE[1]:.1f} %, at |γ| < {PAPER_THRESHOLD:g}; the magnitude). Context: bn above "
+       f"all per stage; the top-1 change with those channels zeroed is shown beside it.",
     4: "Per net that has runs of bn_shortcut_output, bn_output or none (else ResNet-14), each mode above the next "
        "in the paper's order; none against chance (100 / classes).",
 }
@@ -77,6 +88,8 @@ class Comparison:
     a_values: list[float]
     b_values: list[float]
     paper: tuple[float | None, float | None] = (None, None)
+    context: bool = False  # shown beside the claim's own comparisons, never part of its verdict
+    target: tuple[float, float] | None = None  # b is None: the range A's mean should lie in (else: chance)
     verdict: str = "undecided"
     reason: str = ""
     interval: tuple[float, float] | None = None
@@ -85,6 +98,7 @@ class Comparison:
 
     def as_dict(self) -> dict:
         return {"what": self.what, "metric": self.metric, "verdict": self.verdict, "reason": self.reason,
+                "context": self.context, "target": list(self.target) if self.target else None,
                 "a": {"arch": self.a[0], "mode": self.a[1], **_summary(self.a_values), "paper": self.paper[0]},
                 "b": None if self.b is None else {"arch": self.b[0], "mode": self.b[1], **_summary(self.b_values),
                                                   "paper": self.paper[1]},
@@ -93,7 +107,7 @@ class Comparison:
 
 def _summary(values: list[float]) -> dict:
     return {"n": len(values), "mean": statistics.fmean(values) if values else None,
-            "std": statistics.stdev(values) if len(values) > 1 else (0.0 if values else None), "values": values}
+            "std": statistics.stdev(values) if len(values) > 1 else None, "values": values}  # one value: no spread
 
 
 def _wanted(have: int, decided_by_seeds: bool) -> int:
@@ -106,6 +120,17 @@ def judge(comparison: Comparison, chance: float | None = None) -> Comparison:
     absent = [cell for cell, values in ((c.a, a), (c.b, b)) if cell is not None and not values]
     if absent:
         c.verdict, c.reason = "undecided", "no runs of " + " and ".join(f"{arch} mode={mode}" for arch, mode in absent)
+    elif c.target is not None:  # A within a range
+        low, high = c.target
+        interval, where = stats.mean_interval(a), f"the paper's {low:g}–{high:.1f}"
+        if interval is None:
+            c.reason = f"one seed per cell: indicative only ({a[0]:.2f} against {where})"
+        else:
+            c.interval = interval
+            inside, outside = low <= interval[0] and interval[1] <= high, interval[1] < low or interval[0] > high
+            c.verdict = "supported" if inside else "not supported" if outside else "undecided"
+            c.reason = f"the 95 % interval of the mean, {interval[0]:.2f} to {interval[1]:.2f}, lies " + \
+                ("inside" if inside else "outside" if outside else "across an edge of") + f" {where}"
     elif c.b is None:  # A ≈ chance
         c.diff = statistics.fmean(a) - chance
         interval = stats.mean_interval(a)
@@ -127,7 +152,7 @@ def judge(comparison: Comparison, chance: float | None = None) -> Comparison:
             c.verdict = "supported" if d.low > 0 else "not supported" if d.high < 0 else "undecided"
             c.reason = f"difference {d.diff:+.2f}, 95 % interval {d.low:+.2f} to {d.high:+.2f}" + \
                 (" covers 0" if c.verdict == "undecided" else "")
-    if c.verdict == "undecided":
+    if c.verdict == "undecided" and not c.context:  # context decides nothing: no runs asked for it
         covers = c.interval is not None
         for cell, values in ((c.a, a), (c.b, b)):
             if cell is not None and _wanted(len(values), covers) > len(values):
@@ -197,9 +222,9 @@ def depth_and_width(ev: Evidence, dataset: str) -> list[Comparison]:
     for series, default, word in ((deep, (CLAIM_NETS[0], CLAIM_NETS[1]), "depth"),
                                   (wide, (CLAIM_NETS[0], CLAIM_NETS[2]), "width")):
         pairs = list(zip(series, series[1:])) if len(series) > 1 else [default]
-        for low, high in pairs:
+        for low, high in pairs:  # context: the claim compares depth with width, not each with itself
             out.append(_top1(ev, 1, (high, "bn"), (low, "bn"), dataset))
-            out[-1].what = f"{word}: " + out[-1].what
+            out[-1].what, out[-1].context = f"{word}: " + out[-1].what, True
     candidates = sorted(set(DEEP_NETS) | set(deep), key=net_order)
     wide_nets = [a for a in wide if models.parse_arch(a).width > 16] or [CLAIM_NETS[2]]
     for net in wide_nets:
@@ -218,8 +243,10 @@ def depth_and_width(ev: Evidence, dataset: str) -> list[Comparison]:
 def bn_against_random(ev: Evidence, dataset: str) -> list[Comparison]:
     out = []
     for net in ev.nets(("bn", "random_per_channel", "output")) or list(CLAIM_NETS):
+        # Only bn against random_per_channel is the claim; the output comparisons are context.
         for a, b in (("bn", "random_per_channel"), ("bn", "output"), ("random_per_channel", "output")):
             c = _top1(ev, 2, (net, a), (net, b), dataset)
+            c.context = b == "output"
             counts = [ev.cells[(net, m)].trainable for m in (a, b) if (net, m) in ev.cells]
             if (a, b) == ("bn", "random_per_channel") and len(counts) == 2 and (
                     len(counts[0]) != 1 or counts[0] != counts[1]):
@@ -234,21 +261,41 @@ def bn_against_random(ev: Evidence, dataset: str) -> list[Comparison]:
 
 def switched_off(ev: Evidence, dataset: str) -> list[Comparison]:
     out = []
-    paper_pair = (PAPER_SMALL_GAMMA["bn"], PAPER_SMALL_GAMMA["all"]) if ev.threshold == 0.01 else (None, None)
+    paper_pair = (PAPER_SMALL_GAMMA["bn"], PAPER_SMALL_GAMMA["all"]) if ev.threshold == PAPER_THRESHOLD else (None, None)
     for net in ev.nets(("bn", "all")) or list(CLAIM_NETS):
-        for stage in [None, *ev.stages(net)]:
+        for stage in [None, *ev.stages(net)]:  # per stage: context (the paper states the share over all channels)
             where = "all channels" if stage is None else stage
             c = judge(Comparison(
                 3, f"{net}: % of channels with |γ| < {ev.threshold:g} ({where}) under bn above all", (net, "bn"),
                 (net, "all"), f"% |γ| < {ev.threshold:g}", ev.small_gamma(net, "bn", stage),
-                ev.small_gamma(net, "all", stage), paper_pair if stage is None else (None, None)))
-            unread = [m for m, values in (("bn", c.a_values), ("all", c.b_values)) if not values and (net, m) in ev.cells]
-            if unread:  # runs exist, their gammas could not be read: more seeds would not help
-                c.reason = f"{net} mode={' and '.join(unread)}: runs without a gamma analysis (no readable checkpoint)"
-                for m in unread:
-                    c.needs.pop((net, m), None)
-            out.append(c)
+                ev.small_gamma(net, "all", stage), paper_pair if stage is None else (None, None), context=stage is not None))
+            out.append(_unread(c, ev, net))
+            if stage is None:
+                out.append(_unread(magnitude(ev, net), ev, net))
     return out
+
+
+def magnitude(ev: Evidence, net: str) -> Comparison:
+    """The share of channels bn switches off against the paper's "a quarter to a third" (at its threshold only)."""
+    c = Comparison(3, f"{net}: % of channels with |γ| < {ev.threshold:g} (all channels) under bn within a quarter to "
+                   "a third", (net, "bn"), None, f"% |γ| < {ev.threshold:g}", ev.small_gamma(net, "bn"), [],
+                   (PAPER_SMALL_GAMMA["bn"] if ev.threshold == PAPER_THRESHOLD else None, None), target=PAPER_RANGE)
+    if ev.threshold != PAPER_THRESHOLD:  # another cut-off measures something else: more seeds would not help
+        c.reason = (f"the paper's range is for |γ| < {PAPER_THRESHOLD:g}, this analysis counts |γ| < {ev.threshold:g} "
+                    f"(--threshold {PAPER_THRESHOLD:g} tests it)")
+        return c
+    return judge(c)
+
+
+def _unread(c: Comparison, ev: Evidence, net: str) -> Comparison:
+    """Where runs exist but their gammas could not be read, say so: more seeds would not help."""
+    values = {"bn": c.a_values, "all": c.b_values}
+    unread = [m for m in ("bn", "all") if (net, m) in (c.a, c.b) and not values[m] and (net, m) in ev.cells]
+    if unread:
+        c.reason = f"{net} mode={' and '.join(unread)}: runs without a gamma analysis (no readable checkpoint)"
+        for m in unread:
+            c.needs.pop((net, m), None)
+    return c
 
 
 def ablation(ev: Evidence) -> list[dict]:
@@ -277,10 +324,12 @@ def ordering(ev: Evidence, dataset: str, chance: float) -> list[Comparison]:
 
 
 def verdict(comparisons: list[Comparison]) -> str:
-    words = {c.verdict for c in comparisons}
+    """From the deciding comparisons only (context never counts)."""
+    deciding = [c for c in comparisons if not c.context]
+    words = {c.verdict for c in deciding}
     if "not supported" in words:
         return "not supported"
-    return "supported" if comparisons and words == {"supported"} else "undecided"
+    return "supported" if deciding and words == {"supported"} else "undecided"
 
 
 def evaluate(ev: Evidence, dataset: str, chance: float) -> list[dict]:

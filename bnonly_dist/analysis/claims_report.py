@@ -98,10 +98,31 @@ def write_sweep(folder: Path, suffix: str, reference: RunRecord, missing: list[d
     return path
 
 
+def _spread(s: dict, sign: str = "") -> str:
+    """mean ± std (n=...) of a claims._summary; one value has no spread to show."""
+    mean = f"{s['mean']:{sign}.2f}"
+    return f"{mean} (n=1)" if s["std"] is None else f"{mean} ± {s['std']:.2f} (n={s['n']})"
+
+
 def _cell_text(values: list[float], paper: float | None) -> tuple[str, str]:
-    s = claims._summary(values)
-    mine = "no runs" if not values else f"{s['mean']:.2f} ± {s['std']:.2f} (n={s['n']})"
+    mine = "no runs" if not values else _spread(claims._summary(values))
     return mine, "" if paper is None else f"{paper:g}"
+
+
+def _row(c: dict) -> str:
+    """One comparison as a table row; context rows say they are not counted."""
+    a, pa = _cell_text(c["a"]["values"], c["a"]["paper"])
+    if c["b"] is not None:
+        b, pb = _cell_text(c["b"]["values"], c["b"]["paper"])
+    else:
+        b, pb = (f"range {c['target'][0]:g}–{c['target'][1]:.1f}", "") if c["target"] else ("chance", "")
+    diff = "" if c["difference"] is None else f"{c['difference']:+.2f}"
+    if c["interval_95"]:
+        low, high = c["interval_95"]
+        diff += f" [{low:.2f}, {high:.2f}] (A's mean)" if c["target"] else f" [{low:+.2f}, {high:+.2f}]"
+    what = c["what"].replace("|", "\\|")  # |γ| inside a table cell
+    verdict = f"context, not counted: {c['verdict']}" if c["context"] else f"**{c['verdict']}**"
+    return f"| {'context: ' if c['context'] else ''}{what} | {a} | {pa} | {b} | {pb} | {diff} | {verdict}: {c['reason']} |"
 
 
 def _markdown(settings: list[dict], note: str | None, out: Path) -> str:
@@ -109,8 +130,9 @@ def _markdown(settings: list[dict], note: str | None, out: Path) -> str:
     if note:
         lines += [f"**Note: {note}.**", ""]
     lines += [f"How a verdict is reached: {claims.RULE}", "",
-              "Numbers: mean ± standard deviation over seeds (n = seeds); paper: docs/paper.md's number where it "
-              "has one (read off the paper's figure, ±1–2 points).", ""]
+              "Numbers: mean ± standard deviation over seeds (n = seeds; one seed: its value, n=1); paper: "
+              "docs/paper.md's number where it has one (read off the paper's figure, ±1–2 points). Rows marked "
+              "context are shown beside the claim's own comparisons and are not counted in its verdict.", ""]
     for setting in settings:
         if len(settings) > 1:
             lines += [f"# Setting: {setting['setting']}", ""]
@@ -119,18 +141,11 @@ def _markdown(settings: list[dict], note: str | None, out: Path) -> str:
             lines += [f"> {q} (docs/paper.md)" for q in claim["quotes"]] + ["", claim["how"], ""]
             lines += ["| comparison | A | paper | B | paper | A − B, 95 % interval | verdict |",
                       "|---|---:|---:|---:|---:|---:|---|"]
-            for c in claim["comparisons"]:
-                a, pa = _cell_text(c["a"]["values"], c["a"]["paper"])
-                b, pb = ("chance", "") if c["b"] is None else _cell_text(c["b"]["values"], c["b"]["paper"])
-                diff = "" if c["difference"] is None else f"{c['difference']:+.2f}"
-                if c["interval_95"]:
-                    diff += f" [{c['interval_95'][0]:+.2f}, {c['interval_95'][1]:+.2f}]"
-                what = c["what"].replace("|", "\\|")  # |γ| inside a table cell
-                lines.append(f"| {what} | {a} | {pa} | {b} | {pb} | {diff} | **{c['verdict']}**: {c['reason']} |")
+            for c in sorted(claim["comparisons"], key=lambda c: c["context"]):  # the deciding ones first
+                lines.append(_row(c))
             if claim.get("ablation"):
                 lines += ["", "Top-1 change when the channels with small |γ| are zeroed (evidence; docs/paper.md "
-                          "gives no number): " + "; ".join(f"{a['arch']}: {a['mean']:+.2f} ± {a['std']:.2f} "
-                                                          f"(n={a['n']})" for a in claim["ablation"])]
+                          "gives no number): " + "; ".join(f"{a['arch']}: {_spread(a, '+')}" for a in claim["ablation"])]
             missing = claim["missing"]
             lines += ["", "Missing: " + ("nothing; every comparison is decided." if not missing else
                                          "; ".join(f"{m['arch']} mode={m['mode']} seeds "

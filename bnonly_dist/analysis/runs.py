@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from bnonly_dist import config, models
 from bnonly_dist.config import ConfigError
+from bnonly_dist.run.finished import end_of, reached_end
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,45 @@ class RunRecord:
         return self.cfg.data.name, self.cfg.model.arch, self.cfg.mode
 
 
+RUN_MARKS = ("summary.json", "metrics.jsonl", "checkpoints")  # what a run leaves besides config.yaml
+
+
+def _find_runs(folder: Path, found: list[Path], visited: set[Path]) -> None:
+    """Run directories (a folder holding config.yaml) at any depth under folder, e.g. runs/<sweep>/<run>;
+    a run directory's own folders are not searched, nor hidden ones, nor a data set's; a folder that
+    looks like a run without its config.yaml is said and skipped."""
+    real = folder.resolve()
+    if real in visited:  # a link back up the tree
+        return
+    visited.add(real)
+    if (folder / "config.yaml").is_file():
+        found.append(folder)
+        return
+    if any((folder / mark).exists() for mark in RUN_MARKS):
+        log.warning("skipping %s: it holds %s but no config.yaml, so what it ran is unknown; put the config it "
+                    "trained with there as config.yaml to include it", folder,
+                    " and ".join(m for m in RUN_MARKS if (folder / m).exists()))
+        return
+    if (folder / "data_batch_1").is_file() or ((folder / "train").is_dir() and (folder / "val").is_dir()):
+        return  # a data set (runs/data/ of `make demo`): thousands of image folders, no runs
+    try:
+        with os.scandir(folder) as entries:  # the entries' types without a stat each
+            children = sorted(Path(e.path) for e in entries if e.is_dir() and not e.name.startswith("."))
+    except OSError as err:
+        log.warning("skipping %s: cannot list it (%s)", folder, err.strerror)
+        return
+    for child in children:
+        _find_runs(child, found, visited)
+
+
 def _run_dirs(path: Path) -> list[Path]:
     if path.is_file():  # a sweep file: its points' run directories
         from bnonly_dist.launch import sweep
         return [p.run_dir for p in sweep.load(path).points]
-    if (path / "config.yaml").is_file():
-        return [path]
-    if path.is_dir():  # a folder of runs (e.g. runs/)
-        return sorted(p.parent for p in path.glob("*/config.yaml"))
+    if path.is_dir():  # a run directory, or a folder of runs at any depth (runs/, runs/<sweep>/)
+        found: list[Path] = []
+        _find_runs(path, found, set())
+        return found
     raise ConfigError(f"{path} is neither a run directory, a folder of runs nor a sweep file")
 
 
@@ -103,14 +135,16 @@ def read(run_dir: Path) -> RunRecord | None:
         log.warning("skipping %s: %s is unreadable (%s); rerun `bnonly train` on it to rewrite it", run_dir,
                     summary_path, type(err).__name__)
         return None
-    if not summary.get("finished"):
-        log.warning("skipping %s: stopped at step %s before its last step", run_dir, summary.get("step"))
-        return None
     config_path = run_dir / "config.yaml"
     try:
         cfg = config.from_dict(config.read_run_config(config_path))
     except ConfigError as err:
         log.warning("skipping %s: %s is unreadable (%s)", run_dir, config_path, str(err).splitlines()[0][:200])
+        return None
+    if not reached_end(summary, cfg):  # the one meaning of finished, as train's "nothing to do" uses it
+        log.warning("skipping %s: not finished; its summary.json is from step %s, before the end its config.yaml "
+                    "asks for (%s): a later start went on from there; run it again to finish", run_dir,
+                    summary.get("step"), end_of(cfg))
         return None
     evals = [r for r in _metrics_rows(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
     return RunRecord(run_dir, cfg, summary, evals[-1] if evals else summary["final"])
@@ -118,7 +152,7 @@ def read(run_dir: Path) -> RunRecord | None:
 
 def collect(paths: list[str | Path]) -> list[RunRecord]:
     """Every finished run under the given run directories, folders of runs or sweep files."""
-    seen, records = set(), []
+    seen, records, skipped = set(), [], 0
     for path in paths:
         run_dirs = _run_dirs(Path(path))
         absent = [d for d in run_dirs if not d.exists()]
@@ -132,4 +166,8 @@ def collect(paths: list[str | Path]) -> list[RunRecord]:
             record = read(run_dir)
             if record:
                 records.append(record)
+            else:
+                skipped += 1
+    if skipped and records:  # with none read, the caller's one error line says so
+        log.warning("%d of %d run directories skipped, each for the reason said above", skipped, len(seen))
     return records

@@ -43,11 +43,14 @@ def _small_frac(record: RunRecord, report: GammaReport | None, threshold: float)
     return record.last_eval.get("gamma_small_frac") if record.cfg.train.gamma_threshold == threshold else None
 
 
-def _fmt(pair, digits: int = 2, scale: float = 1.0) -> str:
-    if pair is None:
+def _fmt(stats, digits: int = 2, scale: float = 1.0, unit: str = "") -> str:
+    """mean ± std, or the one value and n=1 (one seed has no spread to show)."""
+    if stats is None:
         return ""
-    mean, std = pair
-    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+    mean, std, _ = stats
+    if std is None:
+        return f"{scale * mean:.{digits}f}{unit} (n=1)"
+    return f"{scale * mean:.{digits}f}{unit} ± {scale * std:.{digits}f}{unit}"
 
 
 def write(rows_: list[dict], folder: Path, threshold: float) -> tuple[Path, Path]:
@@ -67,16 +70,17 @@ def write(rows_: list[dict], folder: Path, threshold: float) -> tuple[Path, Path
             for key in ("top1", "top5", "gamma_small_frac", "ablation_change", "ablated_top1"):
                 if r[key] is not None:
                     flat[f"{key}_mean"] = r[key][0]
-                    if f"{key}_std" in fields:
-                        flat[f"{key}_std"] = r[key][1]
+                    if f"{key}_std" in fields:  # empty for one value: no spread
+                        flat[f"{key}_std"] = "" if r[key][1] is None else r[key][1]
             writer.writerow(flat)
     lines = []
     for dataset in sorted({r["dataset"] for r in rows_}):
         imagenet = dataset == "imagenet"
         lines += [f"## {dataset}", "",
-                  "Test accuracy in %, mean ± std over seeds; paper: the published number where there is one "
-                  "(±1–2, read off its figure); \\|γ\\| < t: the fraction of BN channels with \\|γ\\| below the threshold; "
-                  "zeroed: top-1 after setting those channels' gamma and beta to 0, and the change.", "",
+                  "Test accuracy in %, mean ± std over seeds (one seed: its value and n=1); paper: the published "
+                  "number where there is one (±1–2, read off its figure); \\|γ\\| < t: the fraction of BN channels "
+                  "with \\|γ\\| below the threshold; zeroed: top-1 after setting those channels' gamma and beta to 0, "
+                  "and the change.", "",
                   "| model | mode | trainable | runs | top-1 | " + ("top-5 | " if imagenet else "paper | ")
                   + f"\\|γ\\| < {threshold} | zeroed top-1 | change |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -84,8 +88,7 @@ def write(rows_: list[dict], folder: Path, threshold: float) -> tuple[Path, Path
             third = _fmt(r["top5"]) if imagenet else ("" if r["paper_top1"] is None else f"{r['paper_top1']:g}")
             model = f"{r['arch']} ({r['setting']})" if r["setting"] else r["arch"]
             lines.append(f"| {model} | {r['mode']} | {r['trainable_params']:,} | {r['runs']} | {_fmt(r['top1'])} | "
-                         f"{third} | {_fmt(r['gamma_small_frac'], 1, 100).replace(' ±', '% ±')}"
-                         f"{'%' if r['gamma_small_frac'] else ''} | {_fmt(r['ablated_top1'])} | "
+                         f"{third} | {_fmt(r['gamma_small_frac'], 1, 100, '%')} | {_fmt(r['ablated_top1'])} | "
                          f"{_fmt(r['ablation_change'])} |")
         lines.append("")
     if any(r["setting"] for r in rows_):

@@ -9,12 +9,14 @@ model is built.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
 
 from bnonly_dist.config import Config, ConfigError
 from bnonly_dist.config.catalog import ENGINES, freezes_convolutions, num_classes
+from bnonly_dist.rendezvous import ranks_on_this_host
 
 
 @dataclass(frozen=True)
@@ -24,12 +26,17 @@ class BNGroups:
     per_rank: int = 1
     ranks: int = 1
 
-    def describe(self, per_rank_batch: int) -> str:
+    def describe(self, per_rank_batch: int, ranks_per_node: int = 0) -> str:
+        """One line for the plan; ranks_per_node (0: unknown) tells whether a group spans nodes."""
         if self.images is None:
             return (f"BN statistics over each rank's {per_rank_batch} images (train.bn_batch=null: they change "
                     "with the number of ranks)")
         if self.ranks > 1:
-            return f"BN statistics over {self.images} images: synchronised over {self.ranks} ranks"
+            line = f"BN statistics over {self.images} images: synchronised over {self.ranks} ranks"
+            if ranks_per_node and (self.ranks > ranks_per_node or ranks_per_node % self.ranks):
+                line += (f" across nodes ({ranks_per_node} ranks per node): each BN layer's 2 small collectives per "
+                         "step cross the network (tens of us each over InfiniBand, a few us over NVLink)")
+            return line
         if self.per_rank > 1:
             return f"BN statistics over {self.images} images: {self.per_rank} groups per rank"
         return f"BN statistics over {self.images} images: one group per rank"
@@ -70,7 +77,13 @@ class Plan:
         return (f"plan: device {self.device}, {self.precision}, channels_last {self.channels_last}, "
                 f"lean autograd {self.lean} ({self.lean_why}), checkpointed stages {stages}, frozen weights {frozen}, "
                 f"decode {self.decode or 'n/a'}, engine {self.engine}, compile {self.compile}, "
-                f"deterministic {self.deterministic}; {self.bn.describe(self.per_rank_batch)}")
+                f"deterministic {self.deterministic}; {self.bn.describe(self.per_rank_batch, _ranks_per_node())}")
+
+
+def _ranks_per_node() -> int:
+    """Ranks per node as the launcher states it (torchrun's LOCAL_WORLD_SIZE, Slurm's tasks per node), else 0."""
+    stated = ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
+    return ranks_on_this_host() if any(os.environ.get(key) for key in stated) else 0
 
 
 def default_channels_last(device: torch.device, engine: str = "ddp") -> bool:

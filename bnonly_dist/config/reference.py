@@ -19,7 +19,8 @@ Generated from the schema (`bnonly_dist/config/schema.py`) by
 `python -m bnonly_dist.config.reference > docs/config.md`; a test fails when it is stale.
 `bnonly config CONFIG [key=value ...]` prints a config resolved, with where each value
 came from. Set a key in a YAML file or on the command line as `section.key=value` (the value
-is read as YAML: `optim.milestones=[30,60]`, `train.max_steps=null`).
+is read as YAML: `optim.milestones=[30,60]`, `train.max_steps=null`; numbers as Python reads them,
+so `optim.lr=1e-3` is a float). An error names the key, the file and line that set it, and the nearest valid key.
 
 | key | default | meaning |
 |---|---|---|

@@ -6,6 +6,8 @@ for padding, and state()/load_state() for what a resume needs beyond (epoch, ste
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from bnonly_dist.config import Config, ConfigError
 from bnonly_dist.config.plan import Plan
 from bnonly_dist.data.layout import DataError  # noqa: F401  (raised by the sources; importable from here)
@@ -53,7 +55,11 @@ def describe(cfg: Config, plan: Plan) -> str:
     if data.name == "synthetic":
         return f"data: synthetic images drawn on {plan.device} from (seed, step)"
     if data.name == "cifar10":
-        return (f"data: CIFAR-10 from {data.root}, held on {plan.device} as uint8; crop and flip on "
+        from bnonly_dist.data.layout import cifar10_dir
+        folder = cifar10_dir(data.root)
+        where = (" (the files lie in data.root itself, not in data.root/cifar-10-batches-py: accepted)"
+                 if folder == Path(data.root) else "")
+        return (f"data: CIFAR-10 from {folder}{where}, held on {plan.device} as uint8; crop and flip on "
                 f"{plan.device}")
     return (f"data: ImageNet from {data.root} via DALI, JPEG decode {plan.decode} "
             f"({'GPU' if plan.decode == 'mixed' else 'CPU'}), {dali_threads(data.num_threads)} CPU threads per rank")

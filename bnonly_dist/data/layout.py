@@ -23,12 +23,26 @@ class DamagedData(DataError):
 
 
 def cifar10_dir(root: str | Path) -> Path:
+    """The folder of the CIFAR-10 files: root/cifar-10-batches-py, or root itself where data.root names that
+    folder (one level too deep, accepted). DataError naming the file when one is missing or not a file."""
     root = Path(root)
     for candidate in (root / "cifar-10-batches-py", root):
-        if (candidate / "test_batch").is_file():
+        if candidate.is_dir() and any((candidate / name).exists() for name in (*CIFAR_TRAIN, "test_batch")):
+            for name in (*CIFAR_TRAIN, "test_batch"):
+                path = candidate / name
+                if not path.is_file():
+                    what = "a directory, not a file" if path.is_dir() else "missing"
+                    raise DataError(f"{path} is {what}; the CIFAR-10 folder must hold {', '.join(CIFAR_TRAIN)} and "
+                                    "test_batch as files (the python version of CIFAR-10)")
             return candidate
-    raise DataError(f"no CIFAR-10 at {root}: expected cifar-10-batches-py/ with data_batch_1..5 and "
-                    f"test_batch (get the python version of CIFAR-10, or `bnonly data fake-cifar10 {root}`)")
+    raise DataError(f"no CIFAR-10 at {root}: expected cifar-10-batches-py/ with data_batch_1..5 and test_batch (get "
+                    f"the python version of CIFAR-10; to try the code on generated data instead: `bnonly data "
+                    f"fake-cifar10 {SCRATCH_CIFAR}` and data.root={SCRATCH_CIFAR})")
+
+
+# Where a hint tells a user to generate a trial data set: a scratch folder of the project, never the
+# data.root that was asked for (which may be where the real data set belongs).
+SCRATCH_CIFAR = "runs/data/fake-cifar10"
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -1,9 +1,11 @@
 """data.num_threads=auto: DALI's CPU threads for one rank, from the CPUs its task really has.
 
-Under Slurm a task has SLURM_CPUS_PER_TASK CPUs (the launcher's --cpus-per-task); elsewhere
-the ranks of a node share the cores this process may run on (its CPU affinity), one share
-per local rank (torchrun's LOCAL_WORLD_SIZE, Slurm's SLURM_NTASKS_PER_NODE). More threads
-than CPUs only make DALI's threads and the training loop take turns.
+Under Slurm a task has SLURM_CPUS_PER_TASK CPUs (the launcher's --cpus-per-task, by default
+the partition's CPUs per GPU); elsewhere the ranks of a node share the cores this process may
+run on (its CPU affinity), one share per local rank (torchrun's LOCAL_WORLD_SIZE, Slurm's
+SLURM_NTASKS_PER_NODE). DALI gets the task's CPUs minus one, which the training loop keeps
+(it launches the GPU's work and runs the collectives): more threads than that only make DALI
+and the loop take turns.
 """
 from __future__ import annotations
 
@@ -29,6 +31,11 @@ def dali_threads(setting: int | str, env=os.environ, cores: int | None = None) -
     """The thread count a setting of data.num_threads means for this process."""
     if setting != "auto":
         return int(setting)
+    return max(1, task_cpus(env, cores) - 1)  # one CPU for the training loop
+
+
+def task_cpus(env=os.environ, cores: int | None = None) -> int:
+    """The CPUs one rank's task has: Slurm's count, else this process's cores shared by the node's ranks."""
     per_task = env.get("SLURM_CPUS_PER_TASK", "")
     if per_task.isdigit() and int(per_task) > 0:
         return int(per_task)

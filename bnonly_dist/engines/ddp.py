@@ -2,6 +2,8 @@
 (ResNet-50: 53k numbers) are all-reduced, which costs next to nothing."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -22,6 +24,14 @@ class DDPEngine(Engine):
             # The chosen device, not the local rank: under `srun --gpus-per-task 1` every task
             # sees one GPU, index 0, whatever its SLURM_LOCALID.
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            # No buffer broadcast: each rank's BN running statistics follow its own groups and are
-            # averaged over the world where they are used (Engine.world_bn_statistics).
-            self.net = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+            self.net = DistributedDataParallel(model, device_ids=device_ids, **NO_FORWARD_BUFFER_SYNC)
+
+
+# No buffer broadcast in forward: each rank's BN running statistics follow its own groups and are
+# averaged over the world where they are used (Engine.world_bn_statistics). torch 2.13 names this
+# forward_sync_buffers=False and warns on every rank about the older broadcast_buffers=False; the new
+# option still broadcasts buffers once at construction, which changes nothing here: every rank has
+# just built the same model from the seed, and a checkpoint's statistics are loaded after the wrap.
+NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})

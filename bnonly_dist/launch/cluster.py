@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,8 +26,10 @@ from bnonly_dist.run.paths import RunPaths
 
 RESOURCE_KEYS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "partition", "account", "qos", "time",
                  "mem", "constraint", "exclude", "setup", "max_requeues", "max_failures", "signal_delay_s")
-DEFAULTS = {"nodes": 1, "cpus_per_task": 4, "time": "24:00:00", "max_requeues": 3, "max_failures": 3,
-            "signal_delay_s": 120}
+# --cpus-per-task comes from the partition (preflight.settle_cpus_per_task); DEFAULT_CPUS_PER_TASK only where
+# sinfo cannot say, and in a script previewed without Slurm.
+DEFAULTS = {"nodes": 1, "time": "24:00:00", "max_requeues": 3, "max_failures": 3, "signal_delay_s": 120}
+DEFAULT_CPUS_PER_TASK = 4
 LOWEST = {"nodes": 1, "tasks_per_node": 1, "cpus_per_task": 1, "gpus_per_node": 0, "max_requeues": 0,
           "max_failures": 0, "signal_delay_s": 0}  # the smallest value each number of a request may take
 ERROR_TAIL_LINES = 12  # of a failed task's stderr log: the traceback's last frames and the error itself
@@ -67,23 +70,24 @@ def add_resource_arguments(parser: argparse.ArgumentParser, job_dir_default: str
                         help="run all nodes x tasks on this machine (also where Slurm is available)")
 
 
+SLURM_TIME = re.compile(r"(?:(\d+)-)?(\d+(?::\d+){0,2})")  # [D-]H[:M[:S]] or M[:S]: digits only, no sign
+
+
 def minutes(text) -> int:
-    """Slurm's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) as whole minutes, rounded up."""
+    """Slurm's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) as whole minutes, rounded up.
+    Anything else (a sign, a unit, an empty field, too many fields) is refused, never reread as another time."""
     text = str(text).strip()
-    try:
-        days, _, rest = text.rpartition("-")
-        parts = [int(p) for p in rest.split(":")]
-        if len(parts) > 3 or min(parts) < 0:
-            raise ValueError
-        if days:  # D-H, D-H:M, D-H:M:S
-            hours, mins, secs = (parts + [0, 0])[:3]
-        elif len(parts) == 3:  # H:M:S
-            hours, mins, secs = parts
-        else:  # M or M:S
-            hours, mins, secs = 0, parts[0], parts[1] if len(parts) == 2 else 0
-        return int(days or 0) * 1440 + hours * 60 + mins + (1 if secs else 0)
-    except ValueError:
-        raise _config_error(f"--time {text!r} is not minutes, HH:MM:SS or D-HH:MM:SS; write e.g. --time 12:00:00") from None
+    match = SLURM_TIME.fullmatch(text)
+    if not match:
+        raise _config_error(f"--time {text!r} is not minutes, HH:MM:SS or D-HH:MM:SS; write e.g. --time 12:00:00")
+    days, parts = match.group(1), [int(p) for p in match.group(2).split(":")]
+    if days:  # D-H, D-H:M, D-H:M:S
+        hours, mins, secs = (parts + [0, 0])[:3]
+    elif len(parts) == 3:  # H:M:S
+        hours, mins, secs = parts
+    else:  # M or M:S
+        hours, mins, secs = 0, parts[0], parts[1] if len(parts) == 2 else 0
+    return int(days or 0) * 1440 + hours * 60 + mins + (1 if secs else 0)
 
 
 def resources(args: argparse.Namespace, extra: dict | None = None) -> dict:
@@ -124,9 +128,9 @@ def slurm_available() -> bool:
     return shutil.which("sbatch") is not None
 
 
-def slurm_expected(local: bool, dry_run: bool) -> bool:
-    """Whether a launch will go to Slurm (choose_target's first rule, before any question)."""
-    return dry_run or (slurm_available() and not local)
+def slurm_expected(local: bool) -> bool:
+    """Whether a launch (or its dry run: the same answer) will go to Slurm (choose_target's first rule)."""
+    return slurm_available() and not local
 
 
 def slurm_gpus(res: dict) -> int:
@@ -148,6 +152,7 @@ class Target:
     nodes: int
     tasks_per_node: int
     gpus_per_node: int  # GPUs each node gives its tasks; 0: the tasks run on the CPU
+    cpus_per_task: int | None = None  # Slurm's grant per task; None here: the machine's cores shared by the tasks
 
     @property
     def world(self) -> int:
@@ -167,16 +172,16 @@ def _plural(count: int, what: str) -> str:
     return f"{count} {what}{'' if count == 1 else 'es'}"
 
 
-def choose_target(res: dict, device: str, local: bool = False, dry_run: bool = False,
-                  ask=None) -> tuple[Target, str | None]:
+def choose_target(res: dict, device: str, local: bool = False, ask=None) -> tuple[Target, str | None]:
     """The Target of a launch and the line to print about it (None for a plain Slurm job).
 
     device is the config's train.device. Without Slurm and without --local the job runs as
     the process group this machine holds (one per GPU, or one on the CPU); ask(question)
     -> bool, given only where a person can answer, may agree to the requested count instead.
     """
-    if slurm_expected(local, dry_run):
-        return Target(True, res["nodes"], tasks_per_node(res), slurm_gpus(res)), None
+    if slurm_expected(local):
+        return Target(True, res["nodes"], tasks_per_node(res), slurm_gpus(res),
+                      res.get("cpus_per_task") or DEFAULT_CPUS_PER_TASK), None
     here = 0 if device == "cpu" else local_gpus()
     requested = res["nodes"] * tasks_per_node(res)
     gpus = here if res.get("gpus_per_node") is None else min(here, res["gpus_per_node"])
@@ -215,7 +220,7 @@ def slurm_parameters(res: dict, job_name: str) -> dict:
     slurm_gpus(res)
     # stdout and stderr apart, as the local executor keeps them: a failure is read from the .err log.
     params = {"job_name": job_name, "nodes": res["nodes"], "ntasks_per_node": tasks_per_node(res),
-              "cpus_per_task": res["cpus_per_task"], "time": minutes(res["time"]),
+              "cpus_per_task": res.get("cpus_per_task") or DEFAULT_CPUS_PER_TASK, "time": minutes(res["time"]),
               "signal_delay_s": res["signal_delay_s"]}
     if res["gpus_per_node"]:
         params["gpus_per_node"] = res["gpus_per_node"]
@@ -269,6 +274,12 @@ def sbatch_script(job_dir: Path, res: dict, job_name: str, array: int | None = N
         params["map_count"] = array
     command = f"{sys.executable} -u -m submitit.core._submit {job_dir}"
     return _make_sbatch_string(command=command, folder=job_dir, **params)
+
+
+def dry_run_here(target: Target) -> str:
+    """What a dry run without Slurm says instead of an sbatch script: the command runs here, as the line above it."""
+    return (f"# dry run: the command would run here with submitit's local executor, {_plural(target.world, 'process')} "
+            f"as said above; no Slurm, so no sbatch script; nothing was started")
 
 
 def failure_report(job, err: BaseException | None = None) -> str:

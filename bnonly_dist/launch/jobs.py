@@ -16,7 +16,9 @@ Ctrl-C while a launcher waits for a job on this machine (submitit's local execut
 job is started with SIGINT ignored, so its controller, which would kill the tasks on
 Ctrl-C, lets it pass; the tasks' children take Ctrl-C like `bnonly train` (they are in the
 terminal's process group): the first stops every rank after the same step with a
-checkpoint, a second aborts. The launcher says so in one line each time (ctrl_c).
+checkpoint, a second aborts. A Ctrl-C or SIGTERM sent to the launcher alone reaches the
+tasks as SIGTERM through the job's controller (stop_tasks). The launcher says so in one
+line (ctrl_c).
 """
 from __future__ import annotations
 
@@ -28,8 +30,10 @@ import threading
 import time
 from pathlib import Path
 
+from bnonly_dist import config
 from bnonly_dist.launch import restart, supervise
 from bnonly_dist.run import history
+from bnonly_dist.run.finished import reached_end
 from bnonly_dist.run.paths import RunPaths
 
 ABORT_WAIT_S = 30  # after a second Ctrl-C: how long the launcher waits for the tasks to end
@@ -80,7 +84,7 @@ class TrainJob:
         ended = supervise.train(self.config, run_dir)
         if ended.code == 0 or ended.stopped:
             result = supervise.result(run_dir)
-            if ended.signals and not result.get("finished"):
+            if ended.signals and not reached_end(result, config.from_dict(self.config)):
                 handler = signal.getsignal(ended.signals[0])
                 if callable(handler):
                     handler(ended.signals[0], None)  # submitit's: on SIGUSR2 checkpoint() and requeue (rank 0)
@@ -129,30 +133,57 @@ class Interrupted(Exception):
     """A second Ctrl-C while waiting for a local job: the tasks abort."""
 
 
+STOPS = (signal.SIGINT, signal.SIGTERM)  # to the launcher: what Ctrl-C at its terminal, or kill, sends
+
+
+def hold_stops() -> None:
+    """Right after a local job started (its processes already have their own mask): hold Ctrl-C and SIGTERM back
+    until ctrl_c's handlers are set, so that one in between is neither lost nor the default's traceback."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+
+
+def stop_tasks(job) -> None:
+    """Ask a local job's tasks to stop with a checkpoint: SIGTERM to its controller, which passes it to the tasks,
+    which pass it to their training (supervise.FORWARDED). Where the terminal's Ctrl-C reached the training too,
+    this copy changes nothing (run/stop.py: one stop flag)."""
+    process = getattr(job, "_process", None)  # submitit's LocalJob: the controller it started
+    if process is not None and process.poll() is None:
+        with contextlib.suppress(OSError):
+            process.send_signal(signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def ctrl_c(prog: str, jobs: list):
-    """While a launcher waits for local jobs: the first Ctrl-C is said in one line (the tasks save and stop), a
-    second raises Interrupted once the jobs have ended (or ABORT_WAIT_S passed). Yields a list that holds
-    True once Ctrl-C was pressed."""
+    """While a launcher waits for local jobs: the first Ctrl-C or SIGTERM (to the launcher's process group, or to
+    the launcher alone) stops every task after the same step with a checkpoint, said in one line; a second raises
+    Interrupted once the jobs have ended (or ABORT_WAIT_S passed). Yields a list that holds True once one came;
+    after that the launcher only reports and ends, so later signals are held back (blocked) from then on: a
+    late one must not kill it with the default action while Python shuts down."""
     pressed: list[bool] = []
 
     def handle(signum, frame):
         if not pressed:
             pressed.append(True)
-            print(f"{prog}: Ctrl-C: every task stops after the same step with a checkpoint (Ctrl-C again to abort)",
-                  file=sys.stderr, flush=True)
+            print(f"{prog}: {'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name}: every task "
+                  "stops after the same step with a checkpoint (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+            for job in list(jobs):
+                stop_tasks(job)
             return
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, handle)
+    previous = {s: signal.signal(s, handle) for s in STOPS}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)  # one held back since the start (hold_stops) comes now
     try:
         yield pressed
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a third Ctrl-C does not cut the wait short with a traceback
+        for s in STOPS:  # a third Ctrl-C does not cut the wait short with a traceback
+            signal.signal(s, signal.SIG_IGN)
         deadline = time.monotonic() + ABORT_WAIT_S  # the tasks got the same Ctrl-C and abort: end after them
         while time.monotonic() < deadline and not all(job.done() for job in jobs):
             time.sleep(0.2)
         raise Interrupted from None
     finally:
-        signal.signal(signal.SIGINT, previous)
-
+        if pressed:
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -200,6 +200,15 @@ def restart_pending(run_dir: Path, series: str) -> bool:
     return history.read(run_dir).retry_pending(series) is not None
 
 
+def refusal_line(run_dir: Path, series: str) -> str | None:
+    """The decision not to retry the series' last attempt, as a line for the launcher's console; None if
+    the last row is no such decision (the attempt ended before anything decided)."""
+    mine = history.read(run_dir).of(series)
+    if mine and isinstance(mine[-1], Failure) and not mine[-1].retry:
+        return decision_line(mine[-1], run_dir)
+    return None
+
+
 def say(line: str, run_dir: Path, rank: int) -> None:
     """One line in the job's log (the deciding task's stderr) and in RUN/logs/rank0.log, the run's main
     log, whichever rank decided (no training of this task is writing to it now)."""

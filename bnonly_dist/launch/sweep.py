@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import yaml
 
 from bnonly_dist import config
 from bnonly_dist.config import ConfigError
+from bnonly_dist.run.finished import reached_end
 from bnonly_dist.run.paths import RunPaths, run_dir
 
 
@@ -35,9 +38,9 @@ class Point:
     run_dir: Path
 
     def finished(self) -> bool:
-        """summary.json says the run reached its last step."""
+        """summary.json says the run reached the last step this point's config asks for (run/finished.py)."""
         summary = RunPaths(self.run_dir).summary
-        return summary.is_file() and json.loads(summary.read_text()).get("finished", False)
+        return summary.is_file() and reached_end(json.loads(summary.read_text()), self.cfg)
 
 
 @dataclass(frozen=True)
@@ -82,3 +85,67 @@ def load(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
             raise ConfigError(f"{path}: the grids list the same point twice; make the lists of `grid:` disjoint")
         raise ConfigError(f"{path}: two grid points map to the same run directory; remove `name:` from the config")
     return Sweep(points, spec.get("slurm") or {}, path.stem, base.resolve(), common)
+
+
+# A training process beside what backward keeps (the plan's estimate): torch itself, the model, the data a rank
+# holds. About what one CIFAR ResNet rank holds here at its peak.
+PROCESS_BASE_BYTES = 2**29
+
+
+def default_parallel(points: list[Point], world: int, gpus: int) -> tuple[int, str]:
+    """Without Slurm: how many points run at once here, and why. Each point runs world processes; as many points as
+    this machine's cores and memory hold by the plan's estimate (every point on all GPUs: one at a time)."""
+    if gpus:
+        return 1, f"one point at a time here (each uses this machine's {gpus} GPU{'s' if gpus > 1 else ''})"
+    import torch
+
+    from bnonly_dist.config import plan as plans
+    from bnonly_dist.config.catalog import num_classes
+    from bnonly_dist.data.threads import usable_cores
+    from bnonly_dist.models import memory
+    cpu, estimates = torch.device("cpu"), {}
+    for point in points:
+        cfg = point.cfg
+        plan = plans.resolve(cfg, cpu, world, memory)
+        key = (cfg.model.arch, num_classes(cfg), cfg.mode, plan.per_rank_batch, cfg.data.image_size,
+               plan.channels_last, plan.checkpointed_stages, plan.bf16)
+        if key not in estimates:
+            estimates[key] = memory.plain_saved_bytes(*key) + PROCESS_BASE_BYTES
+    each, cores, here = max(estimates.values()), usable_cores(), memory.rank_memory_bytes(cpu)
+    parallel = max(1, min(cores // world, here // (world * each)))
+    return parallel, (f"{parallel} point{'s' if parallel > 1 else ''} at a time here: this machine's {cores} "
+                      f"core{'s' if cores > 1 else ''} and {here / 2**30:.0f} GiB for {world} process(es) per point of "
+                      f"about {each / 2**30:.1f} GiB each (the plan's estimate); --parallel N to choose")
+
+
+def run_here(points: list[Point], train_jobs: list, submit, parallel: int, pressed: list) -> tuple[list, int]:
+    """Run the points on this machine in their order, at most parallel at once: submit(train_job) -> a started
+    job. A failure a restart may cure starts again in its slot; after Ctrl-C (pressed) no point starts.
+    Returns every point's last job (None: never started) and the count of points that failed."""
+    from bnonly_dist.launch import cluster, restart
+    pending, running, failed = list(range(len(points))), {}, 0
+    jobs: list = [None] * len(points)
+    while pending or running:
+        while pending and len(running) < parallel and not pressed:
+            i = pending.pop(0)
+            jobs[i] = running[i] = submit(train_jobs[i])
+            cluster.record_job(points[i].run_dir, str(jobs[i].job_id))
+        if pressed:
+            pending.clear()  # the tasks that run stop with a checkpoint; the rest wait for the next command
+        for i, job in list(running.items()):
+            if not job.done():
+                continue
+            del running[i]
+            label = " ".join(points[i].overrides)
+            try:
+                job.results()
+            except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
+                if not pressed and restart.restart_pending(points[i].run_dir, train_jobs[i].series):
+                    jobs[i] = running[i] = submit(train_jobs[i])  # what a Slurm requeue would do
+                    print(f"({label}) job failed, restarting as job {jobs[i].job_id}", flush=True)
+                    continue
+                failed += 1
+                said = restart.refusal_line(points[i].run_dir, train_jobs[i].series)
+                print(f"({label}) {said or cluster.failure_report(job, err)}", file=sys.stderr, flush=True)
+        time.sleep(0.2)
+    return jobs, failed

@@ -5,11 +5,27 @@ images of the global batch" is the same set of images on 1 GPU or 512:
 
 - n divides the rank's b images: the rank splits them into b/n groups ("ghost" batches),
   each normalised with its own mean and variance;
-- b divides n: n/b consecutive ranks form one group; each rank's count, mean and sum of
-  squared deviations are all-gathered in that group's process group (made once at start,
-  dist.bn_group) and combined exactly (Chan et al.'s pairwise rule), so every rank of the
-  group normalises with the group's statistics. Backward all-reduces the two gradient
-  sums (sum dy, sum dy * (x - mean)) in the same group.
+- b divides n: n/b consecutive ranks form one group, in that group's process group (made
+  once at start, dist.bn_group); every rank of the group normalises with the group's
+  statistics, and backward all-reduces the two gradient sums (sum dy, sum dy * x_hat).
+
+No step waits for the device: every count is known on the host (images x H x W, the same
+on every rank of a group), and nothing turns a tensor into a Python number. How, per path:
+
+- ghost groups (any device): each group runs the native BN kernel into its slice of one
+  output (native_batch_norm.out; a slice along the batch is contiguous in NCHW and NHWC
+  alike). Backward: each group's two sums in one pass of the native kernels, then the
+  input gradient written into one tensor by elementwise passes over every group at once
+  (the terms in x, then + weight * invstd * dy): no copy and no temporary of the layer's size.
+- synchronised on CUDA: nn.SyncBatchNorm's kernels (batch_norm_stats, an all-gather of
+  mean and invstd, batch_norm_gather_stats_with_counts with the known counts,
+  batch_norm_elemt; batch_norm_backward_reduce, an all-reduce of the two sums,
+  batch_norm_backward_elemt). Unlike nn.SyncBatchNorm no rank is ever empty here, so no
+  rank's statistics are dropped by value (its count_all[mask] waits for the GPU).
+- synchronised on the CPU (gloo): the BN kernel's local statistics, combined exactly
+  (Chan et al.'s pairwise rule, which for equal counts is the mean of the means and of the
+  variances plus the variance of the means), normalised by the inference BN kernel;
+  backward as a ghost group's, with the group's all-reduced sums.
 
 Statistics and the sums of backward are accumulated in fp32 (fp64 for fp64 inputs), also
 under bf16 autocast. The running statistics follow the mean over this rank's groups of
@@ -28,69 +44,159 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _per_channel(stat: torch.Tensor) -> torch.Tensor:
-    """(C,) -> broadcastable against (N, C, H, W)."""
-    return stat[None, :, None, None]
+def _parts(images: int, groups: int) -> list[slice]:
+    """The groups' slices along the batch (each contiguous in NCHW and NHWC alike)."""
+    n = images // groups
+    return [slice(k * n, (k + 1) * n) for k in range(groups)]
 
 
-def _local_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, biased variance) per channel of x, accumulated in fp32 (fp64 for fp64)."""
-    if x.is_cuda:  # one pass, fp32 statistics of a bf16 tensor without a copy (SyncBatchNorm's kernel)
-        mean, invstd = torch.batch_norm_stats(x, eps)
-        return mean, invstd.pow(-2) - eps
-    var, mean = torch.var_mean(x.to(_accumulator(x.dtype)), dim=(0, 2, 3), correction=0)
-    return mean, var
+def _update_running(running_mean, running_var, momentum: float, mean, variance, count: int) -> None:
+    """Running statistics <- the mean over the groups (rows) of each group's mean and unbiased variance."""
+    running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype), alpha=momentum)
+    unbiased = variance.mean(0) * (count / max(count - 1, 1))
+    running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
 
-def _combine(count: float, mean: torch.Tensor, m2: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The group's (mean, sum of squared deviations, count) from every member's (collective: all-gather in group)."""
-    mine = torch.cat([torch.full_like(mean[:1], count), mean, m2])  # (1 + 2C,)
-    gathered = torch.empty(torch_dist.get_world_size(group) * mine.numel(), dtype=mine.dtype, device=mine.device)
-    torch_dist.all_gather_into_tensor(gathered, mine, group=group)
+def _sums(dy, x, mean, invstd, weight, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum dy, sum dy * x_hat) per channel of this part, x_hat = (x - mean) * invstd: one pass of a native kernel."""
+    if x.is_cuda:
+        sum_dy, sum_dy_xmu, _, _ = torch.batch_norm_backward_reduce(dy, x, mean, invstd, weight, True, False, False)
+        return sum_dy, sum_dy_xmu * invstd
+    _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(dy, x, weight, None, None, mean, invstd, True,
+                                                                       eps, [False, True, True])
+    return sum_dy, sum_dy_xhat
+
+
+def _grouped(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """(N, C, H, W) -> (groups, N / groups, C, H, W): a view in NCHW and NHWC alike."""
+    return t.view(groups, -1, *t.shape[1:])
+
+
+def _per_group_channel(stat: torch.Tensor) -> torch.Tensor:
+    """(groups, C) -> broadcastable against _grouped's (groups, n, C, H, W)."""
+    return stat[:, None, :, None, None]
+
+
+def _input_grad_into(out, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count: int) -> None:
+    """out <- BN's input gradient weight * invstd * (dy - (sum_dy + x_hat * sum_dy_xhat) / count) of each group
+    of consecutive images, given its statistics and sums ((groups, C) rows) over count elements: the terms in
+    x, then + weight * invstd * dy, written into out with no temporary of its size (on the CPU: for fp32 and
+    fp64 inputs), all groups in each elementwise pass."""
+    groups = mean.shape[0]
+    scale = weight.to(invstd.dtype) * invstd  # (groups, C)
+    if x.is_cuda:  # (x - mean) * invstd * w + b in one pass: nn.SyncBatchNorm's elementwise kernel, into out
+        w, b = -scale * sum_dy_xhat / count, -scale * sum_dy / count
+        for k, part in enumerate(_parts(x.shape[0], groups)):
+            torch.batch_norm_elemt(x[part], w[k], b[k], mean[k], invstd[k], 0.0, out=out[part])
+    else:  # slope * x + offset: on the CPU two passes beat one addcmul with two broadcast operands (NCHW: 3x)
+        slope = -scale * invstd * sum_dy_xhat / count
+        offset = -scale * sum_dy / count - slope * mean
+        torch.mul(_grouped(x, groups), _per_group_channel(slope), out=_grouped(out, groups))
+        _grouped(out, groups).add_(_per_group_channel(offset))
+    _grouped(out, groups).addcmul_(_grouped(dy, groups), _per_group_channel(scale))
+
+
+def _ghost_forward(x, weight, bias, groups: int, eps: float):
+    """Each group through the native BN kernel into its slice of one output: (out, means, invstds), (groups, C)."""
+    out = torch.empty_like(x)
+    mean = x.new_empty((groups, x.shape[1]), dtype=_accumulator(x.dtype))
+    invstd = torch.empty_like(mean)
+    for k, part in enumerate(_parts(x.shape[0], groups)):
+        torch.ops.aten.native_batch_norm.out(x[part], weight, bias, None, None, True, 0.0, eps, out=out[part],
+                                             save_mean=mean[k], save_invstd=invstd[k])
+    return out, mean, invstd
+
+
+def _ghost_backward(dy, x, weight, mean, invstd, eps: float, count: int, needs):
+    """(input gradient, written into one tensor; affine gradients summed over the groups)."""
+    parts = _parts(x.shape[0], mean.shape[0])
+    sum_dy, sum_dy_xhat = (torch.stack(sums) for sums in zip(*(
+        _sums(dy[part], x[part], mean[k], invstd[k], weight, eps) for k, part in enumerate(parts))))
+    grad_in = None
+    if needs[0]:
+        grad_in = torch.empty_like(x)
+        _input_grad_into(grad_in, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count)
+    return (grad_in, sum_dy_xhat.sum(0).to(weight.dtype) if needs[1] else None,
+            sum_dy.sum(0).to(weight.dtype) if needs[2] else None)
+
+
+def _local_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased variance) per channel of x on the CPU, accumulated in fp32 (fp64 for fp64): the BN
+    kernel's one pass (given fp32 stand-ins for the running statistics, it accumulates bf16 in fp32)."""
+    acc = _accumulator(x.dtype)
+    if x.dtype == acc:
+        return torch.batch_norm_update_stats(x, None, None, 0.0)
+    stand_in = x.new_zeros(x.shape[1], dtype=acc)  # momentum 0: left as they are
+    return torch.batch_norm_update_stats(x, stand_in, stand_in, 0.0)
+
+
+def _combine(mean: torch.Tensor, variance: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group's (mean, biased variance) from its ranks', each over the same number of elements (collective:
+    all-gather of 2C numbers in group). Chan et al.'s exact rule for equal counts: the mean of the means, and
+    the mean of the variances plus the variance of the means."""
+    mine = torch.cat([mean, variance])
+    gathered = mine.new_empty(torch_dist.get_world_size(group) * mine.numel())  # flat: gloo takes no stacked form
+    torch_dist.all_gather_single(gathered, mine, group=group)
     gathered = gathered.view(-1, mine.numel())
-    counts, means, m2s = gathered[:, :1], gathered[:, 1:1 + mean.numel()], gathered[:, 1 + mean.numel():]
-    total = counts.sum()
-    combined_mean = (counts * means).sum(0) / total
-    combined_m2 = m2s.sum(0) + (counts * (means - combined_mean) ** 2).sum(0)
-    return combined_mean, combined_m2, float(total)
+    means, variances = gathered[:, :mean.numel()], gathered[:, mean.numel():]
+    group_mean = means.mean(0)
+    return group_mean, variances.mean(0) + (means - group_mean).pow(2).mean(0)
+
+
+def _sync_forward_cuda(x, weight, bias, running_mean, running_var, momentum: float, eps: float, count: int, group):
+    """nn.SyncBatchNorm's forward kernels with the counts known here; updates the running statistics.
+    Collective: all-gather of 2C numbers in group."""
+    ranks = torch_dist.get_world_size(group)
+    mean, invstd = torch.batch_norm_stats(x, eps)  # this rank's, one pass (fp32 for bf16)
+    gathered = mean.new_empty(ranks * 2 * mean.numel())
+    torch_dist.all_gather_single(gathered, torch.cat([mean, invstd]), group=group)
+    gathered = gathered.view(ranks, -1)
+    counts = torch.full((ranks,), count, dtype=running_mean.dtype, device=x.device)  # a fill: no copy from the host
+    mean, invstd = torch.batch_norm_gather_stats_with_counts(
+        x, gathered[:, :mean.numel()], gathered[:, mean.numel():], running_mean, running_var, momentum, eps, counts)
+    return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps), mean, invstd
+
+
+def _sync_backward_cuda(dy, x, weight, mean, invstd, count: int, group, needs):
+    """nn.SyncBatchNorm's backward kernels. Collective: all-reduce of 2C numbers in group (if x needs a gradient)."""
+    sum_dy, sum_dy_xmu, grad_weight, grad_bias = torch.batch_norm_backward_reduce(dy, x, mean, invstd, weight, *needs)
+    grad_in = None
+    if needs[0]:
+        sums = torch.cat([sum_dy, sum_dy_xmu])
+        torch_dist.all_reduce(sums, group=group)
+        counts = torch.full((torch_dist.get_world_size(group),), count, dtype=torch.int32, device=x.device)
+        grad_in = torch.batch_norm_backward_elemt(dy, x, mean, invstd, weight.to(mean.dtype), sums[:mean.numel()],
+                                                  sums[mean.numel():], counts)
+    return grad_in, grad_weight, grad_bias
 
 
 class GroupBatchNormFunction(torch.autograd.Function):
     """Training-mode batch norm over groups of the batch (and across ranks), optionally + ReLU.
 
-    Ghost groups run nn.BatchNorm2d's own kernels on each group (a slice along the batch,
-    contiguous in NCHW and NHWC alike); a synchronised group normalises with the combined
-    statistics through the same kernel in inference form."""
+    The affine gradients are this rank's part (DDP's all-reduce adds the parts)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, relu, per_rank, group):
         if x.shape[0] % per_rank:
             raise ValueError(f"a batch of {x.shape[0]} images does not split into {per_rank} BN groups "
                              "(train.bn_batch)")
-        n = x.shape[0] // per_rank
-        count = float(n * x[0, 0].numel())  # elements per channel of one group on this rank
+        count = x.shape[0] // per_rank * x[0, 0].numel()  # elements per channel of one group on this rank
+        ranks = 1 if group is None else torch_dist.get_world_size(group)
         if group is None:
-            outs, means, invstds = zip(*(torch.native_batch_norm(x[k * n:(k + 1) * n], weight, bias, None, None,
-                                                                  True, 0.0, eps) for k in range(per_rank)))
-            out = torch.cat(outs)
-            mean, invstd = torch.stack(means), torch.stack(invstds)  # (groups, C)
-            variance = invstd.pow(-2) - eps
-        else:  # one group per rank here: combine it with the other ranks' parts
-            local_mean, local_var = _local_stats(x, eps)
-            mean, m2, count = _combine(count, local_mean, local_var * count, group)
-            variance = m2 / count
-            out, _, _ = torch.native_batch_norm(x, weight, bias, mean.to(weight.dtype), variance.to(weight.dtype),
-                                                False, 0.0, eps)
-            mean, variance = mean[None], variance[None]
+            out, mean, invstd = _ghost_forward(x, weight, bias, per_rank, eps)
+            _update_running(running_mean, running_var, momentum, mean, invstd.pow(-2) - eps, count)
+        elif x.is_cuda:
+            out, mean, invstd = _sync_forward_cuda(x, weight, bias, running_mean, running_var, momentum, eps, count,
+                                                   group)
+        else:
+            mean, variance = _combine(*_local_stats(x), group)
+            out, _, _ = torch.native_batch_norm(x, weight, bias, mean, variance, False, 0.0, eps)
+            _update_running(running_mean, running_var, momentum, mean[None], variance[None], count * ranks)
             invstd = torch.rsqrt(variance + eps)
-        with torch.no_grad():
-            running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype), alpha=momentum)
-            unbiased = (variance * (count / max(count - 1, 1))).mean(0)
-            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
         positive = out.relu_().bool() if relu else None
         ctx.save_for_backward(x, pack_bits(positive) if relu else None, weight, mean, invstd)
         ctx.mask_layout = (positive.shape, positive.stride()) if relu else None
-        ctx.per_rank, ctx.group, ctx.count, ctx.eps = per_rank, group, count, eps
+        ctx.group, ctx.count, ctx.ranks, ctx.eps = group, count, ranks, eps
         return out
 
     @staticmethod
@@ -98,33 +204,30 @@ class GroupBatchNormFunction(torch.autograd.Function):
         x, mask, weight, mean, invstd = ctx.saved_tensors
         if ctx.mask_layout is not None:
             grad_out = apply_mask(grad_out, mask, *ctx.mask_layout)
-        needs = ctx.needs_input_grad
+        needs = ctx.needs_input_grad[:3]
         if ctx.group is None:
-            n = x.shape[0] // ctx.per_rank
-            parts = [torch.ops.aten.native_batch_norm_backward(
-                grad_out[k * n:(k + 1) * n], x[k * n:(k + 1) * n], weight, None, None, mean[k], invstd[k], True,
-                ctx.eps, [needs[0], needs[1], needs[2]]) for k in range(ctx.per_rank)]
-            grad_in = torch.cat([p[0] for p in parts]) if needs[0] else None
-            grad_weight = torch.stack([p[1] for p in parts]).sum(0) if needs[1] else None
-            grad_bias = torch.stack([p[2] for p in parts]).sum(0) if needs[2] else None
-            return grad_in, grad_weight, grad_bias, None, None, None, None, None, None, None
-        acc = _accumulator(x.dtype)
-        mean, invstd = mean[0], invstd[0]
-        dy = grad_out.to(acc)
-        centred = x.to(acc) - _per_channel(mean)
-        sum_dy = dy.sum((0, 2, 3))  # this rank's part
-        sum_dy_xmu = (dy * centred).sum((0, 2, 3))
-        grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if needs[1] else None
-        grad_bias = sum_dy.to(weight.dtype) if needs[2] else None
-        grad_in = None
-        if needs[0]:  # collective: the group's two sums (one all-reduce of 2C numbers)
-            sums = torch.cat([sum_dy, sum_dy_xmu])
-            torch_dist.all_reduce(sums, group=ctx.group)
-            sum_dy, sum_dy_xmu = sums[:sums.numel() // 2], sums[sums.numel() // 2:]
-            grad = dy - _per_channel(sum_dy / ctx.count) - centred * _per_channel(invstd ** 2 * sum_dy_xmu / ctx.count)
-            grad_in = torch.empty_like(x)
-            torch.mul(grad, _per_channel(invstd * weight.to(acc)), out=grad_in)  # rounded once into x's dtype
-        return grad_in, grad_weight, grad_bias, None, None, None, None, None, None, None
+            grads = _ghost_backward(grad_out, x, weight, mean, invstd, ctx.eps, ctx.count, needs)
+        elif x.is_cuda:
+            grads = _sync_backward_cuda(grad_out, x, weight, mean, invstd, ctx.count, ctx.group, needs)
+        else:
+            grads = _sync_backward_cpu(grad_out, x, weight, mean, invstd, ctx.eps, ctx.count * ctx.ranks, ctx.group,
+                                       needs)
+        return *grads, None, None, None, None, None, None, None
+
+
+def _sync_backward_cpu(dy, x, weight, mean, invstd, eps: float, count: int, group, needs):
+    """A ghost group's backward with the group's sums over count elements. Collective: all-reduce of 2C numbers
+    in group (if x needs a gradient)."""
+    sum_dy, sum_dy_xhat = _sums(dy, x, mean, invstd, weight, eps)  # this rank's part
+    grad_in = None
+    if needs[0]:
+        sums = torch.cat([sum_dy, sum_dy_xhat])
+        torch_dist.all_reduce(sums, group=group)
+        grad_in = torch.empty_like(x)
+        _input_grad_into(grad_in, dy, x, mean[None], invstd[None], weight, sums[None, :mean.numel()],
+                         sums[None, mean.numel():], count)
+    return (grad_in, sum_dy_xhat.to(weight.dtype) if needs[1] else None,
+            sum_dy.to(weight.dtype) if needs[2] else None)
 
 
 def running_statistics(model: torch.nn.Module) -> list[torch.Tensor]:

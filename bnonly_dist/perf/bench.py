@@ -177,7 +177,7 @@ def pipeline_rate(cfg: Config, device: torch.device, steps: int, warmup: int) ->
         raise ConfigError(f"timing the data pipeline needs more than {prefetched} timed batches (its prefetch "
                           f"queue), got {steps}")
     batches = iter(source.train_epoch(0))
-    count, start = 0, None
+    count, start, i = 0, None, -1
     for i, (images, _) in enumerate(batches):
         if i == warmup:
             sync(device)
@@ -187,8 +187,9 @@ def pipeline_rate(cfg: Config, device: torch.device, steps: int, warmup: int) ->
         if i == warmup + steps:
             break
     sync(device)
-    if count == 0:
-        return {"source": cfg.data.name, "skipped": f"an epoch has fewer than {warmup + steps + 1} batches"}
+    if i < warmup + steps:  # the epoch ended first: a rate over fewer batches than it claims
+        return {"source": cfg.data.name, "skipped": f"an epoch has {i + 1} batches of {cfg.data.batch_size}, fewer "
+                f"than the {warmup + steps + 1} the rate needs ({warmup} warm-up + {steps} timed + 1)"}
     decode = getattr(source, "decode", None)
     return {"source": cfg.data.name, "decode": decode, "threads": dali_threads(cfg.data.num_threads) if decode else None,
             "images_per_s": count / (time.perf_counter() - start), "batches": steps - prefetched,

@@ -52,6 +52,50 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:4])
 
 
+def wheel_tags(path: Path) -> set[str]:
+    """The tags a wheel file name declares ("cp312-cp312-manylinux_2_28_x86_64"; the dotted
+    short forms expanded), from its last three fields (PEP 427)."""
+    python, abi, platforms = path.name[:-len(".whl")].split("-")[-3:]
+    return {f"{p}-{a}-{plat}" for p in python.split(".") for a in abi.split(".") for plat in platforms.split(".")}
+
+
+def this_pythons_tags() -> set[str] | None:
+    """The tags this interpreter installs, by packaging (or the copy pip carries); None without either."""
+    try:
+        from packaging.tags import sys_tags
+    except ImportError:
+        try:
+            from pip._vendor.packaging.tags import sys_tags
+        except ImportError:
+            return None
+    return {str(tag) for tag in sys_tags()}
+
+
+def _fits_here_roughly(tag: str) -> bool:
+    """Without packaging: this CPython's own tags, pure Python and the stable ABI, any Linux on this machine."""
+    import platform
+    python, abi, plat = tag.split("-")
+    major, minor = sys.version_info[:2]
+    own = f"cp{major}{minor}"
+    return (python in (own, f"py{major}{minor}", f"py{major}") or (python.startswith("cp3") and abi == "abi3"
+            and int(python[3:] or 0) <= minor)) and abi in (own, "abi3", "none") and (
+        plat == "any" or (plat.endswith("_" + platform.machine()) and plat.startswith(("linux", "manylinux"))))
+
+
+def not_for_this_python(folder: Path) -> list[str]:
+    """The wheels of the folder this Python cannot install (built for another Python or platform)."""
+    tags = this_pythons_tags()
+    fits = (lambda tag: tag in tags) if tags is not None else _fits_here_roughly
+    return [p.name for p in sorted(folder.glob("*.whl")) if not any(fits(t) for t in wheel_tags(p))]
+
+
+def pythons_of(names) -> list[str]:
+    """The CPython versions (3.X) the wheel names are built for, from their cpXY-cpXY tags (abi3 and
+    pure-Python wheels serve many)."""
+    found = {m for name in names for m in re.findall(r"-cp3(\d+)-cp3\1[a-z]*-", name)}
+    return [f"3.{minor}" for minor in sorted(found, key=int)]
+
+
 def installed(name: str, version: str | None = None) -> bool:
     """Whether the project is installed here (at that version or a newer one, if given: a wheel
     never shadows a newer installed copy, but replaces an older one, e.g. the typing-extensions
@@ -174,7 +218,7 @@ def check(folder: Path, python_version: str) -> list[str]:
     files = sorted(folder.glob("*.whl"))
     with tempfile.TemporaryDirectory(prefix="gpu-wheels-") as tmp:
         target = Path(tmp) / "site"
-        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
                                "--find-links", str(folder), "--target", str(target), *map(str, files)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
@@ -230,8 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     problems = check(args.folder, args.python_version)
     for problem in problems:
         print(f"gpu-wheels: {problem}", file=sys.stderr)
-    count = len(list(args.folder.glob("*.whl")))
-    print(f"gpu-wheels: {args.folder}: {count} wheels, {size(args.folder) / 2**20:.0f} MiB; "
+    names = [p.name for p in args.folder.glob("*.whl")]
+    built = pythons_of(names) or [args.python_version]  # only pure-Python wheels: the version asked for
+    print(f"gpu-wheels: {args.folder}: {len(names)} wheels, {size(args.folder) / 2**20:.0f} MiB, for Python "
+          f"{' and '.join(built)} (a node with another Python needs NODE_PYTHON=X.Y); "
           + ("NOT usable, see above" if problems else "installs offline and imports"))
     if problems:
         return 1

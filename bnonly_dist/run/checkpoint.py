@@ -44,6 +44,7 @@ from bnonly_dist.run.checkpoint_files import (
     verify,
     write_marker,
 )
+from bnonly_dist.run.rundir import differences
 
 __all__ = ["COMMIT", "CheckpointDamaged", "CheckpointError", "CheckpointIncompatible", "Checkpointer",
            "FrozenWeightsMismatch", "Resumed", "complete_checkpoints", "fingerprint", "frozen_digest", "latest",
@@ -224,11 +225,10 @@ def _check_identity(path: Path, meta: dict, identity: dict | None) -> None:
     stored = meta.get("identity")
     if identity is None or not isinstance(stored, dict):
         return  # markers from before identities were recorded
-    changed = sorted(k for k in stored.keys() & identity.keys() if stored[k] != identity[k])
-    if changed:
-        key = changed[0]
-        raise CheckpointIncompatible(f"{path} was written by a run with {key}={stored[key]!r}, not "
-                                     f"{identity[key]!r}; pass the original settings or a new --run-dir")
+    differs = differences(stored, identity, stored.keys() & identity.keys())
+    if differs:
+        raise CheckpointIncompatible(f"{path} was written by a run with {differs}; pass the original settings or a "
+                                     "new --run-dir")
 
 
 def load(path: Path, engine, rank: int, world: int, frozen_sha: str) -> tuple[dict, dict]:
@@ -313,6 +313,8 @@ class Resumed(NamedTuple):
     step: int  # optimizer steps done
     world: int  # ranks that wrote it
     frozen_sha: str  # the run's frozen-weight digest from now on (the stored weights' if they were saved)
+    wall_time_s: float  # the run's training time up to this checkpoint, over every part before (0 if not recorded)
+    parts: int  # starts of the run that led to this checkpoint (1: saved by an uninterrupted run)
 
 
 class Checkpointer:
@@ -324,10 +326,11 @@ class Checkpointer:
     """
 
     def __init__(self, run_dir: Path, rank: int, world: int, engine, source, frozen_sha: str, *, every: int,
-                 keep: int, save_frozen: bool, steps_per_epoch: int, identity: dict, before_save=None):
-        """before_save(): called on every rank before each save; raises to refuse it (e.g. a diverged run)."""
+                 keep: int, save_frozen: bool, steps_per_epoch: int, identity: dict, before_save=None, clock=None):
+        """before_save(): called on every rank before each save; raises to refuse it (e.g. a diverged run).
+        clock(): (training time so far over all parts, parts so far), recorded in each commit.json."""
         self.run_dir, self.rank, self.world = Path(run_dir), rank, world
-        self.before_save = before_save
+        self.before_save, self.clock = before_save, clock
         self.engine, self.source, self.frozen_sha = engine, source, frozen_sha
         self.every, self.keep, self.save_frozen = every, keep, save_frozen
         self.steps_per_epoch, self.identity = steps_per_epoch, identity
@@ -346,6 +349,8 @@ class Checkpointer:
         meta = {"step": step, "epoch": step // self.steps_per_epoch, "world": self.world,
                 "engine": self.engine.name, "frozen_sha256": self.frozen_sha, "final": final,
                 "identity": self.identity}
+        if self.clock is not None:
+            meta["wall_time_s"], meta["parts"] = self.clock()
         with self.engine.world_bn_statistics() as own:  # collective: the world's mean of the running statistics
             self.last_saved = save(self.run_dir, self.engine, self.rank, meta, self.source.state(), self.keep,
                                    self.save_frozen, own)
@@ -360,4 +365,5 @@ class Checkpointer:
         if meta["frozen_included"]:
             self.frozen_sha = meta["frozen_sha256"]  # the stored frozen weights are the run's now
         self.source.load_state(data_state)
-        return Resumed(path, meta["step"], meta["world"], self.frozen_sha)
+        return Resumed(path, meta["step"], meta["world"], self.frozen_sha, meta.get("wall_time_s", 0.0),
+                       meta.get("parts", 1))

@@ -2,7 +2,9 @@
 
 Top-1, top-5 and per-class accuracy over the whole validation set (every image once
 across ranks), appended to RUN/eval.jsonl; metrics.jsonl, summary.json and TensorBoard
-stay as the run left them. Overrides may point at another copy of the data or device.
+stay as the run left them. Overrides may point at another copy of the data or device; the
+data set is checked against the run's record as a training start checks it (other data only
+with --other-data), and each line of eval.jsonl records the data it was evaluated on.
 """
 from __future__ import annotations
 
@@ -40,22 +42,30 @@ def load_run_config(run_paths: RunPaths, overrides: list[str]):
     return from_dict(apply_overrides(saved, list(overrides))), identity
 
 
-def run(run_dir: Path, overrides: list[str] = ()) -> dict:
+def run(run_dir: Path, overrides: list[str] = (), other_data: bool = False) -> dict:
+    """Evaluate; other_data: allow a data set other than the one the run trained on (recorded either way)."""
     run_paths = RunPaths(Path(run_dir))
     cfg, identity = load_run_config(run_paths, list(overrides))
     ctx = dist.init(cfg.train.device, cfg.dist.timeout_s, cfg.train.deterministic)
     # Hold the run dir: resume may move a damaged checkpoint aside, which must not race a trainer.
     lock = rundir.acquire(run_paths.root) if ctx.is_main else None
     try:
-        return _evaluate(run_paths, cfg, identity, ctx)
+        return _evaluate(run_paths, cfg, identity, ctx, other_data)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _evaluate(run_paths: RunPaths, cfg, identity: dict, ctx) -> dict:
+def _evaluate(run_paths: RunPaths, cfg, identity: dict, ctx, other_data: bool) -> dict:
     plan = plans.resolve(cfg, ctx.device, ctx.world, memory)
     source = data.build(cfg, plan, ctx.rank, ctx.world)
+    # What the data set is, checked against the run's record as a training start does (rank 0 reads; all agree).
+    data_record = dist.broadcast_object(data.identity_of(cfg, source) if ctx.is_main else None)
+    differs = dist.broadcast_object(rundir.data_difference(run_paths.root, data_record) if ctx.is_main else None)
+    if differs and not other_data:
+        raise ConfigError(f"{run_paths.root} trained on other data than data.root={cfg.data.root}: {differs[0]} (from "
+                          f"{differs[1]}); point data.root at the data set it trained on, or pass --other-data to "
+                          "evaluate on this one on purpose")
     classes = num_classes(cfg, source)
     net = network.build(cfg, plan, classes)
     engine = engines.wrap(cfg, plan, net.model, net.masks, ctx)
@@ -69,10 +79,13 @@ def _evaluate(run_paths: RunPaths, cfg, identity: dict, ctx) -> dict:
         result = evaluate(engine.net, source.eval_batches(), plan.device, plan.autocast, plan.memory_format,
                           num_classes=classes)  # collective: all-reduced sums
     record = {"kind": "eval", "step": resumed.step, "checkpoint": str(resumed.path), "world": ctx.world,
-              "eval_s": time.perf_counter() - started, **result}
+              "eval_s": time.perf_counter() - started, "data_root": cfg.data.root, "data": data_record,
+              "training_data": not differs, **result}
     if ctx.is_main:
         with open(run_paths.eval_metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if differs:
+            log.warning("evaluated on other data than the run trained on (--other-data): %s", differs[0])
         print(f"{run_paths.root} step {resumed.step}: top1 {result['top1']:.2f}% top5 {result['top5']:.2f}% "
               f"loss {result['loss']:.4f} ({result['count']} images); written to {run_paths.eval_metrics}")
         per_class = result["per_class_top1"]

@@ -87,7 +87,8 @@ def run_dir(cfg, override: str | Path | None = None) -> Path:
 
 
 def tensorboard_command(*run_dirs: str | Path) -> str:
-    """A TensorBoard command showing each run under its run directory's name (with --logdir RUN/tb a
-    run is called ".", and with --logdir runs/ "<run>/tb")."""
-    spec = ",".join(f"{Path(d).name}:{RunPaths(Path(d)).tb}" for d in run_dirs)
+    """A TensorBoard command showing each run as "<run dir name>/tb", as `--logdir runs/` names it too.
+    TensorBoard names a run NAME/<events folder relative to PATH>: a spec pointing at RUN/tb itself
+    would show "NAME/.", so each entry points at the run directory."""
+    spec = ",".join(f"{Path(d).name}:{Path(d)}" for d in run_dirs)
     return f"tensorboard --logdir_spec {shlex.quote(spec)}"

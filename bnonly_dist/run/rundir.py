@@ -81,6 +81,29 @@ def _saved_identity(paths: RunPaths) -> tuple[dict, str] | None:
     return None
 
 
+# Named first when a run directory refuses a config: what a reader recognises a run by.
+_FIRST_KEYS = ("model.arch", "mode", "seed", "data.name")
+
+
+def _importance(key: str) -> tuple:
+    """Sort key of a differing config key: arch, mode, seed, the data keys, then the rest by name."""
+    rank = _FIRST_KEYS.index(key) if key in _FIRST_KEYS else len(_FIRST_KEYS) + (0 if key.startswith("data.") else 1)
+    return rank, key
+
+
+def shown(value) -> str:
+    """A config value as a user writes it in YAML or an override (null, true, [80, 120])."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def differences(old: dict, new: dict, keys) -> str:
+    """Every key of keys whose value differs, most important first: "k=old, not new; ..." ('' if none)."""
+    changed = sorted((k for k in keys if old.get(k) != new.get(k)), key=_importance)
+    return "; ".join(f"{k}={shown(old.get(k))}, not {shown(new.get(k))}" for k in changed)
+
+
 def _check_identity(cfg: Config, root: Path) -> None:
     saved = _saved_identity(RunPaths(root)) if root.is_dir() else None
     if saved is None:
@@ -88,11 +111,11 @@ def _check_identity(cfg: Config, root: Path) -> None:
     old, source = saved
     new = cfg.identity()
     keys = old.keys() | new.keys() if source.endswith("config.yaml") else old.keys() & new.keys()
-    changed = sorted(k for k in keys if old.get(k) != new.get(k))
-    if changed:
-        key = changed[0]
-        raise ConfigError(f"{root} holds a run with {key}={old.get(key)!r}, not {new.get(key)!r} (from {source}); "
-                          "pass a new --run-dir or the original settings")
+    differs = differences(old, new, keys)
+    if differs:
+        fix = "name=NEW_NAME (or --run-dir DIR)" if cfg.name else "--run-dir DIR (or name=NEW_NAME)"
+        raise ConfigError(f"{root} holds a run with {differs} (from {source}); to train this config elsewhere pass "
+                          f"{fix}, or pass the original settings to resume that run")
 
 
 DATA_KEY = "data.contents"  # the identity key under which checkpoints carry the data set's record
@@ -112,15 +135,22 @@ def _saved_data(paths: RunPaths) -> tuple[dict, str] | None:
     return None
 
 
-def _check_data(cfg: Config, root: Path, record: dict | None) -> None:
-    """ConfigError if the run in root trained on another data set than record describes."""
+def data_difference(root: Path, record: dict | None) -> tuple[str, str] | None:
+    """(what differs, where the run's record came from) if the run in root trained on another data set than
+    record describes; None if the same, or if either side has no record (synthetic data)."""
     saved = _saved_data(RunPaths(root)) if record is not None else None
     if saved is None:
-        return
+        return None
     differs = difference(saved[0], record)
-    if differs:
-        raise ConfigError(f"{root} holds a run trained on other data than data.root={cfg.data.root}: {differs} (from "
-                          f"{saved[1]}); point data.root at the data set it trained on, or pass a new --run-dir")
+    return (differs, saved[1]) if differs else None
+
+
+def _check_data(cfg: Config, root: Path, record: dict | None) -> None:
+    """ConfigError if the run in root trained on another data set than record describes."""
+    found = data_difference(root, record)
+    if found:
+        raise ConfigError(f"{root} holds a run trained on other data than data.root={cfg.data.root}: {found[0]} (from "
+                          f"{found[1]}); point data.root at the data set it trained on, or pass a new --run-dir")
 
 
 def check(cfg: Config, run_dir: Path) -> None:

@@ -28,7 +28,7 @@ from bnonly_dist.engines.optim import lr_at
 from bnonly_dist.models import memory
 from bnonly_dist.models.bn_groups import average_running_statistics
 from bnonly_dist.logs import setup_logging
-from bnonly_dist.run import history, paths, rundir
+from bnonly_dist.run import finished, history, paths, rundir
 from bnonly_dist.run.bn_stats import gamma_stats
 from bnonly_dist.run.checkpoint import Checkpointer, fingerprint
 from bnonly_dist.run.evaluate import evaluate
@@ -74,10 +74,20 @@ def finished_summary(run_paths: paths.RunPaths, cfg: Config) -> dict | None:
         summary = json.loads(run_paths.summary.read_text())
     except (OSError, ValueError):
         return None
-    cap = cfg.train.max_steps
-    done = summary.get("finished") or (cap is not None and summary.get("step", 0) >= cap)
-    return summary if done else None
+    return summary if isinstance(summary, dict) and finished.reached_end(summary, cfg) else None
 
+
+
+def reshard_lines(plan, global_batch: int, old_world: int, world: int) -> list[tuple[int, str]]:
+    """(log level, line) on resuming a checkpoint of old_world ranks on world ranks: the data position and the
+    BN groups are the global batch's, so the run goes on as one, unless train.bn_batch=null ties the BN
+    statistics to each rank's batch."""
+    same = f"checkpoint written by {old_world} ranks, resuming on {world}: the same global batches"
+    if plan.bn.images is None:
+        return [(logging.INFO, same), (logging.WARNING, f"train.bn_batch=null: BN statistics now come from "
+                f"{plan.per_rank_batch} images per rank instead of {global_batch // old_world}; set train.bn_batch "
+                "to keep them")]
+    return [(logging.INFO, f"{same} and the same {plan.bn.describe(plan.per_rank_batch)}")]
 
 class Run:
     """One training run: the pieces built from the config, the loop, checkpoints, summary."""
@@ -127,7 +137,9 @@ class Run:
                                  net.frozen_sha, every=cfg.train.checkpoint_every, keep=cfg.train.keep_checkpoints,
                                  save_frozen=cfg.dist.save_frozen, steps_per_epoch=self.steps_per_epoch,
                                  identity={**cfg.identity(), rundir.DATA_KEY: self.data_record},
-                                 before_save=self.check_finite)
+                                 before_save=self.check_finite, clock=self.clock)
+        # Training time of the parts before this one (from the checkpoint resumed), and which part this is.
+        self.earlier_s, self.parts, self.started = 0.0, 1, time.perf_counter()
         self.cadence = Cadence(cfg, self.steps_per_epoch, self.end)
         self.meter = StepMeter(self.plan.device, cfg.data.batch_size)
         self.evaluations: dict[int, dict] = {}
@@ -148,6 +160,10 @@ class Run:
         return result
 
     # --- the loop ------------------------------------------------------------------------
+    def clock(self) -> tuple[float, int]:
+        """(training time over every part so far, parts so far): what each checkpoint records."""
+        return self.earlier_s + time.perf_counter() - self.started, self.parts
+
     def train(self) -> dict:
         if self.done:
             return self.nothing_to_do()
@@ -159,7 +175,8 @@ class Run:
         # While the bar is shown, console log lines go through it (tqdm.write), each on a line of its own.
         console = logging_redirect_tqdm() if shown else contextlib.nullcontext()
         console.__enter__()  # left in the finally below (a with block would re-indent the loop)
-        started, first = time.perf_counter(), True
+        started = self.started = time.perf_counter()
+        first = True
         self.looping = True  # from here a failure has a step (run() leaves it on the error)
         try:
             while self.step < self.end:
@@ -201,14 +218,11 @@ class Run:
         if not resumed:
             return
         self.step = resumed.step
+        self.earlier_s, self.parts = resumed.wall_time_s, resumed.parts + 1
         log.info("resumed from %s at step %d", resumed.path, self.step)
         if resumed.world != self.ctx.world:
-            # The data position and the BN groups are the global batch's, so the run goes on as one.
-            log.info("checkpoint written by %d ranks, resuming on %d: the same global batches and the same %s",
-                     resumed.world, self.ctx.world, self.plan.bn.describe(self.plan.per_rank_batch))
-            if self.plan.bn.images is None:
-                log.warning("train.bn_batch=null: BN statistics now come from %d images per rank instead of %d",
-                            self.plan.per_rank_batch, self.cfg.data.batch_size // resumed.world)
+            for level, line in reshard_lines(self.plan, self.cfg.data.batch_size, resumed.world, self.ctx.world):
+                log.log(level, line)
 
     def announce(self) -> None:
         cfg = self.cfg
@@ -282,11 +296,11 @@ class Run:
         average_running_statistics(self.engine.model)  # collective: the final model holds the world's mean
         summary = {"run_dir": str(self.run_dir), "arch": self.cfg.model.arch, "mode": self.cfg.mode,
                    "seed": self.cfg.seed, "dataset": self.cfg.data.name, "step": self.step,
-                   "epoch": self.step / self.steps_per_epoch, "finished": self.step >= self.total,
+                   "epoch": self.step / self.steps_per_epoch, "finished": self.step >= self.end,
                    "world": self.ctx.world, "engine": self.engine.name, "trainable_params": self.trainable,
                    "num_classes": self.num_classes,
                    "final": final, "fingerprint": fingerprint(self.engine.full_state_dict()),  # collective if sharded
-                   "wall_time_s": wall_time_s}
+                   "wall_time_s": wall_time_s, "total_wall_time_s": self.earlier_s + wall_time_s, "parts": self.parts}
         if self.ctx.is_main:
             self.paths.summary.write_text(json.dumps(summary, indent=2))
             log.info("done: top1 %.2f%% top5 %.2f%%; summary %s; TensorBoard: %s", final["top1"], final["top5"],
