@@ -1,22 +1,35 @@
 """`bnonly train|eval|config|analyze|bench|bench-checkpoint|model-info|run-dir|sweep-points|retry|data`:
 the command-line front door. Heavy imports (torch, DALI, DeepSpeed) happen inside the
-commands, so every --help answers at once."""
+commands, so every --help answers at once. A Ctrl-C at any moment, from the first import on,
+ends the command in one line with exit 130 (a training run notes it: never retried)."""
 from __future__ import annotations
 
-import argparse
-import atexit
-import contextlib
-import gc
-import json
-import logging
 import os
+import signal
 import sys
-from pathlib import Path
 
-from bnonly_dist import cli_args
-from bnonly_dist.config import ConfigError, load, load_with_sources, parse_args
-from bnonly_dist.launch import restart
-from bnonly_dist.run.paths import run_dir as run_dir_of
+from bnonly_dist.run import early_signals  # first: a Ctrl-C while the rest imports ends in one line
+
+_GUARDED = early_signals.end_on_ctrl_c()
+_ARGS = None  # the command line once parsed: what a Ctrl-C's one line and note need
+
+import argparse  # noqa: E402  (the imports below run under the guard)
+import atexit  # noqa: E402
+import contextlib  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from bnonly_dist import cli_args  # noqa: E402
+from bnonly_dist.config import ConfigError, load, load_with_sources, parse_args  # noqa: E402
+from bnonly_dist.launch import restart  # noqa: E402
+from bnonly_dist.run import history  # noqa: E402
+from bnonly_dist.run.history import Kind  # noqa: E402
+from bnonly_dist.run.paths import run_dir as run_dir_of  # noqa: E402
+
+if _GUARDED:  # imported: Ctrl-C raises KeyboardInterrupt again (main() decides per command)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _train(args) -> None:
@@ -25,7 +38,6 @@ def _train(args) -> None:
     # which 16 ranks on 2 cores pay one after another before a stopped job can requeue. Skip them.
     atexit.unregister(gc.freeze)  # once, however many runs one process holds
     atexit.register(gc.freeze)
-    from bnonly_dist.run import early_signals
     with early_signals.kept():  # a stop signal during start-up stops the run at its first step, with a checkpoint
         from bnonly_dist import dist
         from bnonly_dist.run import train
@@ -97,16 +109,8 @@ def _sweep_points(args) -> None:
 
 
 def _retry(args) -> int:
-    if args.max_failures < 0:
-        raise ConfigError(f"--max-failures {args.max_failures}: must be 0 (no retries) or more")
-    if args.stopped:
-        restart.stop_command(args.run_dir, args.series)
-        return 0
-    if args.requeued is not None:
-        again = restart.start_command(args.run_dir, args.series, args.requeued, args.max_failures)
-    else:
-        again = restart.retry_command(args.run_dir, args.exit_code, args.series, args.since, args.max_failures)
-    return 0 if again else 1
+    return restart.command(args.run_dir, args.exit_code, args.requeued, args.stopped, args.series, args.since,
+                           args.max_failures)
 
 
 def _bench(args) -> None:
@@ -172,21 +176,22 @@ def _run_errors() -> tuple[type[Exception], ...]:
     return DataError, CheckpointError, Diverged, VariantFailed
 
 
-def _lost_contact(err: BaseException) -> bool:
-    from bnonly_dist import dist
-    return dist.lost_contact(err)
-
-
-def _after_interrupt(args) -> str:
-    """What to do after an interrupted train: resume from its last checkpoint, if it has one."""
-    if args.func is not _train:
-        return ""
-    from bnonly_dist.run.checkpoint import complete_checkpoints
-    try:
-        run_dir = args.run_dir or run_dir_of(load(args.config, args.overrides))
-    except (ConfigError, OSError, ValueError):
-        return "run the same command to resume from the last checkpoint"
-    return resume_hint(run_dir, complete_checkpoints(run_dir))
+def _interrupted(args) -> int:
+    """Ctrl-C, at any moment after this module loaded: one line, exit 130, and for a training run a failure
+    note (never retried). Torch-free: the interrupt may have come while torch was half imported."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C now would only cut this line short
+    hint, run_dir = "", None
+    if args is not None and args.func is _train:
+        from bnonly_dist.run.checkpoint_files import committed
+        hint = "run the same command to resume from the last checkpoint"
+        with contextlib.suppress(ConfigError, OSError, ValueError):
+            run_dir = args.run_dir or run_dir_of(load(args.config, args.overrides))
+            hint = resume_hint(run_dir, committed(Path(run_dir) / "checkpoints"))
+    print(f"bnonly: interrupted{'; ' + hint if hint else ''}", file=sys.stderr, flush=True)
+    if run_dir is not None:
+        history.note_failure(run_dir, int(os.environ.get("RANK", "0")), history.EXIT_INTERRUPTED, Kind.INTERRUPTED,
+                             "interrupted (Ctrl-C)")
+    return history.EXIT_INTERRUPTED
 
 
 def resume_hint(run_dir: Path, checkpoints: list[Path]) -> str:
@@ -202,54 +207,62 @@ def _quiet_stdout() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
-def _failed(args, code: int, line: str, err: BaseException | None = None) -> int:
-    """A training process's failure: noted in its run directory for the restart decision (history.py),
-    with the step the loop had reached (train.run leaves it on the error)."""
+def _failed(args, kind: Kind, line: str, err: BaseException | None = None) -> int:
+    """A training process's failure: its exit code (history's one table), and a note in its run directory for
+    the restart decision, with the step the loop had reached (train.run leaves it on the error)."""
+    code = history.exit_code(kind)
     if args.func is _train:
-        from bnonly_dist.run import history
         with contextlib.suppress(ConfigError, OSError, ValueError):
             run_dir = args.run_dir or run_dir_of(load(args.config, args.overrides))
-            history.note_failure(run_dir, int(os.environ.get("RANK", "0")), code, line,
+            history.note_failure(run_dir, int(os.environ.get("RANK", "0")), code, kind, line,
                                  getattr(err, "training_step", None))
     return code
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command; every error from user input or the environment becomes one line on stderr."""
+    global _ARGS
+    try:
+        _ARGS = parse_args(parser(), argv)
+        if _ARGS.func is _train:
+            early_signals.end_on_ctrl_c(lambda: _interrupted(_ARGS))  # its start-up imports torch
+        return _run(_ARGS)
+    except KeyboardInterrupt:  # any other command, or a second Ctrl-C in the loop
+        return _interrupted(_ARGS)
+
+
+def _run(args) -> int:
     import errno
 
     import yaml
 
     from bnonly_dist.run.rundir import RunDirError
-    args = parse_args(parser(), argv)
     try:
         code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
     except RunDirError as err:
         print(f"bnonly: error: {err}", file=sys.stderr)
-        return restart.EXIT_CONFIG
+        return history.EXIT_CONFIG
     except ConfigError as err:  # not noted for the restart decision: the run dir may be another run's
         print(f"bnonly: config error: {err}", file=sys.stderr)
-        return restart.EXIT_CONFIG
+        return history.EXIT_CONFIG
+    except KeyboardInterrupt:  # main() says it, torch-free (the next clause imports modules that import torch)
+        raise
     except _run_errors() as err:  # an except clause's expression runs only when an exception arrives
         print(f"bnonly: error: {err}", file=sys.stderr)
-        return _failed(args, restart.exit_code(err), f"{type(err).__name__}: {restart.one_line(err)}", err)
-    except KeyboardInterrupt as err:
-        hint = _after_interrupt(args)
-        print(f"bnonly: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
-        return _failed(args, restart.EXIT_INTERRUPTED, "interrupted (Ctrl-C)", err)
+        return _failed(args, history.kind_of(err), f"{type(err).__name__}: {history.one_line(err)}", err)
     except BrokenPipeError:  # the reader went away (`| head`): not an error of this command
         _quiet_stdout()
         return 0
     except UnicodeDecodeError as err:
         print(f"bnonly: error: a file read here is not UTF-8 text ({err.reason} at byte {err.start}); save it as "
               "UTF-8", file=sys.stderr)
-        return restart.EXIT_CONFIG
+        return history.EXIT_CONFIG
     except yaml.YAMLError as err:
         print(f"bnonly: config error: not valid YAML ({str(err).splitlines()[0]}); fix the syntax", file=sys.stderr)
-        return restart.EXIT_CONFIG
+        return history.EXIT_CONFIG
     except RuntimeError as err:
-        if not _lost_contact(err):
+        if history.kind_of(err) not in (Kind.LOST_PEER, Kind.TIMEOUT):
             return _unexpected(args, err)
         message = (f"rank {os.environ.get('RANK', '0')} lost contact with the other ranks "
                    f"({str(err).splitlines()[0]}): one died or hung longer than dist.timeout_s, or the "
@@ -257,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                    "to resume from the last checkpoint")
         logging.getLogger(__name__).error(message)
         logging.shutdown()
-        _failed(args, restart.EXIT_RETRYABLE, f"lost contact with the other ranks ({str(err).splitlines()[0]})", err)
+        _failed(args, history.kind_of(err), f"lost contact with the other ranks ({str(err).splitlines()[0]})", err)
         print(f"bnonly: error: {message}", file=sys.stderr, flush=True)
         os._exit(1)  # the process group cannot be torn down cleanly with a peer gone
     except OSError as err:
@@ -274,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"bnonly: error: {err.strerror or err}:{where or ' (no file named)'}; check the path and its "
                   "permissions", file=sys.stderr)
-        return _failed(args, restart.EXIT_RETRYABLE, f"OSError: {err.strerror or err}{where}", err)
+        return _failed(args, Kind.IO, f"OSError: {err.strerror or err}{where}", err)
     except Exception as err:  # noqa: BLE001 - the traceback is printed; a training process notes it too
         return _unexpected(args, err)
     return code or 0
@@ -285,7 +298,7 @@ def _unexpected(args, err: Exception) -> int:
     failure note, so that the restart decision sees this rank's own error."""
     import traceback
     traceback.print_exception(err)
-    return _failed(args, restart.EXIT_RETRYABLE, f"{type(err).__name__}: {restart.one_line(err)}", err)
+    return _failed(args, history.kind_of(err), f"{type(err).__name__}: {history.one_line(err)}", err)
 
 
 if __name__ == "__main__":

@@ -43,3 +43,15 @@ def environment(env=os.environ) -> dict[str, str]:
                 "MASTER_ADDR": env.get("MASTER_ADDR") or expand_nodelist(env["SLURM_JOB_NODELIST"])[0],
                 "MASTER_PORT": env.get("MASTER_PORT") or str(master_port(job_id))}
     return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+
+
+def ranks_on_this_host(env=os.environ) -> int:
+    """torchrun's LOCAL_WORLD_SIZE, else Slurm's tasks on this node (first number of
+    SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE, e.g. "8(x4)"), else 1."""
+    if env.get("LOCAL_WORLD_SIZE"):
+        return int(env["LOCAL_WORLD_SIZE"])
+    for key in ("SLURM_NTASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        found = re.match(r"\d+", env.get(key, ""))
+        if found:
+            return max(1, int(found.group()))
+    return 1

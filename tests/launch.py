@@ -108,3 +108,9 @@ def run_torchrun(world: int, overrides: list[str], run_dir: Path, config: str = 
                           env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def history_rows(run_dir: Path) -> list[dict]:
+    """RUN/history.jsonl as the ledger reads it, each row in its JSON form."""
+    from bnonly_dist.run import history
+    return [history.to_json(row) for row in history.read(run_dir).rows]

@@ -26,8 +26,9 @@ from launch import free_port, run, train_losses
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from bnonly_dist.config import ConfigError, plan
-from bnonly_dist.models import layers
-from bnonly_dist.models.bn_groups import BNGroups, average_running_statistics
+from bnonly_dist.models import layers, memory
+from bnonly_dist.config.plan import BNGroups
+from bnonly_dist.models.bn_groups import average_running_statistics
 
 C, H, W = 3, 4, 5
 LOSS_RTOL, STATE_ATOL = 2e-5, 5e-4
@@ -170,7 +171,7 @@ def test_the_plan_line_says_when_a_group_spans_nodes(monkeypatch, tiny_cfg):
     cfg = tiny_cfg()  # batch 32, bn_batch 32: on 4 ranks one group of 4
 
     def line():
-        return plan.resolve(cfg, torch.device("cpu"), 4).describe()
+        return plan.resolve(cfg, torch.device("cpu"), 4, memory=memory).describe()
     assert "synchronised over 4 ranks" in line() and "across nodes" not in line()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert "across nodes" not in line()

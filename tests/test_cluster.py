@@ -180,7 +180,7 @@ def test_a_local_sweep_runs_its_points_in_order_at_most_parallel_at_once(tmp_pat
 
 def test_a_local_sweep_takes_as_many_points_as_cores_and_memory_hold(tmp_path, monkeypatch):
     from bnonly_dist.data import threads
-    from bnonly_dist.perf import memory
+    from bnonly_dist.models import memory
     points = _points(tmp_path, 6)
     monkeypatch.setattr(threads, "usable_cores", lambda: 8)
     monkeypatch.setattr(memory, "rank_memory_bytes", lambda device: 64 * 2**30)

@@ -8,6 +8,7 @@ import pytest
 
 from bnonly_dist import cli, config
 from bnonly_dist.config import ConfigError
+from bnonly_dist.models import memory
 from bnonly_dist.run import rundir
 
 REPO_CONFIGS = config.loading.CONFIGS
@@ -129,7 +130,7 @@ def test_a_resume_on_another_world_says_one_thing_about_bn_statistics(bn_batch, 
     from bnonly_dist.config.plan import resolve
     from bnonly_dist.run.train import reshard_lines
     cfg = config.load("configs/demo.yaml", [f"train.bn_batch={bn_batch}"])
-    lines = reshard_lines(resolve(cfg, torch.device("cpu"), 2), 128, 1, 2)
+    lines = reshard_lines(resolve(cfg, torch.device("cpu"), 2, memory=memory), 128, 1, 2)
     text = " ".join(line for _, line in lines)
     assert ("the same BN statistics" in text) == same_statistics
     assert ("BN statistics now come from 64 images per rank instead of 128" in text) == (not same_statistics)

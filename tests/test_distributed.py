@@ -16,6 +16,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from bnonly_dist import config, engines, models, modes
 from bnonly_dist.config import plan
 from bnonly_dist.dist import Context
+from bnonly_dist.models import memory
 from bnonly_dist.run import checkpoint
 
 ENGINES = {"ddp": ["dist.engine=ddp"], "fsdp": ["dist.engine=fsdp"],
@@ -188,7 +189,7 @@ def test_fsdp_checkpoint_reshards_optimizer_state_exactly(overrides, reference, 
     model = models.build(cfg.model.arch, 10, cfg.seed, cfg.model.bn_init)
     masks = modes.apply(model, cfg.mode, cfg.seed)
     cpu = torch.device("cpu")
-    engine = engines.wrap(cfg, plan.resolve(cfg, cpu), model, masks, Context(0, 1, 0, cpu))
+    engine = engines.wrap(cfg, plan.resolve(cfg, cpu, memory=memory), model, masks, Context(0, 1, 0, cpu))
     checkpoint.load(path, engine, 0, 1, checkpoint.frozen_digest(model))
     state = model.state_dict()
     assert saved["model"].keys() == {k for k in state if k not in engine.frozen_names}

@@ -10,6 +10,7 @@ import torch
 from bnonly_dist import cli, config
 from bnonly_dist.config.plan import resolve
 from bnonly_dist.data import describe, layout
+from bnonly_dist.models import memory
 
 SMALL = ["--train-size", "50", "--test-size", "20"]
 
@@ -83,7 +84,7 @@ def test_a_data_root_one_level_too_deep_is_used_and_named(cifar_root):
     inner = cifar_root / "cifar-10-batches-py"
     for root, note in ((cifar_root, False), (inner, True)):
         cfg = config.load("configs/demo.yaml", [f"data.root={root}"])
-        line = describe(cfg, resolve(cfg, torch.device("cpu"), 1))
+        line = describe(cfg, resolve(cfg, torch.device("cpu"), 1, memory=memory))
         assert f"data: CIFAR-10 from {inner}," in line or f"data: CIFAR-10 from {inner} (" in line
         assert ("the files lie in data.root itself" in line) == note
     assert layout.check(inner)["train_images"] == 320

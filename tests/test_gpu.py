@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from bnonly_dist import config, dist, engines, models, modes, network
 from bnonly_dist.config import plan as plan_mod
 from bnonly_dist.data import fake
+from bnonly_dist.models import memory
 from bnonly_dist.run import train
 
 GPU = torch.device("cpu") if os.environ.get("BNONLY_TEST_DEVICE") == "cpu" else torch.device("cuda", 0)
@@ -111,7 +112,7 @@ def losses_of(engine_obj, plan, steps=5) -> list[float]:
 def test_ddp_over_nccl_on_the_chosen_device(nccl_group):
     from torch.nn.parallel import DistributedDataParallel
     cfg = cfg_for("ddp")
-    plan = plan_mod.resolve(cfg, GPU)
+    plan = plan_mod.resolve(cfg, GPU, memory=memory)
     single = network.build(cfg, plan, 10)
     reference = losses_of(engines.wrap(cfg, plan, single.model, single.masks, dist.Context(0, 1, 0, GPU)), plan)
     net = network.build(cfg, plan, 10)
@@ -125,9 +126,9 @@ def test_fsdp_over_nccl_gathers_bf16(nccl_group):
 
     from bnonly_dist.engines.base import Engine
     from bnonly_dist.engines.fsdp import shard, shard_units
-    from bnonly_dist.run.optim import make_optimizer
+    from bnonly_dist.engines.optim import make_optimizer
     cfg = cfg_for("fsdp")
-    plan = plan_mod.resolve(cfg, GPU)
+    plan = plan_mod.resolve(cfg, GPU, memory=memory)
     assert plan.bf16 and not plan.channels_last  # channels_last=auto leaves FSDP's weights NCHW (plan.py)
     single = network.build(cfg, plan, 10)
     reference = losses_of(engines.wrap(cfg, plan, single.model, single.masks, dist.Context(0, 1, 0, GPU)), plan)

@@ -17,6 +17,7 @@ from bnonly_dist.data import sharding
 from bnonly_dist.data.cifar import CifarSource, augment
 from bnonly_dist.data.dali import DaliImageNetSource
 from bnonly_dist.engines import ddp
+from bnonly_dist.models import memory
 from bnonly_dist.models.init import name_seed
 from bnonly_dist.run.evaluate import evaluate
 
@@ -102,7 +103,7 @@ def test_ddp_is_given_the_device_index_not_the_local_rank(monkeypatch):
     model = models.build(cfg.model.arch, 10, 0, cfg.model.bn_init)
     masks = modes.apply(model, "bn", 0)
     ctx = dist.Context(rank=5, world=8, local_rank=3, device=torch.device("cuda", 0))  # srun --gpus-per-task 1
-    engines.wrap(cfg, plan_mod.resolve(cfg, CPU), model, masks, ctx)
+    engines.wrap(cfg, plan_mod.resolve(cfg, CPU, memory=memory), model, masks, ctx)
     assert seen["device_ids"] == [0]
     # each rank's BN running statistics are its own groups': never broadcast in forward
     assert seen == {"device_ids": [0], **ddp.NO_FORWARD_BUFFER_SYNC} and False in ddp.NO_FORWARD_BUFFER_SYNC.values()
@@ -127,7 +128,7 @@ def test_deepspeed_starts_on_the_chosen_gpu_with_the_plans_autocast(precision, e
     model = models.build(cfg.model.arch, 10, 0, cfg.model.bn_init)
     ctx = dist.Context(rank=5, world=8, local_rank=3, device=torch.device("cuda", 0))
     with pytest.raises(Started):
-        engines.wrap(cfg, plan_mod.resolve(cfg, CPU), model, modes.apply(model, "bn", 0), ctx)
+        engines.wrap(cfg, plan_mod.resolve(cfg, CPU, memory=memory), model, modes.apply(model, "bn", 0), ctx)
     assert seen["local_rank"] == "0"
     assert seen["config"]["torch_autocast"] == {"enabled": enabled, "dtype": "bfloat16",
                                                 "lower_precision_safe_modules": []}
@@ -140,6 +141,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bnonly_dist import config, dist, engines, network
 from bnonly_dist.config import plan as plan_mod
 from bnonly_dist.engines import deepspeed as ds_engine
+from bnonly_dist.models import memory
 
 class Convs(TorchDispatchMode):  # the dtype each convolution kernel computes in (after autocast)
     seen = set()
@@ -160,7 +162,7 @@ cfg = config.load("configs/cifar10_resnet14.yaml", ["data.name=synthetic", "data
                                                     "train.device=cpu",
                                                     "dist.engine=deepspeed", "train.precision=bf16",
                                                     "train.frozen_dtype=fp32"])
-plan = plan_mod.resolve(cfg, torch.device("cpu"))
+plan = plan_mod.resolve(cfg, torch.device("cpu"), memory=memory)
 net = network.build(cfg, plan, 10)
 engine = engines.wrap(cfg, plan, net.model, net.masks, dist.Context(0, 1, 0, torch.device("cpu")))
 with Convs():
@@ -188,7 +190,7 @@ def test_fsdp_gathers_conv_weights_in_bf16_and_keeps_bn_fp32():
 
     from bnonly_dist.engines.fsdp import shard, shard_units
     cfg = small_cfg("train.precision=bf16", "train.frozen_dtype=fp32")  # stored fp32, gathered bf16
-    plan = plan_mod.resolve(cfg, CPU)
+    plan = plan_mod.resolve(cfg, CPU, memory=memory)
     model = network.build(cfg, plan, 10).model
     torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     try:

@@ -12,10 +12,11 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the package's modules it imports anywhere in its text (function-local imports too)."""
+def direct_imports() -> dict[str, set[str]]:
+    """Module -> the package's modules its import statements name, anywhere in its text (function-local
+    imports too)."""
     modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph = {}
+    named = {}
     for name, path in modules.items():
         found = set()
         for node in ast.walk(ast.parse(path.read_text())):
@@ -25,10 +26,18 @@ def import_graph() -> dict[str, set[str]]:
                     found.add(sub if sub in modules else node.module)
             elif isinstance(node, ast.Import):
                 found.update(a.name for a in node.names if a.name.startswith("bnonly_dist"))
+        named[name] = {m for m in found if m in modules and m != name}
+    return named
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules importing it runs (function-local imports too)."""
+    graph = {}
+    for name, found in direct_imports().items():
         # Importing a.b.c runs the package a.b's __init__ first (but never the importer's own packages).
         parents = {".".join(m.split(".")[:i]) for m in found for i in range(2, m.count(".") + 1)}
         own = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 2)}
-        graph[name] = {m for m in found | parents if m in modules and m not in own}
+        graph[name] = {m for m in found | parents if m not in own}
     return graph
 
 
@@ -80,6 +89,46 @@ def test_parts_and_module_sizes():
     sizes = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     long = {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES}
     assert long == {}
+
+
+# The floors of the package, ground floor first, in the order of the README's Layout section: a module
+# imports only from its own floor or the ones below. The top-level modules sit where they serve: the
+# rendezvous (torch-free) and logsafe under everything, dist on config, modes beside the models, network and
+# logs with the run that uses them, cli on top.
+FLOORS = [
+    ("bnonly_dist", "bnonly_dist.config", "bnonly_dist.rendezvous", "bnonly_dist.logsafe"),
+    ("bnonly_dist.dist",),
+    ("bnonly_dist.models", "bnonly_dist.modes"),
+    ("bnonly_dist.data",),
+    ("bnonly_dist.engines",),
+    ("bnonly_dist.run", "bnonly_dist.network", "bnonly_dist.logs"),
+    ("bnonly_dist.launch",),
+    ("bnonly_dist.perf", "bnonly_dist.gpu_check"),
+    ("bnonly_dist.analysis",),
+    ("bnonly_dist.cli", "bnonly_dist.cli_args"),
+]
+
+
+def floor(module: str) -> int:
+    """The floor of a module: that of the longest part name it starts with (the package itself: only its
+    __init__, so that a new top-level module must be given a floor here)."""
+    best = max((prefix for level in FLOORS for prefix in level
+                if module == prefix or (prefix != "bnonly_dist" and module.startswith(prefix + "."))), key=len)
+    return next(i for i, level in enumerate(FLOORS) if best in level)
+
+
+def upward_imports() -> list[str]:
+    return sorted(f"{m} -> {d}" for m, deps in direct_imports().items() for d in deps if floor(d) > floor(m))
+
+
+def test_imports_go_down_the_floors():
+    assert upward_imports() == []
+
+
+def test_every_module_has_a_floor_and_an_upward_import_is_found():
+    assert all(floor(m) >= 0 for m in direct_imports())
+    assert floor("bnonly_dist.config.plan") < floor("bnonly_dist.models.bn_groups") < floor("bnonly_dist.run.train")
+    assert floor("bnonly_dist.cli") == len(FLOORS) - 1
 
 
 def test_nothing_imports_the_cli():

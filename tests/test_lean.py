@@ -199,10 +199,10 @@ def test_frozen_bf16_weights_give_the_same_gradients_under_autocast():
 
 
 def test_lean_default_follows_the_mode(monkeypatch):
-    from bnonly_dist.perf import memory
+    from bnonly_dist.models import memory
     monkeypatch.setattr(memory, "rank_memory_bytes", lambda device: 2**20)  # 1 MiB: nothing plain fits
     cfg = lambda *o: config.load("configs/cifar10_resnet20.yaml", list(o))  # noqa: E731
-    lean = lambda c: plan.resolve(c, torch.device("cpu")).lean  # noqa: E731
+    lean = lambda c: plan.resolve(c, torch.device("cpu"), memory=memory).lean  # noqa: E731
     assert lean(cfg("mode=bn")) and lean(cfg("mode=bn_output"))
     assert not lean(cfg("mode=output"))  # no gradient reaches the body: plain autograd keeps only the pooled features
     assert not lean(cfg("mode=all")) and not lean(cfg("mode=random_per_channel"))
@@ -210,7 +210,7 @@ def test_lean_default_follows_the_mode(monkeypatch):
     with pytest.raises(ConfigError, match="residual stages are 1 to 3"):
         cfg("train.activation_checkpointing=[4]")
     with pytest.raises(ConfigError, match="train.precision=bf16"):
-        plan.resolve(cfg("train.frozen_dtype=bf16"), torch.device("cpu"))
+        plan.resolve(cfg("train.frozen_dtype=bf16"), torch.device("cpu"), memory=memory)
 
 
 def test_lean_gradients_keep_the_forwards_layout(monkeypatch):

@@ -6,7 +6,7 @@ import torch
 from bnonly_dist import models, modes
 from bnonly_dist.config import OptimConfig
 from bnonly_dist.engines.base import Engine
-from bnonly_dist.run.optim import make_optimizer
+from bnonly_dist.engines.optim import make_optimizer
 
 ARCH = "cifar_resnet_14"
 EXPECTED_ROLES = {

@@ -10,6 +10,7 @@ from bnonly_dist.config import ConfigError, plan
 from bnonly_dist.data import dali, layout, threads
 from bnonly_dist.launch import preflight
 from bnonly_dist.launch.cluster import Target
+from bnonly_dist.models import memory
 
 CPU = torch.device("cpu")
 
@@ -19,13 +20,13 @@ def cfg(*overrides):
 
 
 def test_frozen_weights_follow_bf16_autocast_unless_set_and_the_digest_stays_fp32():
-    assert plan.resolve(cfg(), CPU).frozen_dtype is None  # fp32 autocast-free on the CPU by default
+    assert plan.resolve(cfg(), CPU, memory=memory).frozen_dtype is None  # fp32 autocast-free on the CPU by default
     auto16 = cfg("train.precision=bf16")
-    assert plan.resolve(auto16, CPU).frozen_dtype == torch.bfloat16
-    assert plan.resolve(cfg("train.precision=bf16", "train.frozen_dtype=fp32"), CPU).frozen_dtype is None
-    net16, net32 = network.build(auto16, plan.resolve(auto16, CPU), 10), network.build(cfg(), plan.resolve(cfg(), CPU), 10)
+    assert plan.resolve(auto16, CPU, memory=memory).frozen_dtype == torch.bfloat16
+    assert plan.resolve(cfg("train.precision=bf16", "train.frozen_dtype=fp32"), CPU, memory=memory).frozen_dtype is None
+    net16, net32 = network.build(auto16, plan.resolve(auto16, CPU, memory=memory), 10), network.build(cfg(), plan.resolve(cfg(), CPU, memory=memory), 10)
     assert net16.model.conv1.weight.dtype == torch.bfloat16 and net16.frozen_sha == net32.frozen_sha
-    assert "frozen weights bf16" in plan.resolve(auto16, CPU).describe()
+    assert "frozen weights bf16" in plan.resolve(auto16, CPU, memory=memory).describe()
 
 
 @pytest.mark.parametrize("setting, env, cores, want", [

@@ -5,7 +5,7 @@ import torch
 
 from bnonly_dist.config import OptimConfig
 from bnonly_dist.run.evaluate import evaluate
-from bnonly_dist.run.optim import lr_at
+from bnonly_dist.engines.optim import lr_at
 
 
 def test_step_schedule_with_warmup():

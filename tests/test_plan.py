@@ -8,7 +8,7 @@ import torch
 from bnonly_dist import config, network
 from bnonly_dist.config import ConfigError, plan
 from bnonly_dist.config.catalog import num_classes
-from bnonly_dist.perf import memory
+from bnonly_dist.models import memory
 
 CPU = torch.device("cpu")
 
@@ -18,12 +18,12 @@ def cfg(*overrides, path="configs/cifar10_resnet20.yaml"):
 
 
 def test_auto_settings_resolve_once_for_the_device():
-    p = plan.resolve(cfg(), CPU)
+    p = plan.resolve(cfg(), CPU, memory=memory)
     assert (p.device, p.bf16, p.precision, p.frozen_dtype, p.engine) == (CPU, False, "fp32", None, "ddp")
     assert p.channels_last == plan.default_channels_last(CPU) and not p.lean  # ResNet-20 fits: plain is faster
     assert p.decode is None and p.checkpointed_stages == ()
     explicit = plan.resolve(cfg("train.precision=bf16", "train.channels_last=true", "train.lean_autograd=false",
-                                "train.frozen_dtype=bf16", "train.activation_checkpointing=[3,1]"), CPU)
+                                "train.frozen_dtype=bf16", "train.activation_checkpointing=[3,1]"), CPU, memory=memory)
     assert (explicit.bf16, explicit.channels_last, explicit.lean) == (True, True, False)
     assert explicit.frozen_dtype == torch.bfloat16 and explicit.checkpointed_stages == (1, 3)
     assert explicit.memory_format == torch.channels_last
@@ -34,25 +34,25 @@ def test_auto_settings_resolve_once_for_the_device():
 def test_lean_auto_turns_on_where_plain_autograd_would_not_fit(monkeypatch):
     need = memory.plain_saved_bytes("cifar_resnet_20", 10, "bn", 128, 224, True)
     monkeypatch.setattr(memory, "rank_memory_bytes", lambda device: int(need / plan.LEAN_MEMORY_SHARE) + 1)
-    fits = plan.resolve(cfg(), CPU)
+    fits = plan.resolve(cfg(), CPU, memory=memory)
     assert not fits.lean and "not more than 50%" in fits.describe()
-    assert plan.resolve(cfg("data.batch_size=256", "train.bn_batch=256"), CPU).lean  # twice the images, twice the bytes
-    assert not plan.resolve(cfg("data.batch_size=256", "train.bn_batch=256"), CPU, world=2).lean  # each rank keeps half of them
+    assert plan.resolve(cfg("data.batch_size=256", "train.bn_batch=256"), CPU, memory=memory).lean  # twice the images, twice the bytes
+    assert not plan.resolve(cfg("data.batch_size=256", "train.bn_batch=256"), CPU, world=2, memory=memory).lean  # each rank keeps half of them
     assert not plan.resolve(cfg("data.batch_size=256", "train.bn_batch=256", "mode=all"),
-                            CPU).lean  # nothing frozen to be lean about
-    assert not plan.resolve(cfg("data.batch_size=256", "train.bn_batch=256", "train.lean_autograd=false"), CPU).lean
+                            CPU, memory=memory).lean  # nothing frozen to be lean about
+    assert not plan.resolve(cfg("data.batch_size=256", "train.bn_batch=256", "train.lean_autograd=false"), CPU, memory=memory).lean
     monkeypatch.setattr(memory, "rank_memory_bytes", lambda device: None)
-    assert plan.resolve(cfg(), CPU).lean  # memory unknown: the choice that fits
+    assert plan.resolve(cfg(), CPU, memory=memory).lean  # memory unknown: the choice that fits
 
 
 def real_saved_bytes(arch, mode, stages=()):
     from bnonly_dist.perf.bench_runner import saved_activation_bytes
     c = cfg(f"model.arch={arch}", f"mode={mode}", "data.image_size=64", f"train.activation_checkpointing={list(stages)}",
             "train.lean_autograd=false")
-    net = network.build(c, plan.resolve(c, CPU), 10)
+    net = network.build(c, plan.resolve(c, CPU, memory=memory), 10)
     images = torch.randn(4, 3, 32 if "cifar" in arch else 64, 32 if "cifar" in arch else 64)
     return saved_activation_bytes(net.model, images.contiguous(memory_format=torch.channels_last),
-                                  torch.zeros(4, dtype=torch.long), plan.resolve(c, CPU).autocast)
+                                  torch.zeros(4, dtype=torch.long), plan.resolve(c, CPU, memory=memory).autocast)
 
 
 @pytest.mark.parametrize("arch, mode", [("cifar_resnet_20", "bn"), ("cifar_resnet_20", "all"),
@@ -71,9 +71,9 @@ def test_saved_bytes_estimate_of_checkpointed_stages_counts_inputs_and_one_recom
 
 def test_imagenet_decode_resolves_per_device_and_refuses_gpu_decode_on_cpu():
     imagenet = "configs/imagenet_resnet18.yaml"
-    assert plan.resolve(cfg(path=imagenet), CPU).decode == "cpu"
+    assert plan.resolve(cfg(path=imagenet), CPU, memory=memory).decode == "cpu"
     with pytest.raises(ConfigError, match="data.decode=mixed"):
-        plan.resolve(cfg("data.decode=mixed", path=imagenet), CPU)
+        plan.resolve(cfg("data.decode=mixed", path=imagenet), CPU, memory=memory)
 
 
 @pytest.mark.parametrize("overrides, words", [
@@ -89,9 +89,9 @@ def test_rules_across_keys_fail_when_the_config_loads(overrides, words):
 
 def test_network_build_is_the_one_recipe():
     c = cfg()
-    plain = network.build(c, plan.resolve(c, CPU), 10)
+    plain = network.build(c, plan.resolve(c, CPU, memory=memory), 10)
     c16 = cfg("train.precision=bf16", "train.frozen_dtype=bf16", "train.channels_last=true")
-    lean16 = network.build(c16, plan.resolve(c16, CPU), 10)
+    lean16 = network.build(c16, plan.resolve(c16, CPU, memory=memory), 10)
     assert plain.frozen_sha == lean16.frozen_sha  # digest of the seed's weights, before the bf16 cast
     assert lean16.model.conv1.weight.dtype == torch.bfloat16 and plain.model.conv1.weight.dtype == torch.float32
     assert lean16.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from launch import Launch, committed_steps, run
+from launch import Launch, committed_steps, history_rows, run
 
 from bnonly_dist.config import ConfigError
 from bnonly_dist.data.layout import DamagedData, DataError
@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
     (CheckpointError("saving checkpoint failed"), 1),
 ])
 def test_exit_codes_say_whether_a_restart_can_cure(err, code):
-    assert restart.exit_code(err) == code
-    assert (code in restart.NEVER_RETRIED) == (code != 1)
+    assert history.exit_code(history.kind_of(err)) == code
+    assert (code in history.NEVER_RETRIED) == (code != 1)
 
 
 def test_a_damaged_data_file_exits_4_and_a_missing_data_set_2(tmp_path, imagenet_root):
@@ -61,10 +61,13 @@ def reach(run_dir: Path, step: int) -> None:
         f.write(json.dumps({"kind": "train", "step": step, "loss": 1.0}) + "\n")
 
 
-def fail(run_dir, series="7", code=1, cause="rank 0: lost contact (peer 10.0.0.3:29500)", max_failures=3):
+def fail(run_dir, series="7", code=1, cause="rank 0: lost contact (peer 10.0.0.3:29500)", max_failures=3,
+         kind=None, requeue=False):
+    """Decide and record a failure of series as the deciders do; the row in its JSON form."""
+    outcome = restart.Outcome(series, history.step_reached(run_dir), kind or history.kind_of_exit(code), cause,
+                              code, max_failures)
     with history.locked(run_dir):
-        return restart.decide(run_dir, series, series, restart.attempt_number(run_dir, series), code, cause,
-                              max_failures)
+        return history.to_json(restart.record(run_dir, outcome, series, requeue=requeue))
 
 
 def test_retries_are_bounded_per_series_and_recorded(tmp_path):
@@ -76,7 +79,7 @@ def test_retries_are_bounded_per_series_and_recorded(tmp_path):
     assert last["decision"] == "stop" and "all 3 restarts of --max-failures 3 are used" in last["why"]
     reach(tmp_path, 21)
     assert fail(tmp_path, series="8")["decision"] == "retry"  # a new submission has its own budget
-    rows = history.rows(tmp_path)
+    rows = history_rows(tmp_path)
     assert [r["attempt"] for r in rows] == [1, 2, 3, 4, 1] and [r["step"] for r in rows] == [5, 9, 13, 17, 21]
     assert all({"time", "step", "cause", "decision"} <= set(r) for r in rows)
 
@@ -93,7 +96,7 @@ def test_the_same_error_at_the_same_step_is_not_retried(tmp_path):
     assert fail(tmp_path, series="9", cause="rank 0: OSError: Input/output error")["decision"] == "retry"
 
 
-@pytest.mark.parametrize("code", sorted(restart.NEVER_RETRIED))
+@pytest.mark.parametrize("code", sorted(history.NEVER_RETRIED))
 def test_never_retried_codes_and_max_failures_zero(tmp_path, code):
     row = fail(tmp_path, code=code, cause="rank 0: x")
     assert row["decision"] == "stop" and row["why"].startswith("never retried") and f"(exit {code})" in row["why"]
@@ -102,34 +105,37 @@ def test_never_retried_codes_and_max_failures_zero(tmp_path, code):
 
 
 def test_the_cause_is_the_task_that_failed_not_the_peers_that_lost_it():
-    notes = [{"rank": 0, "exit": 1, "line": "lost contact with the other ranks (gloo: closed)"},
-             {"rank": 1, "exit": 1, "line": "RuntimeError: CUDA error: an illegal memory access"},
-             {"rank": 2, "exit": 1, "line": "lost contact with the other ranks (gloo: closed)"}]
-    assert restart.pick_cause(notes, 137) == (1, "rank 1: RuntimeError: CUDA error: an illegal memory access")
-    assert restart.pick_cause([*notes, {"rank": 3, "exit": 3, "line": "Diverged: nan"}], 1)[0] == 3
+    lost, device = history.Kind.LOST_PEER, history.Kind.DEVICE
+    notes = [history.Note(0, 1, lost, "lost contact with the other ranks (gloo: closed)"),
+             history.Note(1, 1, device, "RuntimeError: CUDA error: an illegal memory access"),
+             history.Note(2, 1, lost, "lost contact with the other ranks (gloo: closed)")]
+    assert restart.pick_cause(notes, 137) == (1, device, "rank 1: RuntimeError: CUDA error: an illegal memory access")
+    diverged = history.Note(3, 3, history.Kind.DIVERGED, "Diverged: nan")
+    assert restart.pick_cause([*notes, diverged], 1)[0] == 3
     assert restart.pick_cause(notes[:1], 2)[0] == 2  # srun's never-retried code wins over a lost peer
-    code, cause = restart.pick_cause([], 137)
-    assert code == 137 and "exit 137 (killed by SIGKILL)" in cause
+    code, kind, cause = restart.pick_cause([], 137)
+    assert code == 137 and kind is history.Kind.SIGNAL and "exit 137 (killed by SIGKILL)" in cause
 
 
 def test_the_step_reached_is_where_the_failing_ranks_were_not_the_last_logged_one(tmp_path):
     reach(tmp_path, 100)  # logged every 100 steps; rows of an earlier attempt may lie beyond the checkpoint too
-    history.note_failure(tmp_path, 0, 1, "lost contact with the other ranks (gloo: closed)", step=137)
-    history.note_failure(tmp_path, 1, 137, "killed by SIGKILL")  # its task wrote it: no step known
-    with history.locked(tmp_path):
-        notes = history.failures_since(tmp_path, 0.0)
-        assert restart.decide(tmp_path, "7", "7", 1, 137, "rank 1: killed by SIGKILL", 3, notes=notes)["step"] == 137
-        assert restart.decide(tmp_path, "8", "8", 1, 137, "rank 1: killed by SIGKILL", 3)["step"] == 100
+    history.note_failure(tmp_path, 0, 1, history.Kind.LOST_PEER, "lost contact with the other ranks (gloo: closed)",
+                         step=137)
+    history.note_failure(tmp_path, 1, 137, history.Kind.SIGNAL, "killed by SIGKILL")  # its task wrote it: no step known
+    outcome = restart.from_notes(tmp_path, "7", 137, 0.0, 3)
+    assert outcome.step == 137 and outcome.cause == "rank 1: killed by SIGKILL"
+    assert restart.from_notes(tmp_path, "8", 137, 9e9, 3).step == 100  # no note of this attempt
 
 
 def test_a_task_notes_what_killed_its_training_and_tells_a_stop_from_a_failure(tmp_path):
     (tmp_path / "logs").mkdir(parents=True)
     aborted = supervise.Ended(128 + signal.SIGABRT)
-    assert supervise.failure_line(tmp_path, 1, 0.0, aborted) == "killed by SIGABRT"  # no note of its own: written
-    assert history.failures_since(tmp_path, 0.0) == [
-        {"unix_time": pytest.approx(time.time(), abs=60), "rank": 1, "exit": 134, "line": "killed by SIGABRT"}]
-    history.note_failure(tmp_path, 0, 1, "RuntimeError: CUDA error: an illegal memory access")
-    assert supervise.failure_line(tmp_path, 0, 0.0, supervise.Ended(1)) == "RuntimeError: CUDA error: an illegal memory access"
+    assert supervise.own_note(tmp_path, 1, 0.0, aborted).line == "killed by SIGABRT"  # no note of its own: written
+    (note,) = history.failures_since(tmp_path, 0.0)
+    assert (note.rank, note.exit, note.kind, note.line) == (1, 134, history.Kind.SIGNAL, "killed by SIGABRT")
+    assert note.unix_time == pytest.approx(time.time(), abs=60)
+    history.note_failure(tmp_path, 0, 1, history.Kind.DEVICE, "RuntimeError: CUDA error: an illegal memory access")
+    assert supervise.own_note(tmp_path, 0, 0.0, supervise.Ended(1)).line == "RuntimeError: CUDA error: an illegal memory access"
     assert not aborted.stopped and supervise.Ended(0, [signal.SIGUSR2]).stopped
     assert supervise.Ended(128 + signal.SIGUSR2, [signal.SIGUSR2]).stopped  # before the child's handler was in
     assert not supervise.Ended(128 + signal.SIGKILL, [signal.SIGTERM]).stopped
@@ -147,32 +153,31 @@ def test_a_requeue_no_row_asked_for_is_a_failure_recorded_once_and_counted(tmp_p
     reach(tmp_path, 6)
     (tmp_path / "logs").mkdir()
     slurm_run(monkeypatch, 0)
-    restart.note_stop(tmp_path, "7", "7", 4, "SIGUSR2: stopped with a checkpoint")  # a time limit: asked for
+    restart.record_stop(tmp_path, "7", "7", 4, "SIGUSR2: stopped with a checkpoint")  # a time limit: asked for
     slurm_run(monkeypatch, 1)
-    assert restart.account_for_requeue(tmp_path, "7", "7", 1, 1, rank=0) and len(history.rows(tmp_path)) == 1
+    assert restart.account_for_requeue(tmp_path, "7", "7", 1, 1, rank=0) and len(history_rows(tmp_path)) == 1
     # run 1 vanishes without a word (a node failed): run 2 records it once, whichever task comes first
     reach(tmp_path, 9)
     slurm_run(monkeypatch, 2)
     assert restart.account_for_requeue(tmp_path, "7", "7", 2, 1, rank=1)
     assert restart.account_for_requeue(tmp_path, "7", "7", 2, 1, rank=0)
-    stop, lost = history.rows(tmp_path)
+    stop, lost = history_rows(tmp_path)
     assert stop["event"] == "stop" and stop["requeue"] and stop["slurm_run"] == 0
     assert lost["cause"] == restart.UNASKED_REQUEUE and lost["decision"] == "retry" and lost["exit"] is None
     assert lost["step"] == 9 and lost["slurm_run"] == 2 and lost["attempt"] == 1
     assert restart.restart_pending(tmp_path, "7")  # rank 0 then says what it resumes from
     # the same step and cause again is no reason to stop (two node failures say nothing about a third)
-    with history.locked(tmp_path):
-        again = restart.decide(tmp_path, "9", "9", 1, None, restart.UNASKED_REQUEUE, 3)
-        assert again["decision"] == "retry" and again["step"] == lost["step"]
-    rows = history.rows(tmp_path)
+    again = fail(tmp_path, "9", None, restart.UNASKED_REQUEUE, kind=history.Kind.NODE_LOST)
+    assert again["decision"] == "retry" and again["step"] == lost["step"]
+    rows = history_rows(tmp_path)
     (tmp_path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
     # again, with --max-failures 1 used up: every task is told to stop
     reach(tmp_path, 12)
     slurm_run(monkeypatch, 3)
     assert not restart.account_for_requeue(tmp_path, "7", "7", 3, 1, rank=0)
     assert not restart.account_for_requeue(tmp_path, "7", "7", 3, 1, rank=1)
-    last = history.rows(tmp_path)[-1]
-    assert len(history.rows(tmp_path)) == 3 and last["decision"] == "stop" and "are used" in last["why"]
+    last = history_rows(tmp_path)[-1]
+    assert len(history_rows(tmp_path)) == 3 and last["decision"] == "stop" and "are used" in last["why"]
     assert "not retried: all 1 restarts" in (tmp_path / "logs" / "rank0.log").read_text()
     assert capsys.readouterr().err.count("requeued by Slurm, not by a task") == 2  # said once per decision
     # a preemption: the run saved on a stop signal, trained nothing after it, and Slurm requeued it
@@ -183,26 +188,25 @@ def test_a_requeue_no_row_asked_for_is_a_failure_recorded_once_and_counted(tmp_p
     slurm_run(monkeypatch, 4)
     assert restart.account_for_requeue(tmp_path, "7", "7", 4, 1, rank=0)
     assert restart.account_for_requeue(tmp_path, "7", "7", 4, 1, rank=1)
-    preempted = history.rows(tmp_path)[-1]
-    assert len(history.rows(tmp_path)) == 4 and preempted["event"] == "stop" and preempted["unasked"]
+    preempted = history_rows(tmp_path)[-1]
+    assert len(history_rows(tmp_path)) == 4 and preempted["event"] == "stop" and preempted["unasked"]
     assert preempted["step"] == 12 and "after a stop with a checkpoint" in preempted["why"]
     # the note explains only the requeue right after the stop: a node lost in the next run's start-up is a failure
     history.note_stop(tmp_path, 12, "SIGTERM")
-    restart.note_stop(tmp_path, "7", "7", 12, "SIGUSR2: requeued")  # run 4 asked for run 5
+    restart.record_stop(tmp_path, "7", "7", 12, "SIGUSR2: requeued")  # run 4 asked for run 5
     slurm_run(monkeypatch, 5)
     assert restart.account_for_requeue(tmp_path, "7", "7", 5, 3, rank=0) and not (tmp_path / "logs" / "stopped.json").exists()
     slurm_run(monkeypatch, 6)
     assert restart.account_for_requeue(tmp_path, "7", "7", 6, 3, rank=0) is True
-    assert history.rows(tmp_path)[-1]["cause"] == restart.UNASKED_REQUEUE
+    assert history_rows(tmp_path)[-1]["cause"] == restart.UNASKED_REQUEUE
     # a retry by requeue, as submitit's tasks make it, explains the next run
     reach(tmp_path, 20)
     slurm_run(monkeypatch, 0)
-    with history.locked(tmp_path):
-        restart.decide(tmp_path, "8", "8", 1, 1, "rank 0: killed by SIGKILL", 3, requeue=True)
-    before = len(history.rows(tmp_path))
+    fail(tmp_path, "8", 1, "rank 0: killed by SIGKILL", requeue=True)
+    before = len(history_rows(tmp_path))
     slurm_run(monkeypatch, 1)
     assert restart.account_for_requeue(tmp_path, "8", "8", 1, 3, rank=0) is True
-    assert history.rows(tmp_path)[-1]["series"] == "8" and len(history.rows(tmp_path)) == before
+    assert history_rows(tmp_path)[-1]["series"] == "8" and len(history_rows(tmp_path)) == before
 
 
 def retry_cli(run_dir, *args, env=None):
@@ -214,7 +218,7 @@ def retry_cli(run_dir, *args, env=None):
 def test_bnonly_retry_answers_scripts_by_exit_status(tmp_path):
     run_dir = tmp_path / "run"
     reach(run_dir, 6)
-    history.note_failure(run_dir, 1, 1, "RuntimeError: NCCL error: unhandled system error")
+    history.note_failure(run_dir, 1, 1, history.Kind.DEVICE, "RuntimeError: NCCL error: unhandled system error")
     yes = retry_cli(run_dir, "--exit-code", 137, "--series", "42", "--since", 0)
     assert yes.returncode == 0, yes.stderr
     assert ("attempt 1 failed at step 6 (rank 1: RuntimeError: NCCL error: unhandled system error); retrying from "
@@ -222,7 +226,7 @@ def test_bnonly_retry_answers_scripts_by_exit_status(tmp_path):
     assert "resuming from scratch (no complete checkpoint); 6 steps lost" in yes.stdout
     no = retry_cli(run_dir, "--exit-code", 2, "--series", "42", "--since", 9e9)  # the old note is not this attempt's
     assert no.returncode == 1 and "not retried: never retried: a config, command-line" in no.stdout, no.stdout
-    events = [(r["event"], r.get("decision")) for r in history.rows(run_dir)]
+    events = [(r["event"], r.get("decision")) for r in history_rows(run_dir)]
     assert events == [("failure", "retry"), ("restart", None), ("failure", "stop")]
 
 
@@ -231,15 +235,15 @@ def test_the_sbatch_scripts_record_their_stops_and_the_requeues_they_did_not_ask
     reach(run_dir, 6)
     slurm = {"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "0"}
     assert retry_cli(run_dir, "--requeued", 0, "--series", "42", env=slurm).returncode == 0
-    assert history.rows(run_dir) == []  # a first run has nothing to account for
+    assert history_rows(run_dir) == []  # a first run has nothing to account for
     stopped = retry_cli(run_dir, "--stopped", "--series", "42", env=slurm)
-    assert stopped.returncode == 0 and history.rows(run_dir)[0]["event"] == "stop", stopped.stderr
+    assert stopped.returncode == 0 and history_rows(run_dir)[0]["event"] == "stop", stopped.stderr
     assert retry_cli(run_dir, "--requeued", 1, "--series", "42", env={**slurm, "SLURM_RESTART_COUNT": "1"}).returncode == 0
-    assert len(history.rows(run_dir)) == 1  # the stop asked for that requeue
+    assert len(history_rows(run_dir)) == 1  # the stop asked for that requeue
     lost = retry_cli(run_dir, "--requeued", 2, "--series", "42", env={**slurm, "SLURM_RESTART_COUNT": "2"})
     assert lost.returncode == 0 and "requeued by Slurm, not by a task of the job" in lost.stderr, lost.stderr
     assert "resuming from scratch (no complete checkpoint); 6 steps lost" in lost.stdout
-    assert [(r["event"], r.get("decision")) for r in history.rows(run_dir)] == [
+    assert [(r["event"], r.get("decision")) for r in history_rows(run_dir)] == [
         ("stop", None), ("failure", "retry"), ("restart", None)]
     both = retry_cli(run_dir, "--stopped", "--exit-code", 1, "--series", "42")
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
@@ -289,9 +293,9 @@ def test_without_slurm_the_launcher_restarts_the_job_and_stops_at_the_same_failu
                           "train.progress=lines",
                           "--run-dir", str(run_dir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 1 and "job failed, restarting as job" in out.stdout, out.stdout + out.stderr
-    assert [(r["event"], r.get("decision")) for r in history.rows(run_dir)] == [
+    assert [(r["event"], r.get("decision")) for r in history_rows(run_dir)] == [
         ("failure", "retry"), ("restart", None), ("failure", "stop")]
-    assert history.rows(run_dir)[0]["series"].startswith("local-")
+    assert history_rows(run_dir)[0]["series"].startswith("local-")
     assert "FileExistsError" in out.stderr
 
 

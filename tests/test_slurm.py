@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from launch import history_rows
 from launch import run as run_processes
 
 from bnonly_dist.launch import restart
-from bnonly_dist.run import history
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -187,7 +187,7 @@ def job_pids(job_id: str) -> list[int]:
 
 
 def events(run_dir: Path) -> list[tuple]:
-    return [(r["event"], r.get("decision")) for r in history.rows(run_dir)]
+    return [(r["event"], r.get("decision")) for r in history_rows(run_dir)]
 
 
 def test_a_killed_rank_and_an_abort_on_every_rank_restart_the_job_which_ends_bit_identical(overrides, uninterrupted,
@@ -218,7 +218,7 @@ def test_a_killed_rank_and_an_abort_on_every_rank_restart_the_job_which_ends_bit
     output, _ = submit.communicate(timeout=400)
     assert submit.returncode == 0, output[-4000:]
     assert events(run_dir) == [("failure", "retry"), ("restart", None)] * 3
-    killed, restarted, aborted, restarted_again, lost, _ = history.rows(run_dir)
+    killed, restarted, aborted, restarted_again, lost, _ = history_rows(run_dir)
     assert lost["cause"] == restart.UNASKED_REQUEUE and lost["slurm_run"] == 3 and lost["exit"] is None
     assert killed["job"] == job_id and killed["exit"] == 137 and killed["cause"] == "rank 1: killed by SIGKILL"
     assert aborted["exit"] == 134 and aborted["attempt"] == 2
@@ -247,7 +247,7 @@ def test_the_same_failure_at_the_same_step_is_retried_once_then_stopped(override
                    "--run-dir", str(run_dir))
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
     assert events(run_dir) == [("failure", "retry"), ("restart", None), ("failure", "stop")]
-    first, restarted, second = history.rows(run_dir)
+    first, restarted, second = history_rows(run_dir)
     assert first["step"] == second["step"] == 8 and restarted["step"] == 4 and restarted["steps_lost"] == 4
     said = "it failed at step 8 with the same error as attempt 1: a restart would fail the same way"
     assert second["why"] == said and f"not retried: {said}" in (run_dir / "logs" / "rank0.log").read_text()
@@ -269,7 +269,7 @@ def test_the_sbatch_loop_follows_the_rules_and_max_failures_0_turns_retrying_off
     out = (tmp_path / f"slurm-{job_id}.out").read_text()
     assert "attempt 1 failed at step 8 (rank 0: CheckpointError: saving checkpoint" in out, out[-3000:]
     assert "not retried: retrying is off (--max-failures 0)" in out
-    assert events(run_dir) == [("failure", "stop")] and history.rows(run_dir)[0]["series"] == job_id
+    assert events(run_dir) == [("failure", "stop")] and history_rows(run_dir)[0]["series"] == job_id
 
 
 def test_a_failed_slurm_job_prints_the_task_error(overrides, tmp_path):
@@ -281,5 +281,5 @@ def test_a_failed_slurm_job_prints_the_task_error(overrides, tmp_path):
     job_id = (tmp_path / "run" / "slurm" / "job_id").read_text().strip()
     assert f"job {job_id} failed; the end of task 0's error log" in out.stderr
     assert "DataError: no CIFAR-10 at /nonexistent/cifar" in out.stderr
-    rows = history.rows(tmp_path / "run")  # a data error is never retried
+    rows = history_rows(tmp_path / "run")  # a data error is never retried
     assert len(rows) == 1 and rows[0]["decision"] == "stop" and rows[0]["why"].startswith("never retried: a config")

@@ -10,7 +10,9 @@ import torch
 from bnonly_dist import data, network
 from bnonly_dist.analysis.runs import RunRecord
 from bnonly_dist.config import plan as plans
+from bnonly_dist.config.catalog import ENGINES
 from bnonly_dist.engines.base import Engine
+from bnonly_dist.models import memory
 from bnonly_dist.run import checkpoint
 from bnonly_dist.run.bn_stats import bn_parameters
 from bnonly_dist.run.evaluate import evaluate
@@ -33,7 +35,7 @@ def analysis_plan(record: RunRecord, device: torch.device):
     """The run's config and plan for reading it back: fp32 and NCHW whatever it trained in."""
     train = record.cfg.train.model_copy(update={"precision": "fp32", "frozen_dtype": "fp32", "channels_last": False})
     cfg = record.cfg.model_copy(update={"train": train})
-    return cfg, plans.resolve(cfg, device)
+    return cfg, plans.resolve(cfg, device, memory=memory)
 
 
 def load_model(record: RunRecord, device: torch.device = torch.device("cpu")) -> torch.nn.Module:
@@ -44,8 +46,10 @@ def load_model(record: RunRecord, device: torch.device = torch.device("cpu")) ->
     path = checkpoint.latest_good(record.run_dir)  # verified; a damaged newer one is skipped, not moved
     if path is None:
         raise checkpoint.CheckpointError(f"{record.run_dir} has no good checkpoint to read gammas from")
-    if checkpoint.read_commit(path)["engine"] == "deepspeed":
-        raise checkpoint.CheckpointError(f"{path} is a DeepSpeed checkpoint; analysis reads ddp/fsdp (DCP) ones")
+    engine = checkpoint.read_commit(path)["engine"]
+    if engine in ENGINES and not ENGINES[engine].dcp:
+        readable = "/".join(name for name, e in ENGINES.items() if e.dcp)
+        raise checkpoint.CheckpointError(f"{path} is a {engine} checkpoint; analysis reads {readable} (DCP) ones")
     checkpoint.load(path, Engine(model, None, {}, 0.0), 0, 1, net.frozen_sha)
     return model.eval()
 

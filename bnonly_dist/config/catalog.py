@@ -4,6 +4,9 @@ Architectures, OpenLTH's names: cifar_resnet_N (N = 6n+2) and cifar_resnet_N_W (
 width, 16 by default: cifar_resnet_14_64 is WRN-14-4); imagenet_resnet_D and
 imagenet_resnet_D_W (W = base width, 64 by default, torchvision's).
 
+Engines (dist.engine) are a table too: ENGINES, read by the schema, the plan, engines.wrap,
+the bench and the analysis.
+
 Modes name the parameter roles that learn (see models.parameter_roles). Two add to that:
 bn_fixed pins every BN to gamma = 1, beta = 0 (frozen), and random_per_channel learns k
 random weights per output channel of every convolution, k = 2 so that the count equals
@@ -90,6 +93,34 @@ def masks_gradients(mode_name: str) -> bool:
 def trains_nothing(mode_name: str) -> bool:
     mode = MODES[mode_name]
     return not mode.trains and not mode.random_per_channel
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A dist.engine: where its class lives (engines.wrap builds it) and what it supports."""
+    cls: str  # "module:Class" under bnonly_dist.engines
+    help: str
+    masked_gradients: str | None = None  # None: runs modes that mask gradients inside tensors; else why not
+    trains_nothing: str | None = None  # None: runs a mode that trains nothing; else why not
+    channels_last_auto: bool = False  # train.channels_last=auto gives NHWC (measured with ddp only; FSDP2 and
+    # DeepSpeed keep their weights NCHW, engines/base.contiguous_parameters)
+    benched: bool = False  # `bnonly bench` times its per-rank step in one process
+    dcp: bool = True  # checkpoints in DCP form: any world size resumes them, the analysis reads them
+
+
+ENGINES = {
+    "ddp": Engine("ddp:DDPEngine", "replicate, all-reduce the (tiny) BN gradients", channels_last_auto=True,
+                  benched=True),
+    "fsdp": Engine("fsdp:FSDPEngine", "FSDP2 fully_shard per fsdp_unit, frozen weights sharded too"),
+    "deepspeed": Engine("deepspeed:DeepSpeedEngine", "ZeRO zero_stage (3 shards all weights)",
+                        masked_gradients="ZeRO's flat buffers do not allow",
+                        trains_nothing="there is nothing for ZeRO to do", dcp=False),
+}
+
+
+def engines_with(feature: str) -> list[str]:
+    """The engines that support feature (an Engine field that holds why not, None where supported)."""
+    return [name for name, engine in ENGINES.items() if getattr(engine, feature) is None]
 
 
 DEFAULT_CLASSES = {"cifar": 10, "imagenet": 1000}  # the data set each family was made for

@@ -14,11 +14,32 @@ from dataclasses import dataclass
 
 import torch
 
-from bnonly_dist import modes
 from bnonly_dist.config import Config, ConfigError
-from bnonly_dist.config.catalog import num_classes
-from bnonly_dist.models.bn_groups import BNGroups
-from bnonly_dist.perf import memory
+from bnonly_dist.config.catalog import ENGINES, freezes_convolutions, num_classes
+from bnonly_dist.rendezvous import ranks_on_this_host
+
+
+@dataclass(frozen=True)
+class BNGroups:
+    """How one rank forms BN statistics: `per_rank` groups inside it, or one group spread over `ranks` ranks."""
+    images: int | None  # images per statistic; None: the rank's own batch (depends on the world)
+    per_rank: int = 1
+    ranks: int = 1
+
+    def describe(self, per_rank_batch: int, ranks_per_node: int = 0) -> str:
+        """One line for the plan; ranks_per_node (0: unknown) tells whether a group spans nodes."""
+        if self.images is None:
+            return (f"BN statistics over each rank's {per_rank_batch} images (train.bn_batch=null: they change "
+                    "with the number of ranks)")
+        if self.ranks > 1:
+            line = f"BN statistics over {self.images} images: synchronised over {self.ranks} ranks"
+            if ranks_per_node and (self.ranks > ranks_per_node or ranks_per_node % self.ranks):
+                line += (f" across nodes ({ranks_per_node} ranks per node): each BN layer's 2 small collectives per "
+                         "step cross the network (tens of us each over InfiniBand, a few us over NVLink)")
+            return line
+        if self.per_rank > 1:
+            return f"BN statistics over {self.images} images: {self.per_rank} groups per rank"
+        return f"BN statistics over {self.images} images: one group per rank"
 
 
 @dataclass(frozen=True)
@@ -62,7 +83,7 @@ class Plan:
 def _ranks_per_node() -> int:
     """Ranks per node as the launcher states it (torchrun's LOCAL_WORLD_SIZE, Slurm's tasks per node), else 0."""
     stated = ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
-    return memory.ranks_on_this_host() if any(os.environ.get(key) for key in stated) else 0
+    return ranks_on_this_host() if any(os.environ.get(key) for key in stated) else 0
 
 
 def default_channels_last(device: torch.device, engine: str = "ddp") -> bool:
@@ -71,7 +92,7 @@ def default_channels_last(device: torch.device, engine: str = "ddp") -> bool:
     NHWC than in NCHW, docs/benchmarks.md). Measured with ddp only: FSDP2 and DeepSpeed keep
     their weights NCHW (engines/base.contiguous_parameters), so auto leaves them NCHW; an
     explicit true still gives them channels_last activations."""
-    return device.type in ("cuda", "cpu") and engine == "ddp"
+    return device.type in ("cuda", "cpu") and ENGINES[engine].channels_last_auto
 
 
 # train.lean_autograd=auto turns the lean path on when plain autograd's saved activations
@@ -81,12 +102,14 @@ def default_channels_last(device: torch.device, engine: str = "ddp") -> bool:
 LEAN_MEMORY_SHARE = 0.5
 
 
-def default_lean(cfg: Config, device: torch.device, world: int, bf16: bool, channels_last: bool) -> tuple[bool, str]:
+def default_lean(cfg: Config, device: torch.device, world: int, bf16: bool, channels_last: bool,
+                 memory=None) -> tuple[bool, str]:
     """train.lean_autograd=auto: (on?, why) — on where the mode freezes the convolutions and
-    plain autograd would keep more than LEAN_MEMORY_SHARE of the rank's memory."""
-    if not modes.freezes_convolutions(cfg.mode):
+    plain autograd would keep more than LEAN_MEMORY_SHARE of the rank's memory (memory: the estimate,
+    models.memory, passed in from above; None: unknown, which turns the lean path on)."""
+    if not freezes_convolutions(cfg.mode):
         return False, "the mode trains convolutions"
-    have = memory.rank_memory_bytes(device)
+    have = memory.rank_memory_bytes(device) if memory is not None else None
     if have is None:
         return True, "memory of the device unknown here"
     need = memory.plain_saved_bytes(cfg.model.arch, num_classes(cfg), cfg.mode, max(1, cfg.data.batch_size // world),
@@ -121,9 +144,11 @@ def bn_groups(bn_batch: int | None, global_batch: int, world: int) -> BNGroups:
                       "rank's own batch)")
 
 
-def resolve(cfg: Config, device: torch.device, world: int = 1) -> Plan:
+def resolve(cfg: Config, device: torch.device, world: int = 1, memory=None) -> Plan:
     """The Plan of cfg on device for one of world ranks; ConfigError naming the key if the
-    device cannot run it."""
+    device cannot run it. memory: the estimate train.lean_autograd=auto asks (models.memory: a
+    module above this floor, so its callers pass it in; None decides as on a device of unknown
+    memory: lean)."""
     train, on_gpu = cfg.train, device.type == "cuda"
     bf16 = train.precision == "bf16" or (train.precision == "auto" and on_gpu)
     if train.frozen_dtype == "bf16" and not bf16:  # precision=fp32 is refused by the validator already
@@ -132,7 +157,7 @@ def resolve(cfg: Config, device: torch.device, world: int = 1) -> Plan:
     channels_last = (default_channels_last(device, cfg.dist.engine) if train.channels_last == "auto"
                      else train.channels_last)
     if train.lean_autograd == "auto":
-        lean, lean_why = default_lean(cfg, device, world, bf16, channels_last)
+        lean, lean_why = default_lean(cfg, device, world, bf16, channels_last, memory)
     else:
         lean, lean_why = train.lean_autograd, "train.lean_autograd"
     decode = None

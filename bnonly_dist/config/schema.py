@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from bnonly_dist.config.catalog import ARCH_FORMS, MODES, masks_gradients, parse_arch, trains_nothing
+from bnonly_dist.config.catalog import ARCH_FORMS, ENGINES, MODES, engines_with, masks_gradients, parse_arch, trains_nothing
 
 # Keys that change how a run is watched, paced or held in memory, or where its data lies, not
 # what it computes (beyond float rounding): a run directory may be resumed with other values
@@ -146,9 +146,8 @@ class TrainConfig(_Section):
 
 
 class DistConfig(_Section):
-    engine: Literal["ddp", "fsdp", "deepspeed"] = _field(
-        "ddp", "ddp: replicate, all-reduce the (tiny) BN gradients; fsdp: FSDP2 fully_shard per fsdp_unit, frozen "
-        "weights sharded too; deepspeed: ZeRO zero_stage (3 shards all weights)")
+    engine: Literal[tuple(ENGINES)] = _field(  # type: ignore[valid-type]
+        "ddp", "; ".join(f"{name}: {engine.help}" for name, engine in ENGINES.items()))
     fsdp_unit: Literal["block", "stage"] = _field("block", "FSDP shard group: a residual block or a whole stage")
     zero_stage: Literal[1, 2, 3] = _field(1, "DeepSpeed ZeRO stage (1: optimizer state, 2: + gradients, "
                                           "3: + parameters)")
@@ -178,12 +177,12 @@ class Config(_Section):
                              f"its residual stages are 1 to {stages}")
         if self.train.frozen_dtype == "bf16" and self.train.precision == "fp32":
             raise ValueError("train.frozen_dtype=bf16 needs bf16 autocast; set train.precision=bf16 (or auto on a GPU)")
-        if self.dist.engine == "deepspeed" and masks_gradients(self.mode):
-            raise ValueError(f"mode={self.mode} masks gradients inside tensors, which ZeRO's flat buffers do not "
-                             "allow; use dist.engine=ddp or fsdp")
-        if self.dist.engine == "deepspeed" and trains_nothing(self.mode):
-            raise ValueError(f"mode={self.mode} trains nothing, so there is nothing for ZeRO to do; "
-                             "use dist.engine=ddp")
+        engine = ENGINES[self.dist.engine]
+        if engine.masked_gradients and masks_gradients(self.mode):
+            raise ValueError(f"mode={self.mode} masks gradients inside tensors, which {engine.masked_gradients}; "
+                             f"use dist.engine={' or '.join(engines_with('masked_gradients'))}")
+        if engine.trains_nothing and trains_nothing(self.mode):
+            raise ValueError(f"mode={self.mode} trains nothing, so {engine.trains_nothing}; use dist.engine=ddp")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -8,15 +8,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from bnonly_dist.config import Config
+from bnonly_dist.config.plan import Plan
 from bnonly_dist.dist import Context
 from bnonly_dist.engines.base import Engine
-from bnonly_dist.run.optim import make_optimizer
+from bnonly_dist.engines.optim import make_optimizer
 
 
 class DDPEngine(Engine):
     name = "ddp"
 
-    def __init__(self, model: torch.nn.Module, masks: dict, cfg: Config, ctx: Context):
+    def __init__(self, model: torch.nn.Module, masks: dict, cfg: Config, plan: Plan, ctx: Context):
+        # plan: what every engine is given (engines.wrap); DDP runs the model as the plan built it
         super().__init__(model, make_optimizer(model, masks, cfg.optim), masks, cfg.optim.weight_decay)
         if ctx.world > 1 and self.optimizer is not None:  # mode none has no gradients to reduce
             # The chosen device, not the local rank: under `srun --gpus-per-task 1` every task

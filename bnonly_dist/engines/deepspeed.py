@@ -13,7 +13,7 @@ from bnonly_dist.config import Config, ConfigError
 from bnonly_dist.config.plan import Plan
 from bnonly_dist.dist import Context, device_local_rank
 from bnonly_dist.engines.base import Engine, contiguous_parameters
-from bnonly_dist.run.optim import make_optimizer
+from bnonly_dist.engines.optim import make_optimizer
 
 TAG = "engine"  # the one DeepSpeed tag inside each of our checkpoint directories
 

@@ -13,7 +13,7 @@ from bnonly_dist.config import Config
 from bnonly_dist.config.plan import Plan
 from bnonly_dist.dist import Context
 from bnonly_dist.engines.base import Engine, contiguous_parameters
-from bnonly_dist.run.optim import make_optimizer
+from bnonly_dist.engines.optim import make_optimizer
 
 
 def shard_units(model: torch.nn.Module, unit: str) -> list[torch.nn.Module]:

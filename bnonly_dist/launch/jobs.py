@@ -9,7 +9,7 @@ on all ranks together and ends, and then the task hands the signal to submitit, 
 handler calls checkpoint() below and requeues the job; the requeued job resumes from the
 newest complete checkpoint in the same run directory. On a failure a restart may cure,
 the first task to see its child fail decides (restart.after_failure) and, under Slurm,
-requeues the job itself, at most max_failures times per series; without Slurm the
+requeues the job, at most max_failures times per series; without Slurm the
 launcher resubmits it (launchers/submit.py).
 
 Ctrl-C while a launcher waits for a job on this machine (submitit's local executor): the
@@ -32,6 +32,7 @@ from pathlib import Path
 
 from bnonly_dist import config
 from bnonly_dist.launch import restart, supervise
+from bnonly_dist.run import history
 from bnonly_dist.run.finished import reached_end
 from bnonly_dist.run.paths import RunPaths
 
@@ -67,16 +68,17 @@ class TrainJob:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         run_dir, series, since = Path(self.run_dir), self.series or str(env.job_id), time.time()
         slurm = isinstance(env, SlurmJobEnvironment)
+        task = restart.Task(run_dir, series, str(env.job_id), env.global_rank, self.max_failures, slurm)
         if slurm and env.global_rank == 0:
-            self._note_requeues_on_sigusr2(run_dir, series, str(env.job_id))
-        if slurm and not restart.account_for_requeue(run_dir, series, str(env.job_id),
+            self._note_requeues_on_sigusr2(task)
+        if slurm and not restart.account_for_requeue(run_dir, series, task.job,
                                                      int(os.environ.get("SLURM_RESTART_COUNT", "0")),
                                                      self.max_failures, env.global_rank):
             raise TrainingFailed(f"rank {env.global_rank}: {restart.UNASKED_REQUEUE}; not retried (see "
                                  f"{RunPaths(run_dir).history})")
-        attempt = restart.attempt_number(run_dir, series)
+        attempt = history.read(run_dir).failed_attempts(series) + 1
         if env.global_rank == 0:
-            line = restart.announce_restart(run_dir, series, str(env.job_id))
+            line = restart.announce_restart(run_dir, series, task.job)
             if line:
                 print(line, flush=True)  # the job's log (before the run's own logging starts)
         ended = supervise.train(self.config, run_dir)
@@ -87,19 +89,15 @@ class TrainJob:
                 if callable(handler):
                     handler(ended.signals[0], None)  # submitit's: on SIGUSR2 checkpoint() and requeue (rank 0)
             return result
-        line = supervise.failure_line(run_dir, env.global_rank, since, ended)
-        if ended.code == restart.EXIT_INTERRUPTED:
-            raise TrainingFailed(f"rank {env.global_rank}: {line}")  # the user's Ctrl-C: nothing to decide
-        again, mine = restart.after_failure(run_dir, ended.code, line, series, str(env.job_id), attempt,
-                                            env.global_rank, since, self.max_failures, requeue=slurm)
-        if again and slurm:
-            if mine:
-                restart.requeue(env.job_id)  # Slurm ends every task of the job and runs it again
+        own = supervise.own_note(run_dir, env.global_rank, since, ended)
+        if own.kind is history.Kind.INTERRUPTED:
+            raise TrainingFailed(f"rank {env.global_rank}: {own.line}")  # the user's Ctrl-C: nothing to decide
+        if restart.after_failure(task, attempt, since, own) and slurm:
             os._exit(ended.code)  # no result pickle: the job is not over; Slurm runs it again
-        raise TrainingFailed(f"rank {env.global_rank}: {line} (exit {ended.code})")
+        raise TrainingFailed(f"rank {env.global_rank}: {own.line} (exit {ended.code})")
 
     @staticmethod
-    def _note_requeues_on_sigusr2(run_dir: Path, series: str, job: str) -> None:
+    def _note_requeues_on_sigusr2(task: restart.Task) -> None:
         """Wrap submitit's SIGUSR2 handler, which requeues the job on rank 0 (also while this task starts
         or decides, outside supervise.train): every call first leaves the stop row that asks for it."""
         if threading.current_thread() is not threading.main_thread():
@@ -109,8 +107,8 @@ class TrainJob:
             return
 
         def requeue_with_a_row(signum, frame):
-            restart.note_stop(run_dir, series, job, supervise.result(run_dir)["step"],
-                              "SIGUSR2: time limit or preemption; requeued with the newest checkpoint")
+            restart.record_stop(task.run_dir, task.series, task.job, supervise.result(task.run_dir)["step"],
+                                "SIGUSR2: time limit or preemption; requeued with the newest checkpoint")
             submitits(signum, frame)
 
         signal.signal(signal.SIGUSR2, requeue_with_a_row)

@@ -112,13 +112,14 @@ def check_run(cfg: Config, run_dir: Path, target: Target, preview_run_dir: bool 
     import torch
 
     from bnonly_dist.config import plan
+    from bnonly_dist.models import memory
     from bnonly_dist.run import rundir
     refusals = Refusals()
     refusals.check(plan.per_rank, cfg.data.batch_size, target.world)
     device = refusals.check(job_device, cfg, target)
     resolved = None
     if device:  # the world's rules (BN groups) and the device's; builds nothing real
-        resolved = refusals.check(plan.resolve, cfg, torch.device(device), target.world)
+        resolved = refusals.check(plan.resolve, cfg, torch.device(device), target.world, memory)
     if preview_run_dir:
         refusals.check(rundir.check, cfg, run_dir)
     refusals.raise_any()
@@ -156,9 +157,9 @@ def local_cost(cfg: Config, target: Target, local: bool, ask=None) -> str | None
     import torch
 
     from bnonly_dist.config import plan as plans
-    from bnonly_dist.perf import memory
+    from bnonly_dist.models import memory
     cpu = torch.device("cpu")
-    plan = plans.resolve(cfg, cpu, target.world)
+    plan = plans.resolve(cfg, cpu, target.world, memory)
     batch = max(1, cfg.data.batch_size // target.world)
     kept = memory.plain_saved_bytes(cfg.model.arch, num_classes(cfg), cfg.mode, batch, cfg.data.image_size,
                                     plan.channels_last, plan.checkpointed_stages, plan.bf16)

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import yaml
 
-from bnonly_dist.launch import restart
 from bnonly_dist.run import history
 from bnonly_dist.run.checkpoint_files import latest, step_of
 from bnonly_dist.run.paths import RunPaths
@@ -111,13 +110,14 @@ def result(run_dir: Path) -> dict:
             "checkpoint": str(newest) if newest else None}
 
 
-def failure_line(run_dir: Path, rank: int, since: float, ended: Ended) -> str:
-    """The child's one-line error from its note; where it left none (killed), noted here."""
-    mine = [n for n in history.failures_since(run_dir, since) if n.get("rank") == rank]
+def own_note(run_dir: Path, rank: int, since: float, ended: Ended) -> history.Note:
+    """The child's failure note; where it left none (killed outright), written here."""
+    mine = [n for n in history.failures_since(run_dir, since) if n.rank == rank]
     if mine:
-        return str(mine[-1].get("line", ""))
+        return mine[-1]
     line = (f"killed by {ended.signal_name}" if ended.signal_name
-            else f"ended with exit {ended.code} ({restart.meaning(ended.code)}); its error is in the task's log")
-    history.note_failure(run_dir, rank, ended.code, line)
-    return line
+            else f"ended with exit {ended.code} ({history.meaning(ended.code)}); its error is in the task's log")
+    note = history.Note(rank, ended.code, history.kind_of_exit(ended.code), line, None, since)
+    history.note_failure(run_dir, rank, note.exit, note.kind, note.line)
+    return note
 

@@ -102,11 +102,11 @@ def default_parallel(points: list[Point], world: int, gpus: int) -> tuple[int, s
     from bnonly_dist.config import plan as plans
     from bnonly_dist.config.catalog import num_classes
     from bnonly_dist.data.threads import usable_cores
-    from bnonly_dist.perf import memory
+    from bnonly_dist.models import memory
     cpu, estimates = torch.device("cpu"), {}
     for point in points:
         cfg = point.cfg
-        plan = plans.resolve(cfg, cpu, world)
+        plan = plans.resolve(cfg, cpu, world, memory)
         key = (cfg.model.arch, num_classes(cfg), cfg.mode, plan.per_rank_batch, cfg.data.image_size,
                plan.channels_last, plan.checkpointed_stages, plan.bf16)
         if key not in estimates:

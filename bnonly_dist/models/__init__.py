@@ -3,7 +3,7 @@
 In: an architecture name, class count, seed and BN init. Out: the nn.Module with frozen
 weights drawn from the seed (init), built from blocks and layers (the lean autograd path),
 whose BN layers take their statistics over groups (bn_groups); plus parameter roles and
-counts (what a mode may train).
+counts (what a mode may train), and memory: what a step of a model keeps for backward.
 """
 from __future__ import annotations
 

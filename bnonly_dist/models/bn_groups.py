@@ -34,35 +34,10 @@ over the ranks, which is then exactly what one process holding every group would
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as torch_dist
 
 from bnonly_dist.models.bitmask import apply_mask, pack_bits
-
-
-@dataclass(frozen=True)
-class BNGroups:
-    """How one rank forms BN statistics: `per_rank` groups inside it, or one group spread over `ranks` ranks."""
-    images: int | None  # images per statistic; None: the rank's own batch (depends on the world)
-    per_rank: int = 1
-    ranks: int = 1
-
-    def describe(self, per_rank_batch: int, ranks_per_node: int = 0) -> str:
-        """One line for the plan; ranks_per_node (0: unknown) tells whether a group spans nodes."""
-        if self.images is None:
-            return (f"BN statistics over each rank's {per_rank_batch} images (train.bn_batch=null: they change "
-                    "with the number of ranks)")
-        if self.ranks > 1:
-            line = f"BN statistics over {self.images} images: synchronised over {self.ranks} ranks"
-            if ranks_per_node and (self.ranks > ranks_per_node or ranks_per_node % self.ranks):
-                line += (f" across nodes ({ranks_per_node} ranks per node): each BN layer's 2 small collectives per "
-                         "step cross the network (tens of us each over InfiniBand, a few us over NVLink)")
-            return line
-        if self.per_rank > 1:
-            return f"BN statistics over {self.images} images: {self.per_rank} groups per rank"
-        return f"BN statistics over {self.images} images: one group per rank"
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:

@@ -37,10 +37,12 @@ import torch
 
 from bnonly_dist import data, models
 from bnonly_dist.config import Config, ConfigError
+from bnonly_dist.config.catalog import ENGINES
 from bnonly_dist.config.plan import resolve
 from bnonly_dist.data.layout import DataError
 from bnonly_dist.data.threads import dali_threads
 from bnonly_dist.dist import choose_device
+from bnonly_dist.models import memory
 from bnonly_dist.perf.bench_runner import answer, search_batch, serve, sync
 
 VARIANTS = ("all", "bn-plain", "bn-lean", "naive")
@@ -69,9 +71,10 @@ def check(cfg: Config, variants, steps: int, warmup: int) -> None:
     if unknown or not variants:
         raise ConfigError(f"--variants: unknown variant {unknown[0] if unknown else '(none)'}; "
                           f"choose from {','.join(VARIANTS)}")
-    if cfg.dist.engine != "ddp":
+    if not ENGINES[cfg.dist.engine].benched:
+        benched = " or ".join(name for name, engine in ENGINES.items() if engine.benched)
         raise ConfigError(f"dist.engine={cfg.dist.engine}: bench times one process with the single-process "
-                          "engine (what ddp runs on each rank); run it with dist.engine=ddp")
+                          f"engine (what {benched} runs on each rank); run it with dist.engine={benched}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("bench runs in one process; start it without torchrun")
     if cfg.mode == "all" and any(v != "all" for v in variants):
@@ -81,7 +84,7 @@ def check(cfg: Config, variants, steps: int, warmup: int) -> None:
 
 def default_variant(cfg: Config, device: torch.device) -> str:
     """The variant `bnonly train` runs with cfg."""
-    return "all" if cfg.mode == "all" else ("bn-lean" if resolve(cfg, device).lean else "bn-plain")
+    return "all" if cfg.mode == "all" else ("bn-lean" if resolve(cfg, device, memory=memory).lean else "bn-plain")
 
 
 def _spread(values) -> dict:
@@ -166,7 +169,7 @@ def pipeline_rate(cfg: Config, device: torch.device, steps: int, warmup: int) ->
     first of the timed batches come out of its queue at once, so they are not counted
     (counted, they made a 7-batch window up to 1.4x fast)."""
     try:
-        source = data.build(cfg, resolve(cfg, device), 0, 1)
+        source = data.build(cfg, resolve(cfg, device, memory=memory), 0, 1)
     except DataError as err:
         return {"source": cfg.data.name, "skipped": str(err)}
     prefetched = getattr(source, "prefetch_depth", 0)
@@ -212,7 +215,7 @@ def run(cfg: Config, steps: int = 10, warmup: int = 3, variants=DEFAULT_VARIANTS
     if max_batch_only and max_batch_limit < 1:
         raise ConfigError("--max-batch-only needs --max-batch-limit of at least 8, e.g. 4096")
     device = choose_device(cfg.train.device, 0)
-    plan, on_gpu = resolve(cfg, device), device.type == "cuda"
+    plan, on_gpu = resolve(cfg, device, memory=memory), device.type == "cuda"
     name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     report = {"arch": cfg.model.arch, "batch": cfg.data.batch_size, "mode": cfg.mode, "device": str(device),
               "device_name": name, "threads": torch.get_num_threads(), "precision": plan.precision,

@@ -33,6 +33,7 @@ from bnonly_dist import dist, engines, network
 from bnonly_dist.config import load, parse_args
 from bnonly_dist.config import plan as plans
 from bnonly_dist.config.catalog import num_classes, parse_arch
+from bnonly_dist.models import memory
 from bnonly_dist.models.bn_groups import running_statistics
 
 
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = {}
     for name, bn_batch in bn_batches.items():
         cfg = load(args.config, [*args.overrides, f"train.bn_batch={bn_batch}"])
-        plan = plans.resolve(cfg, ctx.device, ctx.world)
+        plan = plans.resolve(cfg, ctx.device, ctx.world, memory)
         net = network.build(cfg, plan, num_classes(cfg))
         variants[name] = (plan, engines.wrap(cfg, plan, net.model, net.masks, ctx))
     size = 32 if parse_arch(base.model.arch).family == "cifar" else base.data.image_size

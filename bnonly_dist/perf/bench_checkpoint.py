@@ -15,6 +15,7 @@ from bnonly_dist import dist, engines, models, network
 from bnonly_dist.config import Config
 from bnonly_dist.config import plan as plans
 from bnonly_dist.config.catalog import num_classes
+from bnonly_dist.models import memory
 from bnonly_dist.run import checkpoint
 
 
@@ -24,7 +25,7 @@ def _bytes(folder: Path) -> int:
 
 def run(cfg: Config, out_dir: Path, repeats: int = 3) -> dict:
     ctx = dist.init(cfg.train.device, cfg.dist.timeout_s, cfg.train.deterministic)
-    plan = plans.resolve(cfg, ctx.device, ctx.world)
+    plan = plans.resolve(cfg, ctx.device, ctx.world, memory)
     classes = num_classes(cfg)
     size = 32 if models.parse_arch(cfg.model.arch).family == "cifar" else cfg.data.image_size
     start = time.perf_counter()  # what a resume without stored frozen weights does instead of reading them

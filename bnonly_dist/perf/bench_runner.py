@@ -19,8 +19,8 @@ from bnonly_dist.config.catalog import num_classes
 from bnonly_dist.config.plan import Plan, resolve
 from bnonly_dist.dist import choose_device
 from bnonly_dist.engines.base import Engine
-from bnonly_dist.perf import memory
-from bnonly_dist.run.optim import make_optimizer
+from bnonly_dist.models import memory
+from bnonly_dist.engines.optim import make_optimizer
 
 DELAY_ENV = "BNONLY_BENCH_DELAY"  # test hook: "variant=seconds" sleeps inside that variant's timed step
 
@@ -43,8 +43,8 @@ def is_out_of_memory(err: BaseException) -> bool:
 def variant_plan(cfg: Config, device: torch.device, variant: str) -> tuple[str, Plan]:
     """(mode, plan) a variant runs."""
     if variant == "all":
-        return "all", resolve(cfg.model_copy(update={"mode": "all"}), device)
-    plan = resolve(cfg, device)
+        return "all", resolve(cfg.model_copy(update={"mode": "all"}), device, memory=memory)
+    plan = resolve(cfg, device, memory=memory)
     if variant == "naive":
         return cfg.mode, replace(plan, lean=False, lean_why="the naive variant", channels_last=False,
                                  checkpointed_stages=(), frozen_dtype=None)

@@ -7,7 +7,10 @@ group, data, model, resume). kept() holds them from the start of the command unt
 StopRequest takes them over (take()), so the run still stops with a checkpoint after the
 same step on every rank instead of dying on some ranks while others wait for them. The
 same signal again a second later, or any after the loop has ended, ends the process as
-the default would.
+the default would. A Ctrl-C while the command starts (and after the loop, outside the
+StopRequest's own handling of it) ends the process at once (end_on_ctrl_c): raised as
+KeyboardInterrupt inside an import, it could be swallowed by a library's bare except or
+leave a module half imported for the next import to trip over.
 Only the standard library: it must be in place before torch is imported.
 """
 from __future__ import annotations
@@ -15,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
+from collections.abc import Callable
 
 KEPT = (signal.SIGUSR2, signal.SIGTERM)
 REPEAT_S = 1.0  # the same signal again after this long ends the process (a start-up that hangs)
@@ -59,3 +64,23 @@ def take() -> list[int]:
     _kept.clear()
     _taken = True
     return taken
+
+
+def end_on_ctrl_c(say: Callable[[], int] | None = None) -> bool:
+    """From now on a Ctrl-C ends the process at once with the exit code say() returns after saying it in one
+    line (without say: "bnonly: interrupted", 130), where no other handler than Python's default is in place
+    (a launcher that imports the CLI keeps its own); True if taken. signal.default_int_handler gives it back."""
+    def end(signum, frame):
+        if say is None:
+            print("bnonly: interrupted", file=sys.stderr, flush=True)
+        code = say() if say is not None else 130
+        sys.stdout.flush()
+        os._exit(code)
+
+    try:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, end)
+            return True
+    except ValueError:  # not the main thread
+        pass
+    return False

@@ -18,6 +18,7 @@ from bnonly_dist import data, dist, engines, network
 from bnonly_dist.config import ConfigError, apply_overrides, from_dict, parse_override, read_run_config
 from bnonly_dist.config import plan as plans
 from bnonly_dist.config.catalog import num_classes
+from bnonly_dist.models import memory
 from bnonly_dist.run import rundir
 from bnonly_dist.run.checkpoint import Checkpointer, CheckpointError
 from bnonly_dist.run.evaluate import evaluate
@@ -56,7 +57,7 @@ def run(run_dir: Path, overrides: list[str] = (), other_data: bool = False) -> d
 
 
 def _evaluate(run_paths: RunPaths, cfg, identity: dict, ctx, other_data: bool) -> dict:
-    plan = plans.resolve(cfg, ctx.device, ctx.world)
+    plan = plans.resolve(cfg, ctx.device, ctx.world, memory)
     source = data.build(cfg, plan, ctx.rank, ctx.world)
     # What the data set is, checked against the run's record as a training start does (rank 0 reads; all agree).
     data_record = dist.broadcast_object(data.identity_of(cfg, source) if ctx.is_main else None)

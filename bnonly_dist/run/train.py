@@ -24,6 +24,8 @@ from bnonly_dist.config import Config, ConfigError
 from bnonly_dist.config import plan as plans
 from bnonly_dist.config.catalog import num_classes
 from bnonly_dist.data.layout import check_num_classes
+from bnonly_dist.engines.optim import lr_at
+from bnonly_dist.models import memory
 from bnonly_dist.models.bn_groups import average_running_statistics
 from bnonly_dist.logs import setup_logging
 from bnonly_dist.run import finished, history, paths, rundir
@@ -32,7 +34,6 @@ from bnonly_dist.run.checkpoint import Checkpointer, complete_checkpoints, finge
 from bnonly_dist.run.evaluate import evaluate
 from bnonly_dist.run.meter import StepMeter
 from bnonly_dist.run.metrics import Metrics
-from bnonly_dist.run.optim import lr_at
 from bnonly_dist.run.stop import StopRequest
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class Run:
         self.paths = paths.RunPaths(paths.run_dir(cfg, run_dir))
         self.run_dir = self.paths.root
         # Everything that can refuse the run does so before anything is written.
-        self.plan = plans.resolve(cfg, self.ctx.device, self.ctx.world)
+        self.plan = plans.resolve(cfg, self.ctx.device, self.ctx.world, memory)
         # Rank 0 holds the run directory's lock from its one check to the end of the run (the OS
         # drops it if the process dies); claim() creates nothing, create() comes after the data.
         self.lock = self._on_rank0(rundir.claim, cfg, self.run_dir)

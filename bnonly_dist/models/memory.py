@@ -1,5 +1,6 @@
 """What a training step keeps for backward, and what memory a rank has: the inputs of
-train.lean_autograd=auto (plan.py).
+train.lean_autograd=auto (config/plan.py, which its callers hand this module: the plan sits
+on the ground floor and imports nothing of the models).
 
 The estimate runs the network's forward on the meta device (shapes only: no memory, no
 compute; 0.1-0.4 s for ResNet-50 to ResNet-200) under saved-tensor hooks, counting each
@@ -10,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import re
 from pathlib import Path
 
 import torch
 
 from bnonly_dist import models, modes
 from bnonly_dist.config.catalog import parse_arch
+from bnonly_dist.rendezvous import ranks_on_this_host
 
 
 @contextlib.contextmanager
@@ -92,18 +93,6 @@ def _cgroup_limit() -> int | None:
         if text.isdigit() and int(text) < 2**60:
             return int(text)
     return None
-
-
-def ranks_on_this_host(env=os.environ) -> int:
-    """torchrun's LOCAL_WORLD_SIZE, else Slurm's tasks on this node (first number of
-    SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE, e.g. "8(x4)"), else 1."""
-    if env.get("LOCAL_WORLD_SIZE"):
-        return int(env["LOCAL_WORLD_SIZE"])
-    for key in ("SLURM_NTASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
-        found = re.match(r"\d+", env.get(key, ""))
-        if found:
-            return max(1, int(found.group()))
-    return 1
 
 
 def rank_memory_bytes(device: torch.device) -> int | None:
