@@ -4,13 +4,25 @@ commands, so every --help answers at once. A Ctrl-C at any moment, from the firs
 ends the command in one line with exit 130 (a training run notes it: never retried)."""
 from __future__ import annotations
 
+import _signal  # built in and loaded with the interpreter: the guard below waits for no import
 import os
-import signal
-import sys
 
-from bnonly_dist.run import early_signals  # first: a Ctrl-C while the rest imports ends in one line
 
-_GUARDED = early_signals.end_on_ctrl_c()
+def _ctrl_c_while_importing(signum, frame):
+    """What early_signals.end_on_ctrl_c does, before even `signal` (a few ms of enum set-up) is imported."""
+    os.write(2, b"bnonly: interrupted\n")
+    os._exit(130)
+
+
+# Only over Python's default: a launcher that imports the CLI keeps its own handler.
+_GUARDED = _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler
+if _GUARDED:
+    _signal.signal(_signal.SIGINT, _ctrl_c_while_importing)
+
+import signal  # noqa: E402  (the imports below run under the guard)
+import sys  # noqa: E402
+
+from bnonly_dist.run import early_signals  # noqa: E402
 _ARGS = None  # the command line once parsed: what a Ctrl-C's one line and note need
 
 import argparse  # noqa: E402  (the imports below run under the guard)
