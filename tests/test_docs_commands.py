@@ -51,7 +51,8 @@ def test_the_readme_gets_the_environment_before_its_first_installed_command():
     lines = _shell_lines(REPO / "README.md")
     first_tool = next(i for i, line in enumerate(lines) if re.match(r"(bnonly|python|torchrun|tensorboard|srun) ", line))
     assert ACTIVATE in lines[:first_tool], lines[:first_tool + 1]
-    demo = subprocess.run(["make", "-n", "demo"], cwd=REPO, capture_output=True, text=True)
+    # --no-print-directory: under `make test` (MAKELEVEL set) a sub-make would end with "Leaving directory"
+    demo = subprocess.run(["make", "--no-print-directory", "-n", "demo"], cwd=REPO, capture_output=True, text=True)
     assert demo.returncode == 0 and ACTIVATE in demo.stdout.splitlines()[-1]  # make demo says it at its end
 
 
@@ -59,7 +60,7 @@ def test_the_readme_shows_the_lines_make_demo_ends_with():
     ending = re.search(r"`make demo` writes.*?ends with (.*?)\n\n```\n(.*?)```", (REPO / "README.md").read_text(), re.S)
     assert ending and ending.group(1).startswith("two lines"), "README: say what make demo ends with"
     shown = ending.group(2).splitlines()
-    demo = subprocess.run(["make", "-n", "demo"], cwd=REPO, capture_output=True, text=True)
+    demo = subprocess.run(["make", "--no-print-directory", "-n", "demo"], cwd=REPO, capture_output=True, text=True)
     last = shlex.split(demo.stdout.splitlines()[-1])  # echo "next: ...": the line make demo prints last
     assert last[0] == "echo" and len(shown) == 2 and shown[0].startswith("done: top1 ") and shown[1] == last[1]
 
