@@ -163,9 +163,12 @@ def test_ctrl_c_at_any_moment_of_the_start_is_exit_130_in_one_line(cifar_root, t
     said = 0
     for i, after in enumerate((0.0, 0.2, 0.6, 1.2, 2.0)):
         run_dir = tmp_path / f"run{i}"
+        # Ctrl-C as at a terminal's foreground: SIGINT not ignored, even where the suite runs in the background
+        # (whose children start with SIGINT ignored, and would then train on to the end).
         proc = subprocess.Popen([sys.executable, "-m", "bnonly_dist.cli", "train", "configs/cifar10_resnet14.yaml",
                                  f"data.root={cifar_root}", "train.device=cpu", "--run-dir", str(run_dir)], cwd=REPO,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(interpreter + after)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
