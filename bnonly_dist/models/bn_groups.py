@@ -13,10 +13,11 @@ No step waits for the device: every count is known on the host (images x H x W, 
 on every rank of a group), and nothing turns a tensor into a Python number. How, per path:
 
 - ghost groups (any device): each group runs the native BN kernel into its slice of one
-  output (native_batch_norm.out; a slice along the batch is contiguous in NCHW and NHWC
+  output (native_batch_norm's out=; a slice along the batch is contiguous in NCHW and NHWC
   alike). Backward: each group's two sums in one pass of the native kernels, then the
   input gradient written into one tensor by elementwise passes over every group at once
-  (the terms in x, then + weight * invstd * dy): no copy and no temporary of the layer's size.
+  (weight * invstd * dy, then + the terms in x; on CUDA the other way round): no copy and no
+  temporary of the layer's size.
 - synchronised on CUDA: nn.SyncBatchNorm's kernels (batch_norm_stats, an all-gather of
   mean and invstd, batch_norm_gather_stats_with_counts with the known counts,
   batch_norm_elemt; batch_norm_backward_reduce, an all-reduce of the two sums,
@@ -25,7 +26,8 @@ on every rank of a group), and nothing turns a tensor into a Python number. How,
 - synchronised on the CPU (gloo): the BN kernel's local statistics, combined exactly
   (Chan et al.'s pairwise rule, which for equal counts is the mean of the means and of the
   variances plus the variance of the means), normalised by the inference BN kernel;
-  backward as a ghost group's, with the group's all-reduced sums.
+  backward as a ghost group's, with the group's all-reduced sums (the dy term of the input
+  gradient is written while they travel).
 
 Statistics and the sums of backward are accumulated in fp32 (fp64 for fp64 inputs), also
 under bf16 autocast. The running statistics follow the mean over this rank's groups of
@@ -52,9 +54,8 @@ def _parts(images: int, groups: int) -> list[slice]:
 
 def _update_running(running_mean, running_var, momentum: float, mean, variance, count: int) -> None:
     """Running statistics <- the mean over the groups (rows) of each group's mean and unbiased variance."""
-    running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype), alpha=momentum)
-    unbiased = variance.mean(0) * (count / max(count - 1, 1))
-    running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    running_mean.lerp_(mean.mean(0).to(running_mean.dtype), momentum)
+    running_var.lerp_(variance.mean(0).mul_(count / max(count - 1, 1)).to(running_var.dtype), momentum)
 
 
 def _sums(dy, x, mean, invstd, weight, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,27 +74,42 @@ def _grouped(t: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def _per_group_channel(stat: torch.Tensor) -> torch.Tensor:
-    """(groups, C) -> broadcastable against _grouped's (groups, n, C, H, W)."""
-    return stat[:, None, :, None, None]
+    """(groups, C) -> broadcastable against _grouped's (groups, n, C, H, W): one view."""
+    return stat.view(stat.shape[0], 1, stat.shape[1], 1, 1)
+
+
+def _dy_term_into(out, dy, weight, invstd) -> torch.Tensor:
+    """out <- weight * invstd * dy for each group ((groups, C) rows of invstd); returns weight * invstd.
+    It needs only this rank's numbers: the synchronised backward runs it while its sums travel."""
+    scale = weight.to(invstd.dtype) * invstd  # (groups, C)
+    torch.mul(_grouped(dy, invstd.shape[0]), _per_group_channel(scale), out=_grouped(out, invstd.shape[0]))
+    return scale
+
+
+def _add_x_terms(out, x, mean, invstd, scale, sum_dy, sum_dy_xhat, count: int) -> None:
+    """out += -weight * invstd * (sum_dy + x_hat * sum_dy_xhat) / count, x_hat = (x - mean) * invstd, per group
+    ((groups, C) rows): with out holding the dy term (_dy_term_into) that is BN's input gradient. Two passes
+    (+ slope * x, then + offset): on the CPU they beat one addcmul with two broadcast operands (NCHW: 3x)."""
+    scale = scale * (-1.0 / count)
+    slope = scale * invstd * sum_dy_xhat
+    offset = torch.addcmul(scale * sum_dy, slope, mean, value=-1)
+    grouped = _grouped(out, mean.shape[0])
+    grouped.addcmul_(_grouped(x, mean.shape[0]), _per_group_channel(slope))
+    grouped.add_(_per_group_channel(offset))
 
 
 def _input_grad_into(out, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count: int) -> None:
     """out <- BN's input gradient weight * invstd * (dy - (sum_dy + x_hat * sum_dy_xhat) / count) of each group
-    of consecutive images, given its statistics and sums ((groups, C) rows) over count elements: the terms in
-    x, then + weight * invstd * dy, written into out with no temporary of its size (on the CPU: for fp32 and
-    fp64 inputs), all groups in each elementwise pass."""
-    groups = mean.shape[0]
-    scale = weight.to(invstd.dtype) * invstd  # (groups, C)
+    of consecutive images, given its statistics and sums ((groups, C) rows) over count elements, written into
+    out with no temporary of its size, all groups in each elementwise pass."""
     if x.is_cuda:  # (x - mean) * invstd * w + b in one pass: nn.SyncBatchNorm's elementwise kernel, into out
+        scale = weight.to(invstd.dtype) * invstd
         w, b = -scale * sum_dy_xhat / count, -scale * sum_dy / count
-        for k, part in enumerate(_parts(x.shape[0], groups)):
+        for k, part in enumerate(_parts(x.shape[0], mean.shape[0])):
             torch.batch_norm_elemt(x[part], w[k], b[k], mean[k], invstd[k], 0.0, out=out[part])
-    else:  # slope * x + offset: on the CPU two passes beat one addcmul with two broadcast operands (NCHW: 3x)
-        slope = -scale * invstd * sum_dy_xhat / count
-        offset = -scale * sum_dy / count - slope * mean
-        torch.mul(_grouped(x, groups), _per_group_channel(slope), out=_grouped(out, groups))
-        _grouped(out, groups).add_(_per_group_channel(offset))
-    _grouped(out, groups).addcmul_(_grouped(dy, groups), _per_group_channel(scale))
+        _grouped(out, mean.shape[0]).addcmul_(_grouped(dy, mean.shape[0]), _per_group_channel(scale))
+        return
+    _add_x_terms(out, x, mean, invstd, _dy_term_into(out, dy, weight, invstd), sum_dy, sum_dy_xhat, count)
 
 
 def _ghost_forward(x, weight, bias, groups: int, eps: float):
@@ -102,8 +118,8 @@ def _ghost_forward(x, weight, bias, groups: int, eps: float):
     mean = x.new_empty((groups, x.shape[1]), dtype=_accumulator(x.dtype))
     invstd = torch.empty_like(mean)
     for k, part in enumerate(_parts(x.shape[0], groups)):
-        torch.ops.aten.native_batch_norm.out(x[part], weight, bias, None, None, True, 0.0, eps, out=out[part],
-                                             save_mean=mean[k], save_invstd=invstd[k])
+        torch.native_batch_norm(x[part], weight, bias, None, None, True, 0.0, eps,
+                                out=(out[part], mean[k], invstd[k]))
     return out, mean, invstd
 
 
@@ -217,15 +233,17 @@ class GroupBatchNormFunction(torch.autograd.Function):
 
 def _sync_backward_cpu(dy, x, weight, mean, invstd, eps: float, count: int, group, needs):
     """A ghost group's backward with the group's sums over count elements. Collective: all-reduce of 2C numbers
-    in group (if x needs a gradient)."""
+    in group (if x needs a gradient), started before the dy term of the input gradient and awaited after it."""
     sum_dy, sum_dy_xhat = _sums(dy, x, mean, invstd, weight, eps)  # this rank's part
     grad_in = None
     if needs[0]:
         sums = torch.cat([sum_dy, sum_dy_xhat])
-        torch_dist.all_reduce(sums, group=group)
+        travelling = torch_dist.all_reduce(sums, group=group, async_op=True)
         grad_in = torch.empty_like(x)
-        _input_grad_into(grad_in, dy, x, mean[None], invstd[None], weight, sums[None, :mean.numel()],
-                         sums[None, mean.numel():], count)
+        scale = _dy_term_into(grad_in, dy, weight, invstd[None])
+        travelling.wait()  # sync point: the group's sums
+        _add_x_terms(grad_in, x, mean[None], invstd[None], scale, sums[None, :mean.numel()],
+                     sums[None, mean.numel():], count)
     return (grad_in, sum_dy_xhat.to(weight.dtype) if needs[1] else None,
             sum_dy.to(weight.dtype) if needs[2] else None)
 

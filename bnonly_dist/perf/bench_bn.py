@@ -9,6 +9,9 @@ CPU time per step, which a machine loaded by others disturbs less):
     ghost     train.bn_batch = half the per-rank batch: two groups per rank, no collective
     sync      train.bn_batch = the global batch: one statistic over every rank (per BN layer
               and step: an all-gather in forward, an all-reduce in backward)
+    sync-alone  sync's code path with each rank in a group of its own: its work without its
+              waits, so that sync - sync-alone is what the step spends in its collectives
+              (each rank waiting for the others included), sync-alone - per-rank the rest
 
 Each variant's peak memory of one step (after the timed turns): the most bytes torch held at
 once during the step beyond what it held at its start (torch.cuda.max_memory_allocated on
@@ -35,6 +38,7 @@ from bnonly_dist.config import plan as plans
 from bnonly_dist.config.catalog import num_classes, parse_arch
 from bnonly_dist.models import memory
 from bnonly_dist.models.bn_groups import running_statistics
+from bnonly_dist.models.layers import set_bn_groups
 
 
 def _sync(device: torch.device) -> None:
@@ -93,11 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     ctx = dist.init(base.train.device, base.dist.timeout_s, base.train.deterministic)
     per_rank = plans.per_rank(base.data.batch_size, ctx.world)
     bn_batches = {"per-rank": per_rank, "ghost": per_rank // 2, "sync": base.data.batch_size}
+    alone = [torch_dist.new_group([r]) for r in range(ctx.world)] if ctx.world > 1 else []  # collective
+    if alone:
+        bn_batches["sync-alone"] = per_rank
     variants = {}
     for name, bn_batch in bn_batches.items():
         cfg = load(args.config, [*args.overrides, f"train.bn_batch={bn_batch}"])
         plan = plans.resolve(cfg, ctx.device, ctx.world, memory)
         net = network.build(cfg, plan, num_classes(cfg))
+        if name == "sync-alone":
+            set_bn_groups(net.model, 1, alone[ctx.rank])
         variants[name] = (plan, engines.wrap(cfg, plan, net.model, net.masks, ctx))
     size = 32 if parse_arch(base.model.arch).family == "cifar" else base.data.image_size
     classes = num_classes(base)
@@ -142,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['variant']} | {r['bn_batch']} | {r['step_s']:.4f} | {r['min_s']:.4f} - {r['max_s']:.4f} | "
                   f"{r['ratio']:.2f}x | {r['cpu_s']:.4f} | {r['cpu_ratio']:.2f}x | {r['peak_bytes'] / 2**20:.1f} | "
                   f"{r['peak_ratio']:.3f}x |")
+        if "sync-alone" in times:
+            waited = statistics.median(times["sync"]) - statistics.median(times["sync-alone"])
+            print(f"sync's collectives inside the step (sync - sync-alone): {waited * 1e3:.1f} ms = "
+                  f"{waited / reference:.2f}x of per-rank; the rest of sync's cost (sync-alone - per-rank): "
+                  f"{statistics.median(times['sync-alone']) / reference - 1:.2f}x")
         if ctx.world > 1:
             print(f"one BN layer's collectives (all-gather + all-reduce, 256 channels): {latency * 1e3:.3f} ms; "
                   f"x {layers} layers = {latency * layers * 1e3:.1f} ms per step")
