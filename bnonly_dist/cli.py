@@ -194,7 +194,7 @@ def _interrupted(args) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C now would only cut this line short
     hint, run_dir = "", None
     if args is not None and args.func is _train:
-        from bnonly_dist.run.checkpoint_files import committed
+        from bnonly_dist.run.checkpoint_files import committed, resume_hint
         hint = "run the same command to resume from the last checkpoint"
         with contextlib.suppress(ConfigError, OSError, ValueError):
             run_dir = args.run_dir or run_dir_of(load(args.config, args.overrides))
@@ -204,13 +204,6 @@ def _interrupted(args) -> int:
         history.note_failure(run_dir, int(os.environ.get("RANK", "0")), history.EXIT_INTERRUPTED, Kind.INTERRUPTED,
                              "interrupted (Ctrl-C)")
     return history.EXIT_INTERRUPTED
-
-
-def resume_hint(run_dir: Path, checkpoints: list[Path]) -> str:
-    """The advice after an abort: resume from the newest checkpoint, or start again if none was saved."""
-    if not checkpoints:
-        return f"no checkpoint was saved yet in {run_dir}; run the same command to start again"
-    return "run the same command to resume from the last checkpoint"
 
 
 def _quiet_stdout() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bnonly_dist.config import ConfigError
-from bnonly_dist.launch import cluster, sweep
+from bnonly_dist.launch import cluster, submission, sweep
 
 
 def submit(*args, env=None):
@@ -125,7 +125,7 @@ def test_malformed_cluster_file_is_named(tmp_path):
 
 
 class FakeJob:
-    """A job of the local executor as run_here sees it: done after `steps` polls, then its result or failure."""
+    """A job of the local executor as wait_here sees it: done after `steps` polls, then its result or failure."""
 
     def __init__(self, log, point, fail=False, steps=3):
         self.job_id, self.point, self.fail, self.steps, self.log = f"{point}-{len(log)}", point, fail, steps, log
@@ -148,8 +148,17 @@ def _points(tmp_path, n):
     return sweep.load(spec, ["data.root=/x"]).points
 
 
+def _run_here(points, train_jobs, submit, parallel, pressed):
+    """submission's local loop over the points, none started yet: every point's last job and the count failed."""
+    launch = submission.Launch("sweep", [submission.Run(p.cfg, p.run_dir, " ".join(p.overrides)) for p in points],
+                               {}, Path("unused"), "unused", [p.run_dir for p in points])
+    here = submission._Here(launch, train_jobs, type("Executor", (), {"submit": staticmethod(submit)})(), [])
+    here.loop(parallel, pressed)
+    return here.jobs, len(here.failed)
+
+
 def test_a_local_sweep_runs_its_points_in_order_at_most_parallel_at_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep.time, "sleep", lambda s: None)
+    monkeypatch.setattr(submission.time, "sleep", lambda s: None)
     points, log = _points(tmp_path, 5), []
     train_jobs = [type("TJ", (), {"series": f"s{i}", "point": i})() for i in range(5)]
 
@@ -157,7 +166,7 @@ def test_a_local_sweep_runs_its_points_in_order_at_most_parallel_at_once(tmp_pat
         log.append(("start", train_job.point))
         return FakeJob(log, train_job.point, steps=2 + train_job.point % 2)
 
-    jobs, failed = sweep.run_here(points, train_jobs, submit, 2, [])
+    jobs, failed = _run_here(points, train_jobs, submit, 2, [])
     assert failed == 0 and all(jobs)
     starts = [p for kind, p in log if kind == "start"]
     assert starts == [0, 1, 2, 3, 4]  # the sweep's order
@@ -174,7 +183,7 @@ def test_a_local_sweep_runs_its_points_in_order_at_most_parallel_at_once(tmp_pat
     def submit_then_press(train_job):
         pressed.append(True)
         return submit(train_job)
-    jobs, failed = sweep.run_here(points, train_jobs, submit_then_press, 2, pressed)
+    jobs, failed = _run_here(points, train_jobs, submit_then_press, 2, pressed)
     assert [p for kind, p in log if kind == "start"] == [0] and jobs[1:] == [None] * 4
 
 

@@ -10,7 +10,7 @@ handler calls checkpoint() below and requeues the job; the requeued job resumes 
 newest complete checkpoint in the same run directory. On a failure a restart may cure,
 the first task to see its child fail decides (restart.after_failure) and, under Slurm,
 requeues the job, at most max_failures times per series; without Slurm the
-launcher resubmits it (launchers/submit.py).
+launchers' shared wait resubmits it (submission.wait_here).
 
 Ctrl-C while a launcher waits for a job on this machine (submitit's local executor): the
 job is started with SIGINT ignored, so its controller, which would kill the tasks on

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,9 +90,10 @@ def load(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
 PROCESS_BASE_BYTES = 2**29
 
 
-def default_parallel(points: list[Point], world: int, gpus: int) -> tuple[int, str]:
-    """Without Slurm: how many points run at once here, and why. Each point runs world processes; as many points as
-    this machine's cores and memory hold by the plan's estimate (every point on all GPUs: one at a time)."""
+def default_parallel(points: list, world: int, gpus: int) -> tuple[int, str]:
+    """Without Slurm: how many points (anything with a .cfg: Point, submission.Run) run at once here, and why. Each
+    point runs world processes; as many points as this machine's cores and memory hold by the plan's estimate
+    (every point on all GPUs: one at a time). launch/submission.py runs them."""
     if gpus:
         return 1, f"one point at a time here (each uses this machine's {gpus} GPU{'s' if gpus > 1 else ''})"
     import torch
@@ -116,36 +115,3 @@ def default_parallel(points: list[Point], world: int, gpus: int) -> tuple[int, s
     return parallel, (f"{parallel} point{'s' if parallel > 1 else ''} at a time here: this machine's {cores} "
                       f"core{'s' if cores > 1 else ''} and {here / 2**30:.0f} GiB for {world} process(es) per point of "
                       f"about {each / 2**30:.1f} GiB each (the plan's estimate); --parallel N to choose")
-
-
-def run_here(points: list[Point], train_jobs: list, submit, parallel: int, pressed: list) -> tuple[list, int]:
-    """Run the points on this machine in their order, at most parallel at once: submit(train_job) -> a started
-    job. A failure a restart may cure starts again in its slot; after Ctrl-C (pressed) no point starts.
-    Returns every point's last job (None: never started) and the count of points that failed."""
-    from bnonly_dist.launch import cluster, restart
-    pending, running, failed = list(range(len(points))), {}, 0
-    jobs: list = [None] * len(points)
-    while pending or running:
-        while pending and len(running) < parallel and not pressed:
-            i = pending.pop(0)
-            jobs[i] = running[i] = submit(train_jobs[i])
-            cluster.record_job(points[i].run_dir, str(jobs[i].job_id))
-        if pressed:
-            pending.clear()  # the tasks that run stop with a checkpoint; the rest wait for the next command
-        for i, job in list(running.items()):
-            if not job.done():
-                continue
-            del running[i]
-            label = " ".join(points[i].overrides)
-            try:
-                job.results()
-            except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
-                if not pressed and restart.restart_pending(points[i].run_dir, train_jobs[i].series):
-                    jobs[i] = running[i] = submit(train_jobs[i])  # what a Slurm requeue would do
-                    print(f"({label}) job failed, restarting as job {jobs[i].job_id}", flush=True)
-                    continue
-                failed += 1
-                said = restart.refusal_line(points[i].run_dir, train_jobs[i].series)
-                print(f"({label}) {said or cluster.failure_report(job, err)}", file=sys.stderr, flush=True)
-        time.sleep(0.2)
-    return jobs, failed

@@ -48,6 +48,14 @@ def committed(folder: Path) -> list[Path]:
     return sorted(found, key=step_of)
 
 
+def resume_hint(run_dir: Path, checkpoints: list[Path]) -> str:
+    """The advice after an abort (bnonly train, the launchers): resume from the newest checkpoint, or start
+    again if none was saved."""
+    if not checkpoints:
+        return f"no checkpoint was saved yet in {run_dir}; run the same command to start again"
+    return "run the same command to resume from the last checkpoint"
+
+
 def damaged(folder: Path) -> list[Path]:
     folder = Path(folder)
     return sorted(folder.glob(f"step_*{DAMAGED_SUFFIX}*")) if folder.is_dir() else []

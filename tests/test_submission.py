@@ -1,0 +1,92 @@
+"""The launchers' shared wait without Slurm (launch/submission.wait_here): resubmission when a restart is pending,
+the decision's line when none is, with fake jobs (no training)."""
+from pathlib import Path
+
+import pytest
+
+from bnonly_dist.launch import restart, submission
+from bnonly_dist.run import history
+from bnonly_dist.run.history import Kind
+
+
+class Job:
+    """A local job that has already ended: its summary, or the failure its task decided on."""
+
+    def __init__(self, job_id: str, summary: dict | None):
+        self.job_id, self.summary = job_id, summary
+
+    def done(self) -> bool:
+        return True
+
+    def results(self) -> list[dict]:
+        if self.summary is None:
+            raise RuntimeError(f"job {self.job_id} failed")  # as submitit re-raises a task's TrainingFailed
+        return [self.summary]
+
+
+class Executor:
+    """Runs each submitted TrainJob at once as its task would: take up a pending retry (restart.announce_restart),
+    then fail (the task decides, restart.record) while `failures` lasts, else end with a summary."""
+
+    def __init__(self, failures: int):
+        self.failures, self.submitted = failures, []
+
+    def submit(self, train_job):
+        job_id = f"{len(self.submitted) + 1}"
+        self.submitted.append(job_id)
+        run_dir = Path(train_job.run_dir)
+        restart.announce_restart(run_dir, train_job.series, job_id)
+        if self.failures:
+            self.failures -= 1
+            with history.locked(run_dir):
+                restart.record(run_dir, restart.Outcome(train_job.series, 0, Kind.ERROR, "rank 0: RuntimeError: boom",
+                                                        1, train_job.max_failures), job_id)
+            return Job(job_id, None)
+        return Job(job_id, {"step": 6})
+
+
+def _wait(tmp_path, prog: str, max_failures: int, failures: int, points: int = 1):
+    runs = [submission.Run(None, tmp_path / f"run{i}", f"seed={i}" if prog == "sweep" else "") for i in range(points)]
+    for run in runs:
+        run.run_dir.mkdir()
+    launch = submission.Launch(prog, runs, {}, tmp_path / "jobs", "test", [r.run_dir for r in runs])
+    train_jobs = [submission.TrainJob({}, r.run_dir, max_failures, f"local-{i}") for i, r in enumerate(runs)]
+    executor = Executor(failures)
+    first = executor.submit(train_jobs[0])
+    return submission.wait_here(launch, train_jobs, executor, [first], 1), executor
+
+
+@pytest.fixture(autouse=True)
+def no_pause(monkeypatch):
+    monkeypatch.setattr(submission, "POLL_S", 0)
+
+
+def test_a_failure_with_a_restart_pending_is_submitted_again_once(tmp_path, capsys):
+    code, executor = _wait(tmp_path, "submit", max_failures=3, failures=1)
+    out, err = capsys.readouterr()
+    assert code == 0 and executor.submitted == ["1", "2"], out + err
+    assert out.splitlines() == [f"job failed, restarting as job 2 (history: {tmp_path / 'run0' / 'history.jsonl'})",
+                                f"job 2 done: {tmp_path / 'run0' / 'summary.json'}"]
+    assert [row.event for row in history.read(tmp_path / "run0").of("local-0")] == ["failure", "restart"]
+    assert err == ""
+
+
+def test_a_failure_not_retried_ends_in_the_decision_and_is_not_resubmitted(tmp_path, capsys):
+    code, executor = _wait(tmp_path, "submit", max_failures=0, failures=1)
+    out, err = capsys.readouterr()
+    assert code == 1 and executor.submitted == ["1"] and out == "", out + err
+    assert err.splitlines() == [
+        "bnonly: attempt 1 failed at step 0 (rank 0: RuntimeError: boom); not retried: retrying is off "
+        f"(--max-failures 0); see {tmp_path / 'run0' / 'history.jsonl'}"]
+
+
+def test_a_sweep_goes_on_after_a_point_that_failed_and_counts_it(tmp_path, capsys):
+    """Point 0 fails for good, point 1 (started after it, parallel 1) is done: exit 1, one line each."""
+    code, executor = _wait(tmp_path, "sweep", max_failures=0, failures=1, points=2)
+    out, err = capsys.readouterr()
+    assert code == 1 and executor.submitted == ["1", "2"], out + err
+    assert err.splitlines() == [
+        "(seed=0) bnonly: attempt 1 failed at step 0 (rank 0: RuntimeError: boom); not retried: retrying is off "
+        f"(--max-failures 0); see {tmp_path / 'run0' / 'history.jsonl'}"]
+    assert out.splitlines() == ["1 of 2 points done"]
+    assert (tmp_path / "run1" / "slurm" / "job_id").read_text().strip() == "2"  # recorded when it started
