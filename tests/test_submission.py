@@ -1,5 +1,6 @@
 """The launchers' shared wait without Slurm (launch/submission.wait_here): resubmission when a restart is pending,
-the decision's line when none is, with fake jobs (no training)."""
+the decision's line when none is; and --wait under Slurm (wait_slurm) ending in that line; with fake jobs (no
+training)."""
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,18 @@ def test_a_sweep_goes_on_after_a_point_that_failed_and_counts_it(tmp_path, capsy
         f"(--max-failures 0); see {tmp_path / 'run0' / 'history.jsonl'}"]
     assert out.splitlines() == ["1 of 2 points done"]
     assert (tmp_path / "run1" / "slurm" / "job_id").read_text().strip() == "2"  # recorded when it started
+
+
+def test_slurm_wait_ends_a_failure_in_the_decision_after_the_log(tmp_path, capsys, monkeypatch):
+    """Under Slurm the series is the job's id: its decision not to restart is the console's last line."""
+    run = submission.Run(None, tmp_path / "run0")
+    run.run_dir.mkdir()
+    with history.locked(run.run_dir):
+        restart.record(run.run_dir, restart.Outcome("77", 0, Kind.CONFIG, "rank 0: DataError: no CIFAR-10", 1, 3), "77")
+    monkeypatch.setattr(submission.cluster, "failure_report", lambda job, err: f"job {job.job_id} failed; its log")
+    launch = submission.Launch("submit", [run], {}, tmp_path / "jobs", "test", [run.run_dir])
+    assert submission.wait_slurm(launch, [Job("77", None)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "job 77 failed; its log",
+        "bnonly: attempt 1 failed at step 0 (rank 0: DataError: no CIFAR-10); not retried: never retried: a config, "
+        f"command-line, run-directory or data-set error (exit 2); see {run.run_dir / 'history.jsonl'}"]

@@ -177,7 +177,8 @@ def _say_submitted(launch: Launch, target: cluster.Target, started: list) -> Non
 
 
 def wait_slurm(launch: Launch, started: list) -> int:
-    """--wait under Slurm: every job's result (rank 0 holds the summary); a failure names the job and its log."""
+    """--wait under Slurm: every job's result (rank 0 holds the summary); a failure names the job and the end of its
+    log, then the decision not to restart it where one was made (its last line)."""
     failed = 0
     for run, job in zip(launch.runs, started):
         try:
@@ -189,7 +190,9 @@ def wait_slurm(launch: Launch, started: list) -> int:
             return 130
         except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
             failed += 1
-            print(f"{run.prefix}{cluster.failure_report(job, err)}", file=sys.stderr)
+            said = restart.refusal_line(run.run_dir, str(job.job_id))  # the series: the Slurm job (array task) id
+            print(f"{run.prefix}{cluster.failure_report(job, err)}" + (f"\n{run.prefix}{said}" if said else ""),
+                  file=sys.stderr)
         else:
             if not launch.sweep:
                 print(f"job {job.job_id} done: {RunPaths(run.run_dir).summary}")
