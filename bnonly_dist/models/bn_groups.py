@@ -86,15 +86,19 @@ def _dy_term_into(out, dy, weight, invstd) -> torch.Tensor:
     return scale
 
 
-def _add_x_terms(out, x, mean, invstd, scale, sum_dy, sum_dy_xhat, count: int) -> None:
-    """out += -weight * invstd * (sum_dy + x_hat * sum_dy_xhat) / count, x_hat = (x - mean) * invstd, per group
-    ((groups, C) rows): with out holding the dy term (_dy_term_into) that is BN's input gradient. Two passes
-    (+ slope * x, then + offset): on the CPU they beat one addcmul with two broadcast operands (NCHW: 3x)."""
+def _x_terms(mean, invstd, scale, sum_dy, sum_dy_xhat, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slope, offset), (groups, C) rows: -weight * invstd * (sum_dy + x_hat * sum_dy_xhat) / count, with
+    x_hat = (x - mean) * invstd and scale = weight * invstd, is slope * x + offset."""
     scale = scale * (-1.0 / count)
     slope = scale * invstd * sum_dy_xhat
-    offset = torch.addcmul(scale * sum_dy, slope, mean, value=-1)
-    grouped = _grouped(out, mean.shape[0])
-    grouped.addcmul_(_grouped(x, mean.shape[0]), _per_group_channel(slope))
+    return slope, torch.addcmul(scale * sum_dy, slope, mean, value=-1)
+
+
+def _add_x_terms(out, x, slope, offset) -> None:
+    """out += slope * x + offset per group, in two passes: on the CPU they beat one addcmul with two broadcast
+    operands in NCHW (3x)."""
+    grouped = _grouped(out, slope.shape[0])
+    grouped.addcmul_(_grouped(x, slope.shape[0]), _per_group_channel(slope))
     grouped.add_(_per_group_channel(offset))
 
 
@@ -102,14 +106,22 @@ def _input_grad_into(out, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, coun
     """out <- BN's input gradient weight * invstd * (dy - (sum_dy + x_hat * sum_dy_xhat) / count) of each group
     of consecutive images, given its statistics and sums ((groups, C) rows) over count elements, written into
     out with no temporary of its size, all groups in each elementwise pass."""
+    groups = mean.shape[0]
     if x.is_cuda:  # (x - mean) * invstd * w + b in one pass: nn.SyncBatchNorm's elementwise kernel, into out
         scale = weight.to(invstd.dtype) * invstd
         w, b = -scale * sum_dy_xhat / count, -scale * sum_dy / count
-        for k, part in enumerate(_parts(x.shape[0], mean.shape[0])):
+        for k, part in enumerate(_parts(x.shape[0], groups)):
             torch.batch_norm_elemt(x[part], w[k], b[k], mean[k], invstd[k], 0.0, out=out[part])
-        _grouped(out, mean.shape[0]).addcmul_(_grouped(dy, mean.shape[0]), _per_group_channel(scale))
-        return
-    _add_x_terms(out, x, mean, invstd, _dy_term_into(out, dy, weight, invstd), sum_dy, sum_dy_xhat, count)
+        _grouped(out, groups).addcmul_(_grouped(dy, groups), _per_group_channel(scale))
+    elif x.is_contiguous():  # NCHW: three passes (see _add_x_terms)
+        scale = _dy_term_into(out, dy, weight, invstd)
+        _add_x_terms(out, x, *_x_terms(mean, invstd, scale, sum_dy, sum_dy_xhat, count))
+    else:  # NHWC: offset + slope * x, then + scale * dy: two passes, 15-20 % less time than three here
+        scale = weight.to(invstd.dtype) * invstd
+        slope, offset = _x_terms(mean, invstd, scale, sum_dy, sum_dy_xhat, count)
+        torch.addcmul(_per_group_channel(offset), _grouped(x, groups), _per_group_channel(slope),
+                      out=_grouped(out, groups))
+        _grouped(out, groups).addcmul_(_grouped(dy, groups), _per_group_channel(scale))
 
 
 def _ghost_forward(x, weight, bias, groups: int, eps: float):
@@ -242,8 +254,8 @@ def _sync_backward_cpu(dy, x, weight, mean, invstd, eps: float, count: int, grou
         grad_in = torch.empty_like(x)
         scale = _dy_term_into(grad_in, dy, weight, invstd[None])
         travelling.wait()  # sync point: the group's sums
-        _add_x_terms(grad_in, x, mean[None], invstd[None], scale, sums[None, :mean.numel()],
-                     sums[None, mean.numel():], count)
+        _add_x_terms(grad_in, x, *_x_terms(mean[None], invstd[None], scale, sums[None, :mean.numel()],
+                                           sums[None, mean.numel():], count))
     return (grad_in, sum_dy_xhat.to(weight.dtype) if needs[1] else None,
             sum_dy.to(weight.dtype) if needs[2] else None)
 
