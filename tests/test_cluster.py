@@ -62,6 +62,17 @@ def test_dry_run_prints_the_sbatch_script(tmp_path):
     assert "--partition=debug" in out and "--cpus-per-task=8" in out
 
 
+def test_a_sweeps_dry_run_shows_the_array_limit_it_submits_with(tmp_path, monkeypatch):
+    """--parallel N under Slurm: the script shows %N, as the job array is submitted (executor's array_parallelism)."""
+    import argparse
+    monkeypatch.setenv("BNONLY_CLUSTER_FILE", str(tmp_path / "none.yaml"))
+    parser = argparse.ArgumentParser()
+    cluster.add_resource_arguments(parser)
+    res = cluster.resources(parser.parse_args(["--gpus-per-node", "0"]))
+    assert "#SBATCH --array=0-4%2" in cluster.sbatch_script(tmp_path, res, "sweep", 5, 2)
+    assert "#SBATCH --array=0-4%5" in cluster.sbatch_script(tmp_path, res, "sweep", 5)  # submitit's default: all
+
+
 @pytest.mark.parametrize("sinfo, line, cpus", [
     ("gpu* 2 gpu:h100:8 224 1-infinite\n", "partition gpu's nodes have 224 CPUs for 8 GPUs, capped at 16", 16),
     ("gpu* 2 gpu:h100:8 224 1-infinite\ngpu* 2 gpu:a100:8 64 1-infinite\ngpu* 1 gpu:v100:4 80 1-infinite\n",

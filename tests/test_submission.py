@@ -106,3 +106,49 @@ def test_slurm_wait_ends_a_failure_in_the_decision_after_the_log(tmp_path, capsy
         "job 77 failed; its log",
         "bnonly: attempt 1 failed at step 0 (rank 0: DataError: no CIFAR-10); not retried: never retried: a config, "
         f"command-line, run-directory or data-set error (exit 2); see {run.run_dir / 'history.jsonl'}"]
+
+
+class Interrupting(Job):
+    """A job whose first look at its result is cut by a second Ctrl-C (the handler raises there), then failed."""
+
+    def __init__(self, job_id: str):
+        super().__init__(job_id, None)
+        self.looks = 0
+
+    def results(self) -> list[dict]:
+        self.looks += 1
+        if self.looks == 1:
+            raise KeyboardInterrupt
+        return super().results()
+
+
+def test_a_second_ctrl_c_while_a_failed_job_is_being_looked_at_is_an_interruption(tmp_path, capsys):
+    run = submission.Run(None, tmp_path / "run0")
+    run.run_dir.mkdir()
+    launch = submission.Launch("submit", [run], {}, tmp_path / "jobs", "test", [run.run_dir])
+    train_jobs = [submission.TrainJob({}, run.run_dir, 3, "local-0")]
+    code = submission.wait_here(launch, train_jobs, Executor(0), [Interrupting("1")], 1)
+    assert code == 130
+    assert capsys.readouterr().err.startswith("submit: interrupted; ")
+
+
+class Config:
+    def to_dict(self) -> dict:
+        return {}
+
+
+def test_without_slurm_only_the_first_run_is_submitted_before_the_wait(tmp_path, monkeypatch):
+    """The rest start inside wait_here, under its Ctrl-C handling: a failed submission can only take back run
+    directories nothing has started in."""
+    executor = Executor(0)
+    monkeypatch.setattr(submission.cluster, "executor", lambda *a: executor)
+    monkeypatch.setattr(submission.rundir, "prepare_all", lambda runs: None)
+    monkeypatch.setattr(submission.jobs, "hold_stops", lambda: None)
+    runs = [submission.Run(Config(), tmp_path / f"run{i}", f"seed={i}") for i in range(3)]
+    for run in runs:
+        run.run_dir.mkdir()
+    launch = submission.Launch("sweep", runs, {"max_failures": 3}, tmp_path / "jobs", "test", [r.run_dir for r in runs],
+                               parallel=3)
+    started, train_jobs, _ = submission.submit(launch, type("Target", (), {"slurm": False})())
+    assert [job is not None for job in started] == [True, False, False] and executor.submitted == ["1"]
+    assert len(train_jobs) == 3

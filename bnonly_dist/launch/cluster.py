@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -205,14 +206,20 @@ def terminal_ask():
         return None
 
     def ask(question: str) -> bool:
+        print(question, end="", flush=True)
         try:
-            return input(question).strip().lower() in ("y", "yes")
-        except EOFError:
-            return False
+            # Not input(): a Ctrl-C that lands after the question is written and before the read begins would
+            # only be seen once a line comes. select() returns to Python every ASK_POLL_S, where it is seen.
+            while not select.select([sys.stdin], [], [], ASK_POLL_S)[0]:
+                pass
+            return sys.stdin.readline().strip().lower() in ("y", "yes")  # "" at the end of input: no
         except KeyboardInterrupt:
             print(flush=True)  # the launcher's one line goes below the question, not after it
             raise
     return ask
+
+
+ASK_POLL_S = 0.2  # how soon a Ctrl-C at the [y/N] question ends it, however it lands
 
 
 def slurm_parameters(res: dict, job_name: str) -> dict:
@@ -266,12 +273,16 @@ def created(*run_dirs: Path):
         raise SubmissionError(f"the job was not submitted: {said[-1] if said else type(err).__name__}") from err
 
 
-def sbatch_script(job_dir: Path, res: dict, job_name: str, array: int | None = None) -> str:
-    """The script submitit would hand to sbatch (for --dry-run)."""
+def sbatch_script(job_dir: Path, res: dict, job_name: str, array: int | None = None,
+                  array_parallelism: int | None = None) -> str:
+    """The script submitit would hand to sbatch (for --dry-run); array: tasks of a job array, array_parallelism:
+    how many of them run at once (None: submitit's default)."""
     from submitit.slurm.slurm import _make_sbatch_string  # submitit's own writer, so this is what it submits
     params = slurm_parameters(res, job_name)
     if array:
         params["map_count"] = array
+        if array_parallelism:
+            params["array_parallelism"] = array_parallelism
     command = f"{sys.executable} -u -m submitit.core._submit {job_dir}"
     return _make_sbatch_string(command=command, folder=job_dir, **params)
 

@@ -64,12 +64,12 @@ def main(prog: str, args, plan) -> int:
         target, parallel = check(launch, args)
         if args.dry_run:
             array = len(launch.runs) if launch.sweep else None
-            print(cluster.sbatch_script(launch.job_dir, launch.res, launch.name, array=array) if target.slurm
+            print(cluster.sbatch_script(launch.job_dir, launch.res, launch.name, array, launch.parallel) if target.slurm
                   else cluster.dry_run_here(target))
             if not launch.sweep:
                 print(f"# run directory: {launch.runs[0].run_dir}")
             return 0
-        started, train_jobs, executor = submit(launch, target, parallel)
+        started, train_jobs, executor = submit(launch, target)
     except KeyboardInterrupt:  # at the [y/N] question, or during the checks
         print(f"{prog}: interrupted; nothing was submitted", file=sys.stderr)
         return 130
@@ -134,10 +134,11 @@ def _first_answer(ask):
     return once
 
 
-def submit(launch: Launch, target: cluster.Target, parallel: int) -> tuple[list, list[TrainJob], object]:
+def submit(launch: Launch, target: cluster.Target) -> tuple[list, list[TrainJob], object]:
     """Prepare the run directories and submit: under Slurm every run (a sweep as one job array); here the first
-    `parallel` runs (wait_here starts the rest). A failed submission takes the new run directories back.
-    Returns each run's job (None: not started yet), the TrainJobs and the executor."""
+    run only (wait_here starts the rest, under its Ctrl-C handling). A failed submission takes the new run
+    directories back: nothing has started in them. Returns each run's job (None: not started yet), the TrainJobs
+    and the executor."""
     # Restarts are counted per series: the Slurm job id (kept across requeues; per array task), or one id per run
     # of this launch here.
     train_jobs = [TrainJob(run.cfg.to_dict(), run.run_dir, launch.res["max_failures"],
@@ -146,7 +147,7 @@ def submit(launch: Launch, target: cluster.Target, parallel: int) -> tuple[list,
         rundir.prepare_all([(run.cfg, run.run_dir) for run in launch.runs])
         executor = cluster.executor(launch.job_dir, launch.res, launch.name, target)
         if not target.slurm:
-            started = [executor.submit(t) if i < parallel else None for i, t in enumerate(train_jobs)]
+            started = [executor.submit(train_jobs[0])] + [None] * (len(train_jobs) - 1)
             jobs.hold_stops()  # until wait_here's handlers are set
         elif launch.sweep:
             if launch.parallel:
@@ -207,9 +208,9 @@ POLL_S = 0.2  # how often wait_here looks at the running jobs
 def wait_here(launch: Launch, train_jobs: list[TrainJob], executor, started: list, parallel: int) -> int:
     """Without Slurm: the runs on this machine in their order, at most parallel at once (started: the jobs
     already submitted, None for the rest). Ctrl-C or SIGTERM (jobs.ctrl_c): the first stops every running
-    task after the same step with a checkpoint and no further run starts; a second aborts (exit 130). A failure a
-    restart may cure is submitted again; one not retried ends in the decision's line (a traceback only where
-    nothing decided)."""
+    task after the same step with a checkpoint and no further run starts; a second aborts (exit 130), unless every
+    running task had already stopped cleanly (then the stop is reported, exit 0). A failure a restart may cure is
+    submitted again; one not retried ends in the decision's line (a traceback only where nothing decided)."""
     here = _Here(launch, train_jobs, executor, list(started))
     try:
         with jobs.ctrl_c(launch.prog, here.live) as pressed:
@@ -232,7 +233,8 @@ class _Here:
         self.pending = [i for i, job in enumerate(self.jobs) if job is None]
         self.summaries: dict[int, dict] = {}
         self.failed: set[int] = set()
-        self.cut: set[int] = set()  # failed after the stop: a task stopped before training began (nothing saved)
+        self.cut: set[int] = set()  # failed after the stop (a task stopped before training began, or failed while
+        # stopping): a single run reports it as interrupted, with its resume hint
 
     def start(self, i: int):
         with jobs.spawn_ignoring_ctrl_c():
@@ -250,9 +252,11 @@ class _Here:
             if pressed:
                 self.pending.clear()  # the running tasks stop with a checkpoint; the rest wait for the next command
             for i in sorted(self.running):
-                if self.jobs[i].done():
-                    self.running.discard(i)
-                    self.ended(i, pressed)
+                job = self.jobs[i]
+                if job.done():
+                    self.ended(i, pressed)  # i stays running until this is settled (stopped_cleanly looks there)
+                    if self.jobs[i] is job:  # not restarted as a new job
+                        self.running.discard(i)
             time.sleep(POLL_S)
 
     def ended(self, i: int, pressed: list) -> None:
