@@ -55,3 +55,27 @@ def root_logger_untouched():
     for handler in [h for h in root.handlers if h not in handlers]:
         root.removeHandler(handler)
     root.setLevel(level)
+
+
+class PrefetchingSource:
+    """A data source of `batches` batches of 4 tiny images per epoch, prefetch_depth of them ready before the
+    clock starts (what perf/bench.pipeline_rate must not count)."""
+    prefetch_depth, decode = 2, "cpu"
+
+    def __init__(self, batches: int):
+        self.batches = batches
+
+    def train_epoch(self, epoch):
+        import torch
+        for _ in range(self.batches):
+            yield torch.zeros(4, 3, 8, 8), torch.zeros(4)
+
+
+@pytest.fixture
+def source_of(monkeypatch):
+    """source_of(n): perf/bench builds a PrefetchingSource of n batches per epoch instead of the config's data."""
+    from bnonly_dist.perf import bench
+
+    def use(batches: int) -> None:
+        monkeypatch.setattr(bench.data, "build", lambda *a: PrefetchingSource(batches))
+    return use

@@ -205,19 +205,10 @@ def test_the_fake_imagenet_holds_an_epoch_of_the_dali_rate_in_few_files(rehearse
     assert len(files) == 20 and len({p.stat().st_ino for p in files}) == 6
 
 
-class ShortEpoch:
-    """A source whose epoch holds 9 batches, 2 of them prefetched."""
-    prefetch_depth, decode = 2, "cpu"
-
-    def train_epoch(self, epoch):
-        for _ in range(9):
-            yield torch.zeros(4, 3, 8, 8), torch.zeros(4)
-
-
-def test_the_dali_rate_refuses_an_epoch_shorter_than_its_batches(monkeypatch):
+def test_the_dali_rate_refuses_an_epoch_shorter_than_its_batches(source_of):
     from bnonly_dist import config
     from bnonly_dist.perf import bench
-    monkeypatch.setattr(bench.data, "build", lambda *a: ShortEpoch())
+    source_of(9)  # 9 batches an epoch, 2 of them prefetched
     cfg = config.load("configs/cifar10_resnet14.yaml", ["train.device=cpu", "data.batch_size=4", "train.bn_batch=4"])
     assert bench.pipeline_rate(cfg, torch.device("cpu"), steps=5, warmup=3)["batches"] == 3  # 9 = 3 + 5 + 1
     short = bench.pipeline_rate(cfg, torch.device("cpu"), steps=6, warmup=3)

@@ -109,18 +109,9 @@ def test_the_launcher_checks_a_sample_of_headers_and_says_so(imagenet_root, monk
     assert {p.split("/")[-2] for p in opened} == {p.name for p in (imagenet_root / "train").iterdir()}  # every class
 
 
-class Prefetching:
-    """A source that had prefetch_depth batches ready before the clock started."""
-    prefetch_depth, decode = 2, "cpu"
-
-    def train_epoch(self, epoch):
-        for _ in range(100):
-            yield torch.zeros(4, 3, 8, 8), torch.zeros(4)
-
-
-def test_the_pipeline_rate_does_not_count_the_prefetched_batches(monkeypatch):
+def test_the_pipeline_rate_does_not_count_the_prefetched_batches(source_of):
     from bnonly_dist.perf import bench
-    monkeypatch.setattr(bench.data, "build", lambda *a: Prefetching())
+    source_of(100)
     rate = bench.pipeline_rate(cfg(), CPU, steps=7, warmup=2)
     assert rate["batches"] == 5 and rate["not_counted"] == 2 and rate["batch"] == cfg().data.batch_size
     with pytest.raises(ConfigError, match="prefetch"):
