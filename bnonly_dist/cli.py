@@ -194,11 +194,11 @@ def _interrupted(args) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C now would only cut this line short
     hint, run_dir = "", None
     if args is not None and args.func is _train:
-        from bnonly_dist.run.checkpoint_files import committed, resume_hint
+        from bnonly_dist.run.checkpoint_files import resume_hint
         hint = "run the same command to resume from the last checkpoint"
         with contextlib.suppress(ConfigError, OSError, ValueError):
             run_dir = args.run_dir or run_dir_of(load(args.config, args.overrides))
-            hint = resume_hint(run_dir, committed(Path(run_dir) / "checkpoints"))
+            hint = resume_hint(run_dir)
     print(f"bnonly: interrupted{'; ' + hint if hint else ''}", file=sys.stderr, flush=True)
     if run_dir is not None:
         history.note_failure(run_dir, int(os.environ.get("RANK", "0")), history.EXIT_INTERRUPTED, Kind.INTERRUPTED,

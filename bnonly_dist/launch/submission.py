@@ -23,7 +23,7 @@ from bnonly_dist.launch import cluster, jobs, preflight, restart
 from bnonly_dist.launch.jobs import TrainJob
 from bnonly_dist.launch.sweep import default_parallel
 from bnonly_dist.run import rundir
-from bnonly_dist.run.checkpoint_files import committed, resume_hint
+from bnonly_dist.run.checkpoint_files import resume_hint
 from bnonly_dist.run.paths import RunPaths, tensorboard_command
 
 
@@ -296,8 +296,7 @@ class _Here:
         if self.launch.sweep:
             hint = "run the same command to go on (each point resumes from its last checkpoint)"
         else:
-            root = self.launch.runs[0].run_dir
-            hint = resume_hint(root, committed(RunPaths(root).checkpoints))
+            hint = resume_hint(self.launch.runs[0].run_dir)
         print(f"{self.launch.prog}: interrupted; {hint}", file=sys.stderr)
         return 130
 

@@ -15,6 +15,8 @@ import os
 import re
 from pathlib import Path
 
+from bnonly_dist.run.paths import RunPaths
+
 log = logging.getLogger(__name__)
 COMMIT = "commit.json"
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
@@ -48,10 +50,10 @@ def committed(folder: Path) -> list[Path]:
     return sorted(found, key=step_of)
 
 
-def resume_hint(run_dir: Path, checkpoints: list[Path]) -> str:
-    """The advice after an abort (bnonly train, the launchers): resume from the newest checkpoint, or start
-    again if none was saved."""
-    if not checkpoints:
+def resume_hint(run_dir: Path) -> str:
+    """The advice after an abort (bnonly train, the launchers): resume from the newest committed checkpoint, or
+    start again if none was saved."""
+    if not committed(RunPaths(Path(run_dir)).checkpoints):
         return f"no checkpoint was saved yet in {run_dir}; run the same command to start again"
     return "run the same command to resume from the last checkpoint"
 
