@@ -78,12 +78,20 @@ def _per_group_channel(stat: torch.Tensor) -> torch.Tensor:
     return stat.view(stat.shape[0], 1, stat.shape[1], 1, 1)
 
 
-def _dy_term_into(out, dy, weight, invstd) -> torch.Tensor:
-    """out <- weight * invstd * dy for each group ((groups, C) rows of invstd); returns weight * invstd.
-    It needs only this rank's numbers: the synchronised backward runs it while its sums travel."""
-    scale = weight.to(invstd.dtype) * invstd  # (groups, C)
-    torch.mul(_grouped(dy, invstd.shape[0]), _per_group_channel(scale), out=_grouped(out, invstd.shape[0]))
-    return scale
+def _scale(weight, invstd) -> torch.Tensor:
+    """weight * invstd, (groups, C) rows: the factor of dy in BN's input gradient."""
+    return weight.to(invstd.dtype) * invstd
+
+
+def _dy_term_into(out, dy, scale) -> None:
+    """out <- scale * dy for each group. It needs only this rank's numbers: the synchronised backward runs it
+    while its sums travel."""
+    torch.mul(_grouped(dy, scale.shape[0]), _per_group_channel(scale), out=_grouped(out, scale.shape[0]))
+
+
+def _add_dy_term(out, dy, scale) -> None:
+    """out += scale * dy for each group."""
+    _grouped(out, scale.shape[0]).addcmul_(_grouped(dy, scale.shape[0]), _per_group_channel(scale))
 
 
 def _x_terms(mean, invstd, scale, sum_dy, sum_dy_xhat, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,22 +114,20 @@ def _input_grad_into(out, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, coun
     """out <- BN's input gradient weight * invstd * (dy - (sum_dy + x_hat * sum_dy_xhat) / count) of each group
     of consecutive images, given its statistics and sums ((groups, C) rows) over count elements, written into
     out with no temporary of its size, all groups in each elementwise pass."""
-    groups = mean.shape[0]
+    groups, scale = mean.shape[0], _scale(weight, invstd)
     if x.is_cuda:  # (x - mean) * invstd * w + b in one pass: nn.SyncBatchNorm's elementwise kernel, into out
-        scale = weight.to(invstd.dtype) * invstd
         w, b = -scale * sum_dy_xhat / count, -scale * sum_dy / count
         for k, part in enumerate(_parts(x.shape[0], groups)):
             torch.batch_norm_elemt(x[part], w[k], b[k], mean[k], invstd[k], 0.0, out=out[part])
-        _grouped(out, groups).addcmul_(_grouped(dy, groups), _per_group_channel(scale))
+        _add_dy_term(out, dy, scale)
     elif x.is_contiguous():  # NCHW: three passes (see _add_x_terms)
-        scale = _dy_term_into(out, dy, weight, invstd)
+        _dy_term_into(out, dy, scale)
         _add_x_terms(out, x, *_x_terms(mean, invstd, scale, sum_dy, sum_dy_xhat, count))
     else:  # NHWC: offset + slope * x, then + scale * dy: two passes, 15-20 % less time than three here
-        scale = weight.to(invstd.dtype) * invstd
         slope, offset = _x_terms(mean, invstd, scale, sum_dy, sum_dy_xhat, count)
         torch.addcmul(_per_group_channel(offset), _grouped(x, groups), _per_group_channel(slope),
                       out=_grouped(out, groups))
-        _grouped(out, groups).addcmul_(_grouped(dy, groups), _per_group_channel(scale))
+        _add_dy_term(out, dy, scale)
 
 
 def _ghost_forward(x, weight, bias, groups: int, eps: float):
@@ -252,7 +258,8 @@ def _sync_backward_cpu(dy, x, weight, mean, invstd, eps: float, count: int, grou
         sums = torch.cat([sum_dy, sum_dy_xhat])
         travelling = torch_dist.all_reduce(sums, group=group, async_op=True)
         grad_in = torch.empty_like(x)
-        scale = _dy_term_into(grad_in, dy, weight, invstd[None])
+        scale = _scale(weight, invstd[None])
+        _dy_term_into(grad_in, dy, scale)
         travelling.wait()  # sync point: the group's sums
         _add_x_terms(grad_in, x, *_x_terms(mean[None], invstd[None], scale, sums[None, :mean.numel()],
                                            sums[None, mean.numel():], count))
