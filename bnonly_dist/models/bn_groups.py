@@ -46,16 +46,10 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _parts(images: int, groups: int) -> list[slice]:
-    """The groups' slices along the batch (each contiguous in NCHW and NHWC alike)."""
-    n = images // groups
-    return [slice(k * n, (k + 1) * n) for k in range(groups)]
-
-
 def _update_running(running_mean, running_var, momentum: float, mean, variance, count: int) -> None:
-    """Running statistics <- the mean over the groups (rows) of each group's mean and unbiased variance."""
-    running_mean.lerp_(mean.mean(0).to(running_mean.dtype), momentum)
-    running_var.lerp_(variance.mean(0).mul_(count / max(count - 1, 1)).to(running_var.dtype), momentum)
+    """Running statistics <- the group's mean and unbiased variance (over count elements), as the native kernel."""
+    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+    running_var.lerp_((variance * (count / max(count - 1, 1))).to(running_var.dtype), momentum)
 
 
 def _sums(dy, x, mean, invstd, weight, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,8 +111,8 @@ def _input_grad_into(out, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, coun
     groups, scale = mean.shape[0], _scale(weight, invstd)
     if x.is_cuda:  # (x - mean) * invstd * w + b in one pass: nn.SyncBatchNorm's elementwise kernel, into out
         w, b = -scale * sum_dy_xhat / count, -scale * sum_dy / count
-        for k, part in enumerate(_parts(x.shape[0], groups)):
-            torch.batch_norm_elemt(x[part], w[k], b[k], mean[k], invstd[k], 0.0, out=out[part])
+        for k, (x_k, out_k) in enumerate(zip(x.chunk(groups), out.chunk(groups))):
+            torch.batch_norm_elemt(x_k, w[k], b[k], mean[k], invstd[k], 0.0, out=out_k)
         _add_dy_term(out, dy, scale)
     elif x.is_contiguous():  # NCHW: three passes (see _add_x_terms)
         _dy_term_into(out, dy, scale)
@@ -130,22 +124,31 @@ def _input_grad_into(out, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, coun
         _add_dy_term(out, dy, scale)
 
 
-def _ghost_forward(x, weight, bias, groups: int, eps: float):
-    """Each group through the native BN kernel into its slice of one output: (out, means, invstds), (groups, C)."""
+def _group_momentum(momentum: float, k: int, groups: int) -> float:
+    """The update factor of group k's (0-based) running-statistics update, so that the groups' updates in
+    turn leave running <- (1 - momentum) * running + momentum * (mean over the groups of their statistics):
+    momentum / (groups - momentum * (groups - 1 - k)); the last group's is momentum / groups."""
+    return momentum / (groups - momentum * (groups - 1 - k))
+
+
+def _ghost_forward(x, weight, bias, running_mean, running_var, momentum: float, groups: int, eps: float):
+    """Each group through the native BN kernel into its slice of one output, the kernel updating the running
+    statistics by each group's share (_group_momentum): (out, means, invstds), (groups, C)."""
     out = torch.empty_like(x)
     mean = x.new_empty((groups, x.shape[1]), dtype=_accumulator(x.dtype))
     invstd = torch.empty_like(mean)
-    for k, part in enumerate(_parts(x.shape[0], groups)):
-        torch.native_batch_norm(x[part], weight, bias, None, None, True, 0.0, eps,
-                                out=(out[part], mean[k], invstd[k]))
+    for k, (x_k, out_k) in enumerate(zip(x.chunk(groups), out.chunk(groups))):
+        torch.native_batch_norm(x_k, weight, bias, running_mean, running_var, True,
+                                _group_momentum(momentum, k, groups), eps, out=(out_k, mean[k], invstd[k]))
     return out, mean, invstd
 
 
 def _ghost_backward(dy, x, weight, mean, invstd, eps: float, count: int, needs):
     """(input gradient, written into one tensor; affine gradients summed over the groups)."""
-    parts = _parts(x.shape[0], mean.shape[0])
+    groups = mean.shape[0]
     sum_dy, sum_dy_xhat = (torch.stack(sums) for sums in zip(*(
-        _sums(dy[part], x[part], mean[k], invstd[k], weight, eps) for k, part in enumerate(parts))))
+        _sums(dy_k, x_k, mean[k], invstd[k], weight, eps) for k, (dy_k, x_k) in enumerate(zip(dy.chunk(groups),
+                                                                                               x.chunk(groups))))))
     grad_in = None
     if needs[0]:
         grad_in = torch.empty_like(x)
@@ -217,15 +220,14 @@ class GroupBatchNormFunction(torch.autograd.Function):
         count = x.shape[0] // per_rank * x[0, 0].numel()  # elements per channel of one group on this rank
         ranks = 1 if group is None else torch_dist.get_world_size(group)
         if group is None:
-            out, mean, invstd = _ghost_forward(x, weight, bias, per_rank, eps)
-            _update_running(running_mean, running_var, momentum, mean, invstd.pow(-2) - eps, count)
+            out, mean, invstd = _ghost_forward(x, weight, bias, running_mean, running_var, momentum, per_rank, eps)
         elif x.is_cuda:
             out, mean, invstd = _sync_forward_cuda(x, weight, bias, running_mean, running_var, momentum, eps, count,
                                                    group)
         else:
             mean, variance = _combine(*_local_stats(x), group)
             out, _, _ = torch.native_batch_norm(x, weight, bias, mean, variance, False, 0.0, eps)
-            _update_running(running_mean, running_var, momentum, mean[None], variance[None], count * ranks)
+            _update_running(running_mean, running_var, momentum, mean, variance, count * ranks)
             invstd = torch.rsqrt(variance + eps)
         positive = out.relu_().bool() if relu else None
         ctx.save_for_backward(x, pack_bits(positive) if relu else None, weight, mean, invstd)
