@@ -14,7 +14,8 @@ on every rank of a group), and nothing turns a tensor into a Python number. How,
 
 - ghost groups (any device): each group runs the native BN kernel into its slice of one
   output (native_batch_norm's out=; a slice along the batch is contiguous in NCHW and NHWC
-  alike). Backward: each group's two sums in one pass of the native kernels, then the
+  alike), the kernel also updating the running statistics by the group's share of the
+  momentum (_group_momentum). Backward: each group's two sums in one pass of the native kernels, then the
   input gradient written into one tensor by elementwise passes over every group at once
   (weight * invstd * dy, then + the terms in x; on CUDA the other way round): no copy and no
   temporary of the layer's size.
@@ -217,7 +218,7 @@ class GroupBatchNormFunction(torch.autograd.Function):
         if x.shape[0] % per_rank:
             raise ValueError(f"a batch of {x.shape[0]} images does not split into {per_rank} BN groups "
                              "(train.bn_batch)")
-        count = x.shape[0] // per_rank * x[0, 0].numel()  # elements per channel of one group on this rank
+        count = x.shape[0] // per_rank * x.shape[2:].numel()  # elements per channel of one group on this rank
         ranks = 1 if group is None else torch_dist.get_world_size(group)
         if group is None:
             out, mean, invstd = _ghost_forward(x, weight, bias, running_mean, running_var, momentum, per_rank, eps)
