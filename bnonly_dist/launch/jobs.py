@@ -76,7 +76,7 @@ class TrainJob:
                                                      self.max_failures, env.global_rank):
             raise TrainingFailed(f"rank {env.global_rank}: {restart.UNASKED_REQUEUE}; not retried (see "
                                  f"{RunPaths(run_dir).history})")
-        attempt = history.read(run_dir).failed_attempts(series) + 1
+        attempt = history.read(run_dir).attempt(series)
         if env.global_rank == 0:
             line = restart.announce_restart(run_dir, series, task.job)
             if line:

@@ -62,7 +62,7 @@ def _same(a: str, b: str) -> bool:
 
 def decide(ledger: Ledger, outcome: Outcome) -> Decision:
     """Retry the failed attempt or not (the rules of the module's docstring)."""
-    attempt = ledger.failed_attempts(outcome.series) + 1
+    attempt = ledger.attempt(outcome.series)
     used = sum(1 for r in ledger.of(outcome.series) if isinstance(r, Failure) and r.retry)
     previous = ledger.failures[-1] if ledger.failures else None
     budget = outcome.max_failures

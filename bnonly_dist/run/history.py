@@ -241,8 +241,9 @@ class Ledger:
     def failures(self) -> tuple[Failure, ...]:
         return tuple(r for r in self.rows if isinstance(r, Failure))
 
-    def failed_attempts(self, series: str) -> int:
-        return sum(1 for r in self.of(series) if isinstance(r, Failure))
+    def attempt(self, series: str) -> int:
+        """The number of the series' attempt that runs now (1 for its first): one after its failed ones."""
+        return 1 + sum(1 for r in self.of(series) if isinstance(r, Failure))
 
     def retry_pending(self, series: str) -> Failure | None:
         """The series' last row if it is a decision to retry that no attempt has taken up yet."""
