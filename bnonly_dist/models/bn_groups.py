@@ -138,9 +138,9 @@ def _ghost_forward(x, weight, bias, running_mean, running_var, momentum: float, 
     out = torch.empty_like(x)
     mean = x.new_empty((groups, x.shape[1]), dtype=_accumulator(x.dtype))
     invstd = torch.empty_like(mean)
-    for k, (x_k, out_k) in enumerate(zip(x.chunk(groups), out.chunk(groups))):
+    for k, (x_k, out_k, mean_k, invstd_k) in enumerate(zip(x.chunk(groups), out.chunk(groups), mean, invstd)):
         torch.native_batch_norm(x_k, weight, bias, running_mean, running_var, True,
-                                _group_momentum(momentum, k, groups), eps, out=(out_k, mean[k], invstd[k]))
+                                _group_momentum(momentum, k, groups), eps, out=(out_k, mean_k, invstd_k))
     return out, mean, invstd
 
 
@@ -148,8 +148,8 @@ def _ghost_backward(dy, x, weight, mean, invstd, eps: float, count: int, needs):
     """(input gradient, written into one tensor; affine gradients summed over the groups)."""
     groups = mean.shape[0]
     sum_dy, sum_dy_xhat = (torch.stack(sums) for sums in zip(*(
-        _sums(dy_k, x_k, mean[k], invstd[k], weight, eps) for k, (dy_k, x_k) in enumerate(zip(dy.chunk(groups),
-                                                                                               x.chunk(groups))))))
+        _sums(dy_k, x_k, mean_k, invstd_k, weight, eps)
+        for dy_k, x_k, mean_k, invstd_k in zip(dy.chunk(groups), x.chunk(groups), mean, invstd))))
     grad_in = None
     if needs[0]:
         grad_in = torch.empty_like(x)
