@@ -340,16 +340,23 @@ def test_on_the_gpu_ghost_groups_equal_native_batchnorm_per_group():
         ours.bias.copy_(bias)
     layers.set_bn_groups(ours, 4, None)
     expected, expected_grad, weight_grad = [], [], torch.zeros(8, device=x.device)
+    bias_grad = torch.zeros(8, device=x.device)
+    running_mean, running_var = torch.zeros(8, device=x.device), torch.ones(8, device=x.device)
     for part in range(4):  # the reference: one native BN per group of 4 images, in fp32
         xs = x[4 * part:4 * part + 4].float().requires_grad_()
-        w = weight.clone().requires_grad_()
-        out = F.batch_norm(xs, None, None, w, bias, True, 0.1, 1e-5)
+        w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        mean, var = torch.zeros(8, device=x.device), torch.ones(8, device=x.device)
+        out = F.batch_norm(xs, mean, var, w, b, True, 1.0, 1e-5)  # momentum 1: this group's own statistics
         out.backward(grad[4 * part:4 * part + 4].float())
         expected.append(out.detach())
         expected_grad.append(xs.grad)
         weight_grad += w.grad
+        bias_grad += b.grad
+        running_mean += mean / 4  # the groups' mean of their means and unbiased variances
+        running_var += var / 4
+    running_var -= 1
     for step in range(2):
-        ours.weight.grad = None
+        ours.weight.grad = ours.bias.grad = None
         with no_device_waits() if step else contextlib.nullcontext():
             out, x_grad = _train_step(ours, x, grad)
         assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
@@ -357,6 +364,38 @@ def test_on_the_gpu_ghost_groups_equal_native_batchnorm_per_group():
         torch.testing.assert_close(out.float(), torch.cat(expected), rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(x_grad.float(), torch.cat(expected_grad), rtol=2e-2, atol=3e-2)
         torch.testing.assert_close(ours.weight.grad, weight_grad, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(ours.bias.grad, bias_grad, rtol=1e-2, atol=1e-2)
+    # two steps on the same images with momentum 0.1: each group's kernel took its share (_group_momentum)
+    kept = 0.9 ** 2
+    torch.testing.assert_close(ours.running_mean, (1 - kept) * running_mean, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(ours.running_var, kept + (1 - kept) * running_var, rtol=1e-3, atol=1e-3)
+
+
+def test_a_group_of_one_value_per_channel_is_refused_as_native_batchnorm_refuses_it():
+    """One image per group at a 1x1 layer: no variance (the kernel's unbiased one would divide by zero)."""
+    bn = layers.BatchNorm2d(C)
+    layers.set_bn_groups(bn, 4, None)
+    with pytest.raises(ValueError, match="1 value per channel at this 1x1 layer.*larger train.bn_batch"):
+        bn(torch.randn(4, C, 1, 1, requires_grad=True))
+    assert torch.equal(bn.running_var, torch.ones(C))  # nothing updated
+    bn(torch.randn(8, C, 1, 1, requires_grad=True))  # two images per group: fine
+
+
+def test_the_all_gather_falls_back_to_the_name_older_torch_has(monkeypatch):
+    """A torch before 2.12 (the GPU nodes' 2.11) has no torch.distributed.all_gather_single: the module then
+    gathers with all_gather_into_tensor (its import re-run under such a torch), and no module calls either
+    name but through bn_groups.all_gather_single."""
+    import importlib.util
+    from pathlib import Path
+    monkeypatch.delattr(torch.distributed, "all_gather_single")
+    spec = importlib.util.find_spec("bnonly_dist.models.bn_groups")
+    older = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(older)
+    assert older.all_gather_single is torch.distributed.all_gather_into_tensor
+    package = Path(spec.origin).parents[1]
+    direct = [str(p) for p in package.rglob("*.py") for line in p.read_text().splitlines()
+              if ("all_gather_single(" in line or "all_gather_into_tensor(" in line) and "dist." in line]
+    assert direct == []
 
 
 def test_the_bench_takes_the_peak_of_a_step_not_its_end():

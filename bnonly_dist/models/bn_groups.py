@@ -43,6 +43,11 @@ import torch.distributed as torch_dist
 from bnonly_dist.models.bitmask import apply_mask, pack_bits
 
 
+# The single-tensor all-gather: torch >= 2.12 names it all_gather_single (and deprecates the old name); the
+# torch of the GPU nodes (2.11), like every torch since 2.4 (pyproject.toml), has all_gather_into_tensor.
+all_gather_single = getattr(torch_dist, "all_gather_single", None) or torch_dist.all_gather_into_tensor
+
+
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -174,7 +179,7 @@ def _combine(mean: torch.Tensor, variance: torch.Tensor, group) -> tuple[torch.T
     the mean of the variances plus the variance of the means."""
     mine = torch.cat([mean, variance])
     gathered = mine.new_empty(torch_dist.get_world_size(group) * mine.numel())  # flat: gloo takes no stacked form
-    torch_dist.all_gather_single(gathered, mine, group=group)
+    all_gather_single(gathered, mine, group=group)
     gathered = gathered.view(-1, mine.numel())
     means, variances = gathered[:, :mean.numel()], gathered[:, mean.numel():]
     group_mean = means.mean(0)
@@ -187,7 +192,7 @@ def _sync_forward_cuda(x, weight, bias, running_mean, running_var, momentum: flo
     ranks = torch_dist.get_world_size(group)
     mean, invstd = torch.batch_norm_stats(x, eps)  # this rank's, one pass (fp32 for bf16)
     gathered = mean.new_empty(ranks * 2 * mean.numel())
-    torch_dist.all_gather_single(gathered, torch.cat([mean, invstd]), group=group)
+    all_gather_single(gathered, torch.cat([mean, invstd]), group=group)
     gathered = gathered.view(ranks, -1)
     counts = torch.full((ranks,), count, dtype=running_mean.dtype, device=x.device)  # a fill: no copy from the host
     mean, invstd = torch.batch_norm_gather_stats_with_counts(
@@ -220,6 +225,10 @@ class GroupBatchNormFunction(torch.autograd.Function):
                              "(train.bn_batch)")
         count = x.shape[0] // per_rank * x.shape[2:].numel()  # elements per channel of one group on this rank
         ranks = 1 if group is None else torch_dist.get_world_size(group)
+        if count * ranks < 2:  # as nn.BatchNorm2d refuses it: the kernel's unbiased variance would divide by 0
+            raise ValueError(f"a BN group of {x.shape[0] // per_rank * ranks} image(s) has 1 value per channel at "
+                             f"this {'x'.join(map(str, x.shape[2:]))} layer, so no variance; use a larger "
+                             "train.bn_batch")
         if group is None:
             out, mean, invstd = _ghost_forward(x, weight, bias, running_mean, running_var, momentum, per_rank, eps)
         elif x.is_cuda:

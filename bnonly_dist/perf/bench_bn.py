@@ -37,7 +37,7 @@ from bnonly_dist.config import load, parse_args
 from bnonly_dist.config import plan as plans
 from bnonly_dist.config.catalog import num_classes, parse_arch
 from bnonly_dist.models import memory
-from bnonly_dist.models.bn_groups import running_statistics
+from bnonly_dist.models.bn_groups import all_gather_single, running_statistics
 from bnonly_dist.models.layers import set_bn_groups
 
 
@@ -56,7 +56,7 @@ def collective_latency(device: torch.device, channels: int = 256, repeats: int =
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
-        torch_dist.all_gather_into_tensor(gathered, mine)
+        all_gather_single(gathered, mine)
         torch_dist.all_reduce(sums)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
