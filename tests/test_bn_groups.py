@@ -275,13 +275,13 @@ def no_device_waits():
         torch.cuda.set_sync_debug_mode(previous)
 
 
-def _bf16_pair(seed: int = 0):
-    """Inputs on the GPU in channels_last: x (bf16 values), its output gradient, and BN affine parameters."""
+def _bf16_pair(seed: int = 0, layout=torch.channels_last):
+    """Inputs on the GPU in layout: x (bf16 values), its output gradient, and BN affine parameters."""
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(16, 8, 6, 5, generator=g) * 3 + 1).to(torch.bfloat16)
     grad = torch.randn(16, 8, 6, 5, generator=g).to(torch.bfloat16)
     weight, bias = torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
-    return [t.cuda().contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.cuda()
+    return [t.cuda().contiguous(memory_format=layout) if t.dim() == 4 else t.cuda()
             for t in (x, grad, weight, bias)]
 
 
@@ -330,10 +330,11 @@ def test_on_the_gpu_a_synchronised_group_of_one_rank_equals_native_batchnorm():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_the_gpu_ghost_groups_equal_native_batchnorm_per_group():
-    """4 ghost groups in bf16 channels_last against nn.BatchNorm2d on each group, forward and backward, the
-    second step under set_sync_debug_mode("error")."""
-    x, grad, weight, bias = _bf16_pair(1)
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"])
+def test_on_the_gpu_ghost_groups_equal_native_batchnorm_per_group(layout):
+    """4 ghost groups in bf16 against nn.BatchNorm2d on each group, forward and backward, running statistics,
+    in channels_last and NCHW, the second step under set_sync_debug_mode("error")."""
+    x, grad, weight, bias = _bf16_pair(1, layout)
     ours = layers.BatchNorm2d(8).cuda()
     with torch.no_grad():
         ours.weight.copy_(weight)
@@ -359,8 +360,8 @@ def test_on_the_gpu_ghost_groups_equal_native_batchnorm_per_group():
         ours.weight.grad = ours.bias.grad = None
         with no_device_waits() if step else contextlib.nullcontext():
             out, x_grad = _train_step(ours, x, grad)
-        assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
-        assert x_grad.is_contiguous(memory_format=torch.channels_last)
+        assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=layout)
+        assert x_grad.is_contiguous(memory_format=layout)
         torch.testing.assert_close(out.float(), torch.cat(expected), rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(x_grad.float(), torch.cat(expected_grad), rtol=2e-2, atol=3e-2)
         torch.testing.assert_close(ours.weight.grad, weight_grad, rtol=1e-2, atol=1e-2)
