@@ -15,10 +15,10 @@ on every rank of a group), and nothing turns a tensor into a Python number. How,
 - ghost groups (any device): each group runs the native BN kernel into its slice of one
   output (native_batch_norm's out=; a slice along the batch is contiguous in NCHW and NHWC
   alike), the kernel also updating the running statistics by the group's share of the
-  momentum (_group_momentum). Backward: each group's two sums in one pass of the native kernels, then the
-  input gradient written into one tensor by elementwise passes over every group at once
-  (weight * invstd * dy, then + the terms in x; on CUDA the other way round): no copy and no
-  temporary of the layer's size.
+  momentum (_group_momentum). Backward: each group's two sums in one pass of the native
+  kernels, then the input gradient written into one tensor by elementwise passes over every
+  group at once (weight * invstd * dy, then + the terms in x; on CUDA the other way round):
+  no copy and no temporary of the layer's size.
 - synchronised on CUDA: nn.SyncBatchNorm's kernels (batch_norm_stats, an all-gather of
   mean and invstd, batch_norm_gather_stats_with_counts with the known counts,
   batch_norm_elemt; batch_norm_backward_reduce, an all-reduce of the two sums,
